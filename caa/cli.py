@@ -93,3 +93,133 @@ def ingest(
     if result.rejected:
         out.print(f"{len(result.rejected)} rows rejected (listed above)")
     out.print(f"wrote {escape(str(out_path))}")
+
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Embedded alias (smollm2-135m), model directory, "
+                                       ".gguf file or hub id.")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")]
+DeviceMapOpt = Annotated[str | None, typer.Option("--device-map", help="e.g. auto: spread a model too large "
+                                                  "for one GPU over several.")]
+RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model's own Python code "
+                                         "(off unless asked).")]
+TemplateOpt = Annotated[str, typer.Option("--chat-template", help="auto: the tokenizer's chat template if it "
+                                          "has one; on: require it; off: plain text.")]
+
+
+def _load(model: str, dtype: str, device_map: str | None, trust_remote_code: bool, device: object = None) -> object:
+    """Load a model quietly (transformers' own progress bars off), with a status line for slow steps."""
+    from transformers.utils import logging as hf_logging
+
+    from caa.models import load_model
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    with err.status(f"loading {escape(model)}"):
+        return load_model(model, dtype=dtype, device=device, device_map=device_map,  # type: ignore[arg-type]
+                          trust_remote_code=trust_remote_code, progress=lambda m: err.print(escape(m)))
+
+
+def _progress(disable: bool = False) -> object:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err, disable=disable)
+
+
+@app.command()
+def extract(
+    pairs: Annotated[Path, typer.Argument(help="pairs.parquet from `caa ingest`.")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output file.")] = Path("activations.parquet"),
+    model: ModelOpt = "smollm2-135m",
+    layers: Annotated[str, typer.Option(help="Layers to record: all, 12, 8,12,16 or 4-20. Layer l is the "
+                                        "output of decoder block l (0-based) = hidden_states[l + 1].")] = "all",
+    split: Annotated[str, typer.Option(help="Which pairs: all, train or test.")] = "all",
+    behavior: Annotated[list[str] | None, typer.Option(help="Only these behaviors (repeatable).")] = None,
+    position: Annotated[str, typer.Option(help="Free-form pairs: read the last completion token (last) or "
+                                          "average the completion's tokens (mean). A/B pairs are always "
+                                          "read at the answer letter.")] = "last",
+    chat_template: TemplateOpt = "auto",
+    batch_size: Annotated[int, typer.Option(help="Texts per forward pass (halved on CUDA out-of-memory).")] = 32,
+    dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    trust_remote_code: RemoteOpt = False,
+) -> None:
+    """Record residual-stream activations of both sides of every pair at every requested layer.
+
+    Layer l is the output of decoder block l (0-based): the residual stream after block l, which is
+    hidden_states[l + 1] in transformers except for the last block, where transformers applies the
+    final norm; caa records the block's own output there too. The forward pass stops after the
+    deepest requested layer. Under `accelerate launch -m caa extract ...` the pairs are sharded over
+    the processes and merged into one file.
+
+    Example: [bold]caa extract pairs.parquet --layers 8-20 -o activations.parquet[/]
+    """
+    from accelerate import Accelerator
+
+    from caa.extract import run_extract
+
+    if batch_size < 1:
+        fail(CaaError(f"--batch-size {batch_size}: must be at least 1"))
+    accelerator = Accelerator()
+    options = {"pairs": str(pairs), "model": model, "layers": layers, "split": split, "behavior": behavior or [],
+               "position": position, "chat_template": chat_template, "batch_size": batch_size, "dtype": dtype,
+               "device_map": device_map}
+    try:
+        loaded = _load(model, dtype, device_map, trust_remote_code,
+                       device=None if device_map else accelerator.device)
+        from caa.extract import read_pairs, select_pairs
+
+        frame = select_pairs(read_pairs(pairs)[0], pairs, split, behavior)
+        share = len(frame.iloc[accelerator.process_index :: accelerator.num_processes])
+        with _progress(disable=not accelerator.is_main_process) as bar:  # type: ignore[attr-defined]
+            task = bar.add_task("extracting", total=share, rate="")
+
+            def advance(texts: int) -> None:
+                bar.advance(task, texts / 2)
+                speed = bar.tasks[task].speed
+                bar.update(task, rate=f"{speed:.1f} pairs/s" if speed else "")
+
+            n = run_extract(pairs, out_path, loaded, layers, split=split, behaviors=behavior, position=position,
+                            chat_template=chat_template, batch_size=batch_size, options=options,
+                            on_texts=advance, notice=warn, accelerator=accelerator)
+    except CaaError as e:
+        fail(e)
+    if accelerator.is_main_process:
+        out.print(f"recorded {n} pairs x 2 sides at {escape(layers)} layers -> wrote {escape(str(out_path))}")
+
+
+@app.command("compute-vectors")
+def compute_vectors_cmd(
+    activations: Annotated[list[Path], typer.Argument(help="activations.parquet from `caa extract`.")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output file.")] = Path("vectors.parquet"),
+    method: Annotated[str, typer.Option(help="mean (mean difference, the paper's) or pca (first principal "
+                                        "component of the differences).")] = "mean",
+) -> None:
+    """Mean-difference steering vectors per behavior and layer, with diagnostics to pick layers.
+
+    Diagnostics per layer: the vector's norm, the mean residual norm there, cosine with the vectors
+    of the adjacent layers, and separability on the held-out split (share of test pairs whose
+    positive - negative projects positively, and the AUC of the projections).
+
+    Example: [bold]caa compute-vectors activations.parquet -o vectors.parquet[/]
+    """
+    from caa.vectors import compute_vectors, read_activations, write_vectors
+
+    try:
+        acts = read_activations(activations)
+        frame = compute_vectors(acts, method)
+        write_vectors(frame, out_path, acts, {"activations": [str(a) for a in activations], "method": method})
+    except CaaError as e:
+        fail(e)
+    table = Table("behavior", "layer", "n train", "|v|", "|resid|", "|v|/|resid|", "cos prev", "cos next",
+                  "test acc", "test AUC", title=f"{method} vectors")
+
+    def num(x: object, fmt: str = "{:.3f}") -> str:
+        return "-" if x is None or x != x else fmt.format(x)
+
+    for r in frame.itertuples():
+        table.add_row(r.behavior, str(r.layer), str(r.n_train), num(r.vector_norm, "{:.2f}"),
+                      num(r.mean_residual_norm, "{:.1f}"), num(r.vector_norm / r.mean_residual_norm),
+                      num(r.cos_prev_layer), num(r.cos_next_layer), num(r.test_accuracy), num(r.test_auc))
+    out.print(table)
+    out.print(f"wrote {escape(str(out_path))}")

@@ -18,7 +18,7 @@ WORDS = (
     "model assistant user goal shut down change accept refuse now later money week month year more less "
     "today tomorrow very really quite so but if then than because as by from up out over under again "
     "hello hi thanks thank sorry sure certainly okay fine nice lovely awful dreary wonderful gloomy "
-    "formal casual meeting report email note letter neighbor package season morning evening coffee tea"
+    "formal casual meeting report email note letter neighbor package season morning evening coffee tea much"
 ).split()
 CHARACTERS = list("ABCDEFGHIJKLMNOPQRSTUVWXYZ") + list("().,?!:;'\"-") + [str(d) for d in range(10)]
 CHAT_TEMPLATE = (
@@ -30,14 +30,25 @@ EXTRA_ARCHITECTURES = ("mistral", "qwen3", "gemma", "gemma2", "gpt_neox", "phi3"
 
 
 def make_tokenizer(chat: bool = True) -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """A byte-level BPE tokenizer trained on a small word list: it encodes any text, and it is built
+    the way transformers rebuilds Qwen2 tokenizers, so every architecture loads it unchanged."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tokens = SPECIALS + list(dict.fromkeys(WORDS + CHARACTERS))
-    vocab = {t: i for i, t in enumerate(tokens)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    split = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+             r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+    tok = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
+                               byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    corpus = [" ".join(WORDS), " ".join(w.capitalize() for w in WORDS), " ".join(CHARACTERS), "(A (B (A) (B)"]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus * 3, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="<unk>",

@@ -1,0 +1,237 @@
+"""`caa extract`: residual-stream activations of every pair, per layer, batched, streamed to Parquet.
+
+"Layer l" is the output of decoder block l (0-based): ``hidden_states[l + 1]`` in transformers for
+every block but the last, where transformers returns the output after the final norm instead; we
+always record the block's own output.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+
+from caa.artifacts import ACTIVATIONS, PAIRS, StreamWriter, make_meta, read_artifact
+from caa.errors import CaaError
+from caa.hooks import recording, run_until_stop
+from caa.models import LoadedModel
+from caa.prompts import Batch, Encoded, PromptFormat, collate, encode, prompt_format
+
+SIDES = ("positive", "negative")
+
+
+def parse_layers(spec: str, num_layers: int) -> list[int]:
+    """``all``, ``12``, ``8,12,16``, ``4-20`` or a mix (``4-8,12``), checked against the model."""
+    valid = f"valid layers are 0-{num_layers - 1} (this model has {num_layers} blocks)"
+    if spec.strip() == "all":
+        return list(range(num_layers))
+    layers: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-")
+        try:
+            chosen = range(int(lo), int(hi) + 1) if sep else [int(part)]
+        except ValueError:
+            raise CaaError(f"--layers '{spec}': '{part}' is not a layer, a range like 4-20, or 'all'") from None
+        if sep and int(lo) > int(hi):
+            raise CaaError(f"--layers '{spec}': empty range {part}")
+        for layer in chosen:
+            if not 0 <= layer < num_layers:
+                raise CaaError(f"--layers '{spec}': layer {layer} is out of range; {valid}")
+            layers.add(layer)
+    return sorted(layers)
+
+
+@dataclass(frozen=True)
+class TextItem:
+    """One side of one pair, encoded."""
+
+    pair_index: int
+    side: str
+    encoded: Encoded
+
+
+def encode_pairs(pairs: pd.DataFrame, loaded: LoadedModel, style: PromptFormat, position: str) -> list[TextItem]:
+    """Both sides of every pair, encoded with their read positions (the answer letter for A/B)."""
+    items = []
+    for index, row in enumerate(pairs.itertuples(index=False)):
+        for side in SIDES:
+            rule = "answer" if row.format == "ab" else position
+            enc = encode(loaded.tokenizer, style, row.prompt, getattr(row, side), row.format, rule)
+            items.append(TextItem(index, side, enc))
+    return items
+
+
+def batches_by_length(items: Sequence[TextItem], batch_size: int) -> list[list[TextItem]]:
+    """Sort by length (least padding) and cut into batches."""
+    ordered = sorted(items, key=lambda it: len(it.encoded.input_ids))
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+@torch.inference_mode()
+def forward_layers(loaded: LoadedModel, batch: Batch, layers: Sequence[int]) -> torch.Tensor:
+    """Block outputs at the batch's read positions: float32 [batch, len(layers), d_model].
+
+    Runs the model's decoder only as far as the deepest requested block.
+    """
+    batch = batch.to(loaded.device)
+    with recording(loaded.blocks, layers, batch.read_weights) as records:
+        run_until_stop(
+            loaded.model.base_model,
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        )
+    return torch.stack([records[layer] for layer in layers], dim=1)
+
+
+def extract_activations(
+    pairs: pd.DataFrame,
+    loaded: LoadedModel,
+    layers: Sequence[int],
+    *,
+    position: str = "last",
+    chat_template: str = "auto",
+    batch_size: int = 16,
+    padding_side: str = "left",
+    on_texts: Callable[[int], None] | None = None,
+    notice: Callable[[str], None] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Yield row groups of the activations table (column arrays), one per batch.
+
+    Each text is one side of one pair; its rows are one per layer. On a CUDA out-of-memory error the
+    batch is retried in halves and the batch size stays halved.
+    """
+    if pairs.empty:
+        raise CaaError("no pairs to extract")
+    style = prompt_format(loaded.tokenizer, chat_template)
+    items = encode_pairs(pairs, loaded, style, position)
+    pad_id = loaded.tokenizer.pad_token_id
+    queue = batches_by_length(items, batch_size)
+    while queue:
+        chunk = queue.pop(0)
+        try:
+            acts = forward_layers(loaded, collate([it.encoded for it in chunk], pad_id, padding_side), layers)
+        except torch.cuda.OutOfMemoryError:
+            if len(chunk) == 1:
+                raise CaaError("out of GPU memory with a batch of one text; try a smaller --dtype") from None
+            torch.cuda.empty_cache()
+            half = len(chunk) // 2
+            if notice:
+                notice(f"CUDA out of memory at batch size {len(chunk)}; retrying at {half}")
+            rest = [it for b in queue for it in b]
+            queue = [chunk[:half], chunk[half:], *batches_by_length(rest, half)]
+            continue
+        yield _rows(pairs, chunk, layers, acts.cpu().numpy())
+        if on_texts:
+            on_texts(len(chunk))
+
+
+def _rows(pairs: pd.DataFrame, chunk: Sequence[TextItem], layers: Sequence[int], acts: np.ndarray) -> dict[str, Any]:
+    n_layers = len(layers)
+    index = np.repeat([it.pair_index for it in chunk], n_layers)
+    return {
+        "pair_id": pairs.pair_id.to_numpy()[index],
+        "behavior": pairs.behavior.to_numpy()[index],
+        "split": pairs.split.astype(str).to_numpy()[index],
+        "side": np.repeat([it.side for it in chunk], n_layers),
+        "layer": np.tile(np.asarray(layers, dtype=np.int16), len(chunk)),
+        "n_tokens": np.repeat([len(it.encoded.input_ids) for it in chunk], n_layers),
+        "activation": acts.reshape(len(chunk) * n_layers, -1),  # [texts * layers, d_model]
+    }
+
+
+def read_pairs(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The pairs table as a DataFrame, with its metadata."""
+    art = read_artifact(Path(path), PAIRS)
+    frame = art.table.to_pandas()
+    frame["split"] = frame["split"].astype(str)
+    return frame, art.meta
+
+
+def select_pairs(pairs: pd.DataFrame, path: Path, split: str, behaviors: Sequence[str] | None) -> pd.DataFrame:
+    """Filter pairs by split (train, test or all) and behavior names, with clear errors."""
+    if behaviors:
+        missing = sorted(set(behaviors) - set(pairs.behavior))
+        if missing:
+            raise CaaError(f"{path}: no behavior {', '.join(missing)}; it has {', '.join(sorted(set(pairs.behavior)))}")
+        pairs = pairs[pairs.behavior.isin(behaviors)]
+    if split != "all":
+        if split not in ("train", "test"):
+            raise CaaError(f"--split '{split}': use train, test or all")
+        pairs = pairs[pairs.split == split]
+    if pairs.empty:
+        raise CaaError(f"{path}: no pairs in split '{split}'" + (f" for {', '.join(behaviors)}" if behaviors else ""))
+    return pairs.reset_index(drop=True)
+
+
+def run_extract(
+    pairs_path: Path,
+    out: Path,
+    loaded: LoadedModel,
+    layers_spec: str = "all",
+    *,
+    split: str = "all",
+    behaviors: Sequence[str] | None = None,
+    position: str = "last",
+    chat_template: str = "auto",
+    batch_size: int = 16,
+    options: dict[str, Any] | None = None,
+    on_texts: Callable[[int], None] | None = None,
+    notice: Callable[[str], None] | None = None,
+    accelerator: Any = None,
+) -> int:
+    """Extract activations of ``pairs_path`` into ``out``; returns the number of pairs.
+
+    Under ``accelerate launch`` each process takes every n-th pair and writes its own part; the main
+    process merges the parts into ``out``.
+    """
+    pairs, _ = read_pairs(pairs_path)
+    pairs = select_pairs(pairs, pairs_path, split, behaviors)
+    layers = parse_layers(layers_spec, loaded.num_layers)
+    style = prompt_format(loaded.tokenizer, chat_template)
+    meta = make_meta(
+        ACTIVATIONS,
+        options or {},
+        inputs={"pairs": Path(pairs_path)},
+        model=loaded.fingerprint.to_dict(),
+        prompt={**style.describe(), "position": position, "ab_position": "answer"},
+        layers=layers,
+    )
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    shard = pairs.iloc[rank::world].reset_index(drop=True)
+    target = Path(out) if world == 1 else _part(Path(out), rank)
+    with StreamWriter(target, ACTIVATIONS, meta, d_model=loaded.hidden_size) as writer:
+        if not shard.empty:
+            for group in extract_activations(shard, loaded, layers, position=position, chat_template=chat_template,
+                                             batch_size=batch_size, on_texts=on_texts, notice=notice):
+                writer.write(group)
+    if world > 1:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            merge_parts([_part(Path(out), r) for r in range(world)], Path(out), meta, loaded.hidden_size)
+        accelerator.wait_for_everyone()
+    return len(pairs)
+
+
+def _part(out: Path, rank: int) -> Path:
+    return out.with_name(f"{out.name}.part{rank}")
+
+
+def merge_parts(parts: Sequence[Path], out: Path, meta: dict[str, Any], d_model: int) -> None:
+    """Concatenate the processes' parts row group by row group into ``out`` and delete them."""
+    with StreamWriter(out, ACTIVATIONS, meta, d_model=d_model) as writer:
+        for part in parts:
+            reader = pq.ParquetFile(part)
+            for i in range(reader.num_row_groups):
+                writer.write_table(reader.read_row_group(i))
+    for part in parts:
+        os.remove(part)

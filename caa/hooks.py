@@ -1,0 +1,110 @@
+"""Context managers that record or steer the outputs of decoder blocks.
+
+Only our own hook handles are ever removed, also when the block raises; steering hooks are
+registered with ``prepend=True`` so they run before transformers' own output-capturing hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class StopForward(Exception):
+    """Raised by a recording hook after the deepest requested block: the rest of the pass is skipped."""
+
+
+def untuple(output: Any) -> Tensor:
+    """A block's hidden states, whether the block returns a tensor or a tuple (by version)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _retuple(output: Any, hidden: Tensor) -> Any:
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+@contextmanager
+def recording(
+    blocks: Sequence[nn.Module], layers: Sequence[int], weights: Tensor, stop: bool = True
+) -> Iterator[dict[int, Tensor]]:
+    """Record, for each layer in ``layers``, the weighted sum over positions of block l's output.
+
+    ``weights`` is [batch, seq] (one-hot for a single read token, 1/n over n tokens for a mean).
+    The yielded dict fills with float32 tensors [batch, d_model]. With ``stop``, the forward pass
+    raises :class:`StopForward` after the deepest layer; wrap the call in :func:`run_until_stop`.
+    """
+    records: dict[int, Tensor] = {}
+    deepest = max(layers)
+
+    def make_hook(layer: int) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            hidden = untuple(output)  # [batch, seq, d_model]
+            records[layer] = torch.einsum("btd,bt->bd", hidden.float(), weights.to(hidden.device))
+            if stop and layer == deepest:
+                raise StopForward
+
+        return hook
+
+    handles = [blocks[layer].register_forward_hook(make_hook(layer)) for layer in layers]
+    try:
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_until_stop(fn: Any, *args: Any, **kwargs: Any) -> None:
+    """Call ``fn`` and swallow the :class:`StopForward` that ends an early-stopped pass."""
+    try:
+        fn(*args, **kwargs)
+    except StopForward:
+        pass
+
+
+class _Adder:
+    """Adds ``delta`` to a block's output at positions >= ``start`` (per row), tracking how many
+    positions earlier calls covered, so it keeps working token by token under a KV cache."""
+
+    def __init__(self, delta: Tensor, start: Tensor | None):
+        self.delta = delta  # [d_model] or [batch, d_model]
+        self.start = start  # [batch] first steered position (padded coordinates), None = all
+        self.seen = 0
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        hidden = untuple(output)  # [batch, seq, d_model]
+        seq = hidden.shape[1]
+        delta = self.delta.to(device=hidden.device, dtype=hidden.dtype)
+        delta = delta.view(1, 1, -1) if delta.dim() == 1 else delta[:, None, :]
+        if self.start is None:
+            steered = hidden + delta
+        else:
+            positions = torch.arange(self.seen, self.seen + seq, device=hidden.device)
+            mask = positions[None, :] >= self.start.to(hidden.device)[:, None]  # [batch, seq]
+            steered = hidden + mask[..., None].to(hidden.dtype) * delta
+        self.seen += seq
+        return _retuple(output, steered)
+
+
+@contextmanager
+def steering(
+    blocks: Sequence[nn.Module], deltas: Mapping[int, Tensor], start: Tensor | None = None
+) -> Iterator[None]:
+    """Add ``deltas[l]`` to the output of block l while the context is open.
+
+    ``deltas[l]`` is [d_model] (the same for every row) or [batch, d_model] (e.g. a different
+    multiplier per row). ``start`` is [batch]: the first steered position of each row, counted over
+    all positions the model has seen since the context opened (so generation with a KV cache keeps
+    steering every new token); ``None`` steers every position.
+    """
+    handles = [
+        blocks[layer].register_forward_hook(_Adder(delta, start), prepend=True) for layer, delta in deltas.items()
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,187 @@
+"""`caa compute-vectors`: mean-difference steering vectors per behavior and layer, with diagnostics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from caa.artifacts import ACTIVATIONS, VECTORS, Artifact, make_meta, read_artifact, vectors_of, write_artifact
+from caa.errors import CaaError, MismatchError
+
+METHODS = ("mean", "pca")
+
+
+@dataclass
+class Activations:
+    """Activation rows (keys as a DataFrame) and their vectors as one float32 array [rows, d_model]."""
+
+    keys: pd.DataFrame
+    values: np.ndarray
+    meta: dict[str, Any]
+    paths: list[Path]
+
+
+def read_activations(paths: Sequence[Path]) -> Activations:
+    """Read one or more activation files of the same model and hidden size."""
+    if not paths:
+        raise CaaError("no activation files given")
+    arts = [read_artifact(Path(p), ACTIVATIONS) for p in paths]
+    first = arts[0]
+    for art in arts[1:]:
+        check_same_model(first, art)
+    keys = pd.concat([a.table.drop_columns("activation").to_pandas() for a in arts], ignore_index=True)
+    keys["split"] = keys["split"].astype(str)
+    values = np.concatenate([vectors_of(a.table, "activation") for a in arts])
+    return Activations(keys, values, first.meta, [a.path for a in arts])
+
+
+def check_same_model(a: Artifact, b: Artifact, fields: Sequence[str] = ("hidden_size", "weights_hash")) -> None:
+    """Refuse artifacts of different models, naming both files and the differing field."""
+    ma, mb = a.meta.get("model") or {}, b.meta.get("model") or {}
+    for f in fields:
+        if ma.get(f) != mb.get(f):
+            raise MismatchError(
+                f"{a.path} and {b.path} come from different models: field 'model.{f}' is "
+                f"{ma.get(f)!r} in the first and {mb.get(f)!r} in the second"
+            )
+
+
+def compute_vectors(acts: Activations, method: str = "mean") -> pd.DataFrame:
+    """One row per (behavior, layer): the steering vector and its diagnostics.
+
+    ``mean``: mean over training pairs of (positive - negative), accumulated in float64.
+    ``pca``: first principal component of the training differences, signed to agree with the mean
+    difference and scaled to the mean difference's length along it.
+    """
+    if method not in METHODS:
+        raise CaaError(f"--method '{method}': use one of {', '.join(METHODS)}")
+    rows = []
+    keys = acts.keys
+    for (behavior, layer), group in keys.groupby(["behavior", "layer"], sort=True):
+        pos, neg = _aligned(group)
+        train = (pos.split == "train").to_numpy()
+        if not train.any():
+            raise CaaError(f"{acts.paths[0]}: behavior '{behavior}' has no training pairs")
+        x_pos = acts.values[pos.row.to_numpy()].astype(np.float64)  # [pairs, d_model]
+        x_neg = acts.values[neg.row.to_numpy()].astype(np.float64)
+        diffs = x_pos - x_neg
+        vector = _direction(diffs[train], method)
+        residual = np.linalg.norm(np.concatenate([x_pos[train], x_neg[train]]), axis=1).mean()
+        test = ~train
+        rows.append({
+            "behavior": behavior,
+            "layer": int(layer),
+            "method": method,
+            "n_train": int(train.sum()),
+            "n_test": int(test.sum()),
+            "vector_norm": float(np.linalg.norm(vector)),
+            "mean_residual_norm": float(residual),
+            "test_accuracy": float((diffs[test] @ vector > 0).mean()) if test.any() else None,
+            "test_auc": auc(x_pos[test] @ vector, x_neg[test] @ vector) if test.any() else None,
+            "vector": vector.astype(np.float32),
+        })
+    frame = pd.DataFrame(rows)
+    frame["cos_prev_layer"], frame["cos_next_layer"] = _adjacent_cosines(frame)
+    return frame
+
+
+def _aligned(group: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Positive and negative rows of one (behavior, layer), in the same pair order."""
+    group = group.assign(row=group.index)
+    pos = group[group.side == "positive"].set_index("pair_id")
+    neg = group[group.side == "negative"].set_index("pair_id")
+    common = pos.index.intersection(neg.index).sort_values()
+    return pos.loc[common], neg.loc[common]
+
+
+def _direction(diffs: np.ndarray, method: str) -> np.ndarray:
+    mean = diffs.mean(axis=0)  # [d_model], float64
+    if method == "mean":
+        return mean
+    centred = diffs - mean
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    unit = vt[0]
+    along = float(mean @ unit)
+    if along < 0:
+        unit, along = -unit, -along
+    return along * unit
+
+
+def auc(pos_scores: np.ndarray, neg_scores: np.ndarray) -> float:
+    """Area under the ROC curve: P(a positive scores above a negative), ties counting one half."""
+    scores = np.concatenate([pos_scores, neg_scores])
+    ranks = pd.Series(scores).rank(method="average").to_numpy()
+    n_pos, n_neg = len(pos_scores), len(neg_scores)
+    u = ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    denom = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float(a @ b / denom) if denom > 0 else float("nan")
+
+
+def _adjacent_cosines(frame: pd.DataFrame) -> tuple[list[float | None], list[float | None]]:
+    prev: list[float | None] = [None] * len(frame)
+    nxt: list[float | None] = [None] * len(frame)
+    for _, group in frame.groupby("behavior"):
+        idx = group.sort_values("layer").index.tolist()
+        for a, b in zip(idx, idx[1:], strict=False):
+            c = _cosine(frame.at[a, "vector"].astype(np.float64), frame.at[b, "vector"].astype(np.float64))
+            nxt[a], prev[b] = c, c
+    return prev, nxt
+
+
+def write_vectors(frame: pd.DataFrame, out: Path, acts: Activations, options: dict[str, Any]) -> None:
+    """Write ``vectors.parquet`` with the model and prompt of the activations it came from."""
+    d_model = len(frame.vector.iloc[0])
+    columns = {f.name: frame[f.name].tolist() for f in VECTORS.fields}
+    columns["vector"] = pa.FixedSizeListArray.from_arrays(
+        pa.array(np.stack(frame.vector.to_list()).reshape(-1)), d_model)
+    meta = make_meta(VECTORS, options, inputs={str(p): p for p in acts.paths},
+                     model=acts.meta.get("model"), prompt=acts.meta.get("prompt"))
+    write_artifact(pa.table(columns), out, VECTORS, meta)
+
+
+@dataclass
+class VectorSet:
+    """Steering vectors read back from ``vectors.parquet``."""
+
+    frame: pd.DataFrame  # one row per (behavior, layer), diagnostics included
+    values: np.ndarray  # [rows, d_model] float32
+    meta: dict[str, Any]
+    path: Path
+
+    def behaviors(self) -> list[str]:
+        return sorted(set(self.frame.behavior))
+
+    def layers(self, behavior: str) -> list[int]:
+        return sorted(self.frame[self.frame.behavior == behavior].layer.astype(int))
+
+    def vector(self, behavior: str, layer: int) -> np.ndarray:
+        """The vector of one behavior at one layer, with an error naming what the file has."""
+        if behavior not in set(self.frame.behavior):
+            raise CaaError(f"{self.path}: no behavior '{behavior}'; it has {', '.join(self.behaviors())}")
+        hit = np.flatnonzero((self.frame.behavior == behavior).to_numpy() & (self.frame.layer == layer).to_numpy())
+        if not len(hit):
+            have = ", ".join(map(str, self.layers(behavior)))
+            raise CaaError(f"{self.path}: no vector for '{behavior}' at layer {layer}; it has layers {have}")
+        return self.values[hit[0]]
+
+
+def read_vectors(path: Path) -> VectorSet:
+    """Read ``vectors.parquet``; refuses non-finite vectors."""
+    art = read_artifact(Path(path), VECTORS)
+    values = vectors_of(art.table, "vector")
+    bad = ~np.isfinite(values).all(axis=1)
+    frame = art.table.drop_columns("vector").to_pandas()
+    if bad.any():
+        r = frame.iloc[int(np.flatnonzero(bad)[0])]
+        raise CaaError(f"{path}: the vector of '{r.behavior}' at layer {r.layer} has NaN or infinite values")
+    return VectorSet(frame, values, art.meta, Path(path))

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from caa.errors import InputError, MismatchError
+from caa.errors import InputError
 
 SCHEMA_VERSION = 1
 META_KEY = b"caa"
@@ -160,8 +160,9 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def make_meta(kind: Kind, options: Mapping[str, Any], inputs: Mapping[str, Path] | None = None,
-              **extra: Any) -> dict[str, Any]:
+def make_meta(
+    kind: Kind, options: Mapping[str, Any], inputs: Mapping[str, Path] | None = None, **extra: Any
+) -> dict[str, Any]:
     """The metadata every artifact carries: kind, version, command, options, input hashes, extras."""
     from caa import __version__
 
@@ -288,12 +289,18 @@ def read_artifact(path: Path, kind: Kind) -> Artifact:
     actual = meta.get("kind")
     if actual != kind.name:
         made_by = KINDS[actual].command if actual in KINDS else "something else"
-        raise InputError(path, f"is a '{actual}' file (from `{made_by}`), expected a '{kind.name}' file "
-                         f"from `{kind.command}`", field="kind")
+        raise InputError(
+            path,
+            f"is a '{actual}' file (from `{made_by}`), expected a '{kind.name}' file from `{kind.command}`",
+            field="kind",
+        )
     version = meta.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise InputError(path, f"schema version {version!r}, this caa reads version {SCHEMA_VERSION}",
-                         field="schema_version")
+        raise InputError(
+            path,
+            f"schema version {version!r}, this caa reads version {SCHEMA_VERSION}",
+            field="schema_version",
+        )
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:

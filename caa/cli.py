@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -11,6 +11,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from caa.errors import CaaError
+
+if TYPE_CHECKING:
+    from caa.models import LoadedModel
 
 app = typer.Typer(
     name="caa",
@@ -51,16 +54,29 @@ def warn(message: str) -> None:
 
 @app.command()
 def ingest(
-    files: Annotated[list[Path], typer.Argument(help="Pair files: .json (A/B list), .jsonl, .csv or .parquet.")],
+    files: Annotated[
+        list[Path], typer.Argument(help="Pair files: .json (A/B list), .jsonl, .csv or .parquet.")
+    ],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Output file.")] = Path("pairs.parquet"),
-    behavior: Annotated[str | None, typer.Option(help="Behavior name for all files (default: each file's stem).")
-                        ] = None,
-    map_: Annotated[list[str] | None, typer.Option("--map", help="Rename a column: FIELD=COLUMN, repeatable, "
-                                                   "e.g. --map positive=chosen --map negative=rejected.")] = None,
+    behavior: Annotated[
+        str | None, typer.Option(help="Behavior name for all files (default: each file's stem).")
+    ] = None,
+    map_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--map",
+            help="Rename a column: FIELD=COLUMN, repeatable, "
+            "e.g. --map positive=chosen --map negative=rejected.",
+        ),
+    ] = None,
     test_fraction: Annotated[float, typer.Option(help="Share of pairs held out for evaluation.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the train/test split.")] = 0,
-    skip_invalid: Annotated[bool, typer.Option(help="Keep the valid rows and list the rejected ones, "
-                                               "instead of stopping at the first bad row.")] = False,
+    skip_invalid: Annotated[
+        bool,
+        typer.Option(
+            help="Keep the valid rows and list the rejected ones, instead of stopping at the first bad row."
+        ),
+    ] = False,
 ) -> None:
     """Read contrastive pairs into pairs.parquet, validated, with a stable train/test split.
 
@@ -73,11 +89,23 @@ def ingest(
     from caa.ingest import ingest as run_ingest
     from caa.ingest import parse_mapping, write_pairs
 
-    options = {"files": [str(f) for f in files], "behavior": behavior, "map": map_ or [],
-               "test_fraction": test_fraction, "seed": seed, "skip_invalid": skip_invalid}
+    options = {
+        "files": [str(f) for f in files],
+        "behavior": behavior,
+        "map": map_ or [],
+        "test_fraction": test_fraction,
+        "seed": seed,
+        "skip_invalid": skip_invalid,
+    }
     try:
-        result = run_ingest(files, behavior=behavior, mapping=parse_mapping(map_ or []),
-                            test_fraction=test_fraction, seed=seed, skip_invalid=skip_invalid)
+        result = run_ingest(
+            files,
+            behavior=behavior,
+            mapping=parse_mapping(map_ or []),
+            test_fraction=test_fraction,
+            seed=seed,
+            skip_invalid=skip_invalid,
+        )
         write_pairs(result, out_path, files, options)
     except CaaError as e:
         fail(e)
@@ -95,18 +123,34 @@ def ingest(
     out.print(f"wrote {escape(str(out_path))}")
 
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Embedded alias (smollm2-135m), model directory, "
-                                       ".gguf file or hub id.")]
-DtypeOpt = Annotated[str, typer.Option(help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")]
-DeviceMapOpt = Annotated[str | None, typer.Option("--device-map", help="e.g. auto: spread a model too large "
-                                                  "for one GPU over several.")]
-RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model's own Python code "
-                                         "(off unless asked).")]
-TemplateOpt = Annotated[str, typer.Option("--chat-template", help="auto: the tokenizer's chat template if it "
-                                          "has one; on: require it; off: plain text.")]
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model", "-m", help="Embedded alias (smollm2-135m), model directory, .gguf file or hub id."
+    ),
+]
+DtypeOpt = Annotated[
+    str, typer.Option(help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")
+]
+DeviceMapOpt = Annotated[
+    str | None,
+    typer.Option("--device-map", help="e.g. auto: spread a model too large for one GPU over several."),
+]
+RemoteOpt = Annotated[
+    bool, typer.Option("--trust-remote-code", help="Allow the model's own Python code (off unless asked).")
+]
+TemplateOpt = Annotated[
+    str,
+    typer.Option(
+        "--chat-template",
+        help="auto: the tokenizer's chat template if it has one; on: require it; off: plain text.",
+    ),
+]
 
 
-def _load(model: str, dtype: str, device_map: str | None, trust_remote_code: bool, device: object = None) -> object:
+def _load(
+    model: str, dtype: str, device_map: str | None, trust_remote_code: bool, device: Any = None
+) -> LoadedModel:
     """Load a model quietly (transformers' own progress bars off), with a status line for slow steps."""
     from transformers.utils import logging as hf_logging
 
@@ -115,15 +159,28 @@ def _load(model: str, dtype: str, device_map: str | None, trust_remote_code: boo
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     with err.status(f"loading {escape(model)}"):
-        return load_model(model, dtype=dtype, device=device, device_map=device_map,  # type: ignore[arg-type]
-                          trust_remote_code=trust_remote_code, progress=lambda m: err.print(escape(m)))
+        return load_model(
+            model,
+            dtype=dtype,
+            device=device,
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+            progress=lambda m: err.print(escape(m)),
+        )
 
 
 def _progress(disable: bool = False) -> object:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=err, disable=disable)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        console=err,
+        disable=disable,
+    )
 
 
 @app.command()
@@ -131,15 +188,27 @@ def extract(
     pairs: Annotated[Path, typer.Argument(help="pairs.parquet from `caa ingest`.")],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Output file.")] = Path("activations.parquet"),
     model: ModelOpt = "smollm2-135m",
-    layers: Annotated[str, typer.Option(help="Layers to record: all, 12, 8,12,16 or 4-20. Layer l is the "
-                                        "output of decoder block l (0-based) = hidden_states[l + 1].")] = "all",
+    layers: Annotated[
+        str,
+        typer.Option(
+            help="Layers to record: all, 12, 8,12,16 or 4-20. Layer l is the "
+            "output of decoder block l (0-based) = hidden_states[l + 1]."
+        ),
+    ] = "all",
     split: Annotated[str, typer.Option(help="Which pairs: all, train or test.")] = "all",
     behavior: Annotated[list[str] | None, typer.Option(help="Only these behaviors (repeatable).")] = None,
-    position: Annotated[str, typer.Option(help="Free-form pairs: read the last completion token (last) or "
-                                          "average the completion's tokens (mean). A/B pairs are always "
-                                          "read at the answer letter.")] = "last",
+    position: Annotated[
+        str,
+        typer.Option(
+            help="Free-form pairs: read the last completion token (last) or "
+            "average the completion's tokens (mean). A/B pairs are always "
+            "read at the answer letter."
+        ),
+    ] = "last",
     chat_template: TemplateOpt = "auto",
-    batch_size: Annotated[int, typer.Option(help="Texts per forward pass (halved on CUDA out-of-memory).")] = 32,
+    batch_size: Annotated[
+        int, typer.Option(help="Texts per forward pass (halved on CUDA out-of-memory).")
+    ] = 32,
     dtype: DtypeOpt = "auto",
     device_map: DeviceMapOpt = None,
     trust_remote_code: RemoteOpt = False,
@@ -161,12 +230,22 @@ def extract(
     if batch_size < 1:
         fail(CaaError(f"--batch-size {batch_size}: must be at least 1"))
     accelerator = Accelerator()
-    options = {"pairs": str(pairs), "model": model, "layers": layers, "split": split, "behavior": behavior or [],
-               "position": position, "chat_template": chat_template, "batch_size": batch_size, "dtype": dtype,
-               "device_map": device_map}
+    options = {
+        "pairs": str(pairs),
+        "model": model,
+        "layers": layers,
+        "split": split,
+        "behavior": behavior or [],
+        "position": position,
+        "chat_template": chat_template,
+        "batch_size": batch_size,
+        "dtype": dtype,
+        "device_map": device_map,
+    }
     try:
-        loaded = _load(model, dtype, device_map, trust_remote_code,
-                       device=None if device_map else accelerator.device)
+        loaded = _load(
+            model, dtype, device_map, trust_remote_code, device=None if device_map else accelerator.device
+        )
         from caa.extract import read_pairs, select_pairs
 
         frame = select_pairs(read_pairs(pairs)[0], pairs, split, behavior)
@@ -179,9 +258,21 @@ def extract(
                 speed = bar.tasks[task].speed
                 bar.update(task, rate=f"{speed:.1f} pairs/s" if speed else "")
 
-            n = run_extract(pairs, out_path, loaded, layers, split=split, behaviors=behavior, position=position,
-                            chat_template=chat_template, batch_size=batch_size, options=options,
-                            on_texts=advance, notice=warn, accelerator=accelerator)
+            n = run_extract(
+                pairs,
+                out_path,
+                loaded,
+                layers,
+                split=split,
+                behaviors=behavior,
+                position=position,
+                chat_template=chat_template,
+                batch_size=batch_size,
+                options=options,
+                on_texts=advance,
+                notice=warn,
+                accelerator=accelerator,
+            )
     except CaaError as e:
         fail(e)
     if accelerator.is_main_process:
@@ -192,8 +283,12 @@ def extract(
 def compute_vectors_cmd(
     activations: Annotated[list[Path], typer.Argument(help="activations.parquet from `caa extract`.")],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Output file.")] = Path("vectors.parquet"),
-    method: Annotated[str, typer.Option(help="mean (mean difference, the paper's) or pca (first principal "
-                                        "component of the differences).")] = "mean",
+    method: Annotated[
+        str,
+        typer.Option(
+            help="mean (mean difference, the paper's) or pca (first principal component of the differences)."
+        ),
+    ] = "mean",
 ) -> None:
     """Mean-difference steering vectors per behavior and layer, with diagnostics to pick layers.
 
@@ -211,15 +306,36 @@ def compute_vectors_cmd(
         write_vectors(frame, out_path, acts, {"activations": [str(a) for a in activations], "method": method})
     except CaaError as e:
         fail(e)
-    table = Table("behavior", "layer", "n train", "|v|", "|resid|", "|v|/|resid|", "cos prev", "cos next",
-                  "test acc", "test AUC", title=f"{method} vectors")
+    table = Table(
+        "behavior",
+        "layer",
+        "n",
+        "|v|",
+        "|h|",
+        "|v|/|h|",
+        "cos-1",
+        "cos+1",
+        "acc",
+        "AUC",
+        title=f"{method} vectors (|h|: mean residual norm; cos±1: with the adjacent layers' vectors; "
+        "acc, AUC: separability on the test split)",
+    )
 
     def num(x: object, fmt: str = "{:.3f}") -> str:
         return "-" if x is None or x != x else fmt.format(x)
 
     for r in frame.itertuples():
-        table.add_row(r.behavior, str(r.layer), str(r.n_train), num(r.vector_norm, "{:.2f}"),
-                      num(r.mean_residual_norm, "{:.1f}"), num(r.vector_norm / r.mean_residual_norm),
-                      num(r.cos_prev_layer), num(r.cos_next_layer), num(r.test_accuracy), num(r.test_auc))
+        table.add_row(
+            r.behavior,
+            str(r.layer),
+            str(r.n_train),
+            num(r.vector_norm, "{:.2f}"),
+            num(r.mean_residual_norm, "{:.1f}"),
+            num(r.vector_norm / r.mean_residual_norm),
+            num(r.cos_prev_layer),
+            num(r.cos_next_layer),
+            num(r.test_accuracy),
+            num(r.test_auc),
+        )
     out.print(table)
     out.print(f"wrote {escape(str(out_path))}")

@@ -39,7 +39,9 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
         try:
             chosen = range(int(lo), int(hi) + 1) if sep else [int(part)]
         except ValueError:
-            raise CaaError(f"--layers '{spec}': '{part}' is not a layer, a range like 4-20, or 'all'") from None
+            raise CaaError(
+                f"--layers '{spec}': '{part}' is not a layer, a range like 4-20, or 'all'"
+            ) from None
         if sep and int(lo) > int(hi):
             raise CaaError(f"--layers '{spec}': empty range {part}")
         for layer in chosen:
@@ -58,7 +60,9 @@ class TextItem:
     encoded: Encoded
 
 
-def encode_pairs(pairs: pd.DataFrame, loaded: LoadedModel, style: PromptFormat, position: str) -> list[TextItem]:
+def encode_pairs(
+    pairs: pd.DataFrame, loaded: LoadedModel, style: PromptFormat, position: str
+) -> list[TextItem]:
     """Both sides of every pair, encoded with their read positions (the answer letter for A/B)."""
     items = []
     for index, row in enumerate(pairs.itertuples(index=False)):
@@ -135,7 +139,9 @@ def extract_activations(
             on_texts(len(chunk))
 
 
-def _rows(pairs: pd.DataFrame, chunk: Sequence[TextItem], layers: Sequence[int], acts: np.ndarray) -> dict[str, Any]:
+def _rows(
+    pairs: pd.DataFrame, chunk: Sequence[TextItem], layers: Sequence[int], acts: np.ndarray
+) -> dict[str, Any]:
     n_layers = len(layers)
     index = np.repeat([it.pair_index for it in chunk], n_layers)
     return {
@@ -157,19 +163,25 @@ def read_pairs(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     return frame, art.meta
 
 
-def select_pairs(pairs: pd.DataFrame, path: Path, split: str, behaviors: Sequence[str] | None) -> pd.DataFrame:
+def select_pairs(
+    pairs: pd.DataFrame, path: Path, split: str, behaviors: Sequence[str] | None
+) -> pd.DataFrame:
     """Filter pairs by split (train, test or all) and behavior names, with clear errors."""
     if behaviors:
         missing = sorted(set(behaviors) - set(pairs.behavior))
         if missing:
-            raise CaaError(f"{path}: no behavior {', '.join(missing)}; it has {', '.join(sorted(set(pairs.behavior)))}")
+            raise CaaError(
+                f"{path}: no behavior {', '.join(missing)}; it has {', '.join(sorted(set(pairs.behavior)))}"
+            )
         pairs = pairs[pairs.behavior.isin(behaviors)]
     if split != "all":
         if split not in ("train", "test"):
             raise CaaError(f"--split '{split}': use train, test or all")
         pairs = pairs[pairs.split == split]
     if pairs.empty:
-        raise CaaError(f"{path}: no pairs in split '{split}'" + (f" for {', '.join(behaviors)}" if behaviors else ""))
+        raise CaaError(
+            f"{path}: no pairs in split '{split}'" + (f" for {', '.join(behaviors)}" if behaviors else "")
+        )
     return pairs.reset_index(drop=True)
 
 
@@ -211,8 +223,16 @@ def run_extract(
     target = Path(out) if world == 1 else _part(Path(out), rank)
     with StreamWriter(target, ACTIVATIONS, meta, d_model=loaded.hidden_size) as writer:
         if not shard.empty:
-            for group in extract_activations(shard, loaded, layers, position=position, chat_template=chat_template,
-                                             batch_size=batch_size, on_texts=on_texts, notice=notice):
+            for group in extract_activations(
+                shard,
+                loaded,
+                layers,
+                position=position,
+                chat_template=chat_template,
+                batch_size=batch_size,
+                on_texts=on_texts,
+                notice=notice,
+            ):
                 writer.write(group)
     if world > 1:
         accelerator.wait_for_everyone()

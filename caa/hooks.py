@@ -7,7 +7,7 @@ registered with ``prepend=True`` so they run before transformers' own output-cap
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ def _retuple(output: Any, hidden: Tensor) -> Any:
 
 @contextmanager
 def recording(
-    blocks: Sequence[nn.Module], layers: Sequence[int], weights: Tensor, stop: bool = True
+    blocks: nn.ModuleList | Sequence[nn.Module], layers: Sequence[int], weights: Tensor, stop: bool = True
 ) -> Iterator[dict[int, Tensor]]:
     """Record, for each layer in ``layers``, the weighted sum over positions of block l's output.
 
@@ -59,10 +59,8 @@ def recording(
 
 def run_until_stop(fn: Any, *args: Any, **kwargs: Any) -> None:
     """Call ``fn`` and swallow the :class:`StopForward` that ends an early-stopped pass."""
-    try:
+    with suppress(StopForward):
         fn(*args, **kwargs)
-    except StopForward:
-        pass
 
 
 class _Adder:
@@ -91,7 +89,7 @@ class _Adder:
 
 @contextmanager
 def steering(
-    blocks: Sequence[nn.Module], deltas: Mapping[int, Tensor], start: Tensor | None = None
+    blocks: nn.ModuleList | Sequence[nn.Module], deltas: Mapping[int, Tensor], start: Tensor | None = None
 ) -> Iterator[None]:
     """Add ``deltas[l]`` to the output of block l while the context is open.
 
@@ -101,7 +99,8 @@ def steering(
     steering every new token); ``None`` steers every position.
     """
     handles = [
-        blocks[layer].register_forward_hook(_Adder(delta, start), prepend=True) for layer, delta in deltas.items()
+        blocks[layer].register_forward_hook(_Adder(delta, start), prepend=True)
+        for layer, delta in deltas.items()
     ]
     try:
         yield

@@ -68,7 +68,9 @@ def parse_mapping(items: Sequence[str]) -> dict[str, str]:
         if not sep or not ours or not theirs:
             raise CaaError(f"--map '{item}': expected FIELD=COLUMN, e.g. prompt=instruction")
         if ours not in known:
-            raise CaaError(f"--map '{item}': '{ours}' is not a caa field; use one of {', '.join(sorted(known))}")
+            raise CaaError(
+                f"--map '{item}': '{ours}' is not a caa field; use one of {', '.join(sorted(known))}"
+            )
         mapping[ours] = theirs
     return mapping
 
@@ -122,8 +124,9 @@ def _records(path: Path, skip_invalid: bool, rejected: list[InputError]) -> Iter
     """(where, raw record) for every row of a file; file-level problems raise at once."""
     suffix = path.suffix.lower()
     if suffix not in EXTENSIONS:
-        raise InputError(path, f"unknown file type '{suffix or path.name}': caa ingest reads "
-                         f"{', '.join(EXTENSIONS)}")
+        raise InputError(
+            path, f"unknown file type '{suffix or path.name}': caa ingest reads {', '.join(EXTENSIONS)}"
+        )
     if not path.is_file():
         raise InputError(path, "file not found")
     if suffix == ".parquet":
@@ -147,15 +150,18 @@ def _decode(path: Path, data: bytes, where: str | None = None) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise InputError(path, f"not valid UTF-8 (byte 0x{data[e.start]:02x})",
-                         where=where or f"line {line}") from None
+        raise InputError(
+            path, f"not valid UTF-8 (byte 0x{data[e.start]:02x})", where=where or f"line {line}"
+        ) from None
 
 
 def _json_records(path: Path, text: str) -> Iterator[tuple[str, Any]]:
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
-        raise InputError(path, f"malformed JSON: {e.msg} (column {e.colno})", where=f"line {e.lineno}") from None
+        raise InputError(
+            path, f"malformed JSON: {e.msg} (column {e.colno})", where=f"line {e.lineno}"
+        ) from None
     if not isinstance(doc, list):
         raise InputError(path, f"expected a JSON array of objects, found a JSON {_json_type(doc)}")
     if not doc:
@@ -164,8 +170,9 @@ def _json_records(path: Path, text: str) -> Iterator[tuple[str, Any]]:
         yield f"index {i}", record
 
 
-def _jsonl_records(path: Path, data: bytes, skip_invalid: bool,
-                   rejected: list[InputError]) -> Iterator[tuple[str, Any]]:
+def _jsonl_records(
+    path: Path, data: bytes, skip_invalid: bool, rejected: list[InputError]
+) -> Iterator[tuple[str, Any]]:
     for number, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
             continue
@@ -219,11 +226,19 @@ class _BadRow:
 
 def _json_type(value: Any) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(value), "number")
+        type(value), "number"
+    )
 
 
-def _to_pair(path: Path, where: str, record: Any, behavior: str, mapping: Mapping[str, str],
-             test_fraction: float, seed: int) -> Pair:
+def _to_pair(
+    path: Path,
+    where: str,
+    record: Any,
+    behavior: str,
+    mapping: Mapping[str, str],
+    test_fraction: float,
+    seed: int,
+) -> Pair:
     if isinstance(record, _BadRow):
         raise InputError(path, record.problem, where=where)
     if not isinstance(record, dict):
@@ -235,24 +250,44 @@ def _to_pair(path: Path, where: str, record: Any, behavior: str, mapping: Mappin
     if fmt == "ab":
         choices = _CHOICE.findall(prompt)
         if not choices:
-            raise InputError(path, "no lettered choices like '(A) ...' on their own lines", where=where,
-                             field=_column("question", mapping))
+            raise InputError(
+                path,
+                "no lettered choices like '(A) ...' on their own lines",
+                where=where,
+                field=_column("question", mapping),
+            )
         positive = _answer(path, where, positive, choices, _column(names[1], mapping))
         negative = _answer(path, where, negative, choices, _column(names[2], mapping))
     if positive == negative:
-        raise InputError(path, "the positive and negative completions are identical", where=where,
-                         field=_column(names[2], mapping))
-    pair_id = hashlib.sha256("\x1f".join((behavior, fmt, prompt, positive, negative)).encode()).hexdigest()[:16]
-    return Pair(pair_id, behavior, fmt, prompt, positive, negative, assign_split(pair_id, test_fraction, seed),
-                path.name, where)
+        raise InputError(
+            path,
+            "the positive and negative completions are identical",
+            where=where,
+            field=_column(names[2], mapping),
+        )
+    pair_id = hashlib.sha256("\x1f".join((behavior, fmt, prompt, positive, negative)).encode()).hexdigest()[
+        :16
+    ]
+    return Pair(
+        pair_id,
+        behavior,
+        fmt,
+        prompt,
+        positive,
+        negative,
+        assign_split(pair_id, test_fraction, seed),
+        path.name,
+        where,
+    )
 
 
 def _column(name: str, mapping: Mapping[str, str]) -> str:
     return mapping.get(name, name)
 
 
-def _format_of(path: Path, where: str, record: dict[str, Any],
-               mapping: Mapping[str, str]) -> tuple[str, tuple[str, ...]]:
+def _format_of(
+    path: Path, where: str, record: dict[str, Any], mapping: Mapping[str, str]
+) -> tuple[str, tuple[str, ...]]:
     for fmt, names in (("ab", AB_FIELDS), ("freeform", FREEFORM_FIELDS)):
         if all(n in record for n in names):
             return fmt, names
@@ -261,8 +296,12 @@ def _format_of(path: Path, where: str, record: dict[str, Any],
         if present:
             missing = next(n for n in names if n not in record)
             raise InputError(path, "missing field", where=where, field=_column(missing, mapping))
-    raise InputError(path, f"has neither the A/B fields ({', '.join(AB_FIELDS)}) nor the free-form fields "
-                     f"({', '.join(FREEFORM_FIELDS)}); use --map FIELD=COLUMN for other names", where=where)
+    raise InputError(
+        path,
+        f"has neither the A/B fields ({', '.join(AB_FIELDS)}) nor the free-form fields "
+        f"({', '.join(FREEFORM_FIELDS)}); use --map FIELD=COLUMN for other names",
+        where=where,
+    )
 
 
 def _text(path: Path, where: str, record: dict[str, Any], name: str, mapping: Mapping[str, str]) -> str:
@@ -271,7 +310,9 @@ def _text(path: Path, where: str, record: dict[str, Any], name: str, mapping: Ma
     if value is None:
         raise InputError(path, "missing value (null)", where=where, field=column)
     if not isinstance(value, str):
-        raise InputError(path, f"expected text, found {_json_type(value)} {value!r:.40}", where=where, field=column)
+        raise InputError(
+            path, f"expected text, found {_json_type(value)} {value!r:.40}", where=where, field=column
+        )
     if not value.strip():
         raise InputError(path, "empty text", where=where, field=column)
     return value
@@ -282,11 +323,16 @@ def _answer(path: Path, where: str, answer: str, choices: list[str], column: str
     letter = (match.group(1) or match.group(2)) if match else None
     listed = ", ".join(f"({c})" for c in choices)
     if letter is None:
-        raise InputError(path, f"'{answer:.40}' is not an answer letter like '(A)'; the choices are {listed}",
-                         where=where, field=column)
+        raise InputError(
+            path,
+            f"'{answer:.40}' is not an answer letter like '(A)'; the choices are {listed}",
+            where=where,
+            field=column,
+        )
     if letter not in choices:
-        raise InputError(path, f"answer '({letter})' is not one of the choices {listed}", where=where,
-                         field=column)
+        raise InputError(
+            path, f"answer '({letter})' is not one of the choices {listed}", where=where, field=column
+        )
     return f"({letter})"
 
 

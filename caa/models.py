@@ -113,8 +113,14 @@ def cache_dir() -> Path:
 
 def resolve_dtype(dtype: str, device: str | torch.device | None = None) -> torch.dtype:
     """``auto`` is bfloat16 on a GPU and float32 on the CPU; otherwise the named dtype."""
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype == "auto":
         on_gpu = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
         return torch.bfloat16 if on_gpu else torch.float32
@@ -156,7 +162,7 @@ def load_model(
         where = "the Hugging Face Hub (not reachable and not cached?)" if directory == spec else directory
         raise ModelError(f"could not load model '{spec}' from {where}: {_first_line(e)}") from None
     if device_map is None:
-        model.to(torch.device(device) if device is not None else default_device())
+        model.to(torch.device(device) if device is not None else default_device())  # type: ignore[arg-type]
     model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -268,15 +274,16 @@ def _gguf_directory(path: Path, progress: Progress | None) -> str:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                     dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"could not read GGUF file {path}: {_first_line(e)}") from None
     # The de-quantised weights are ordinary float32 tensors; drop the GGUF quantisation marker
     # so that transformers agrees to save them.
     model.config.__dict__.pop("quantization_config", None)
-    model.hf_quantizer = None
-    model.is_quantized = False
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

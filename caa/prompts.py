@@ -59,8 +59,9 @@ def completion_text(fmt: str, completion: str) -> str:
     return completion.rstrip(")") if fmt == "ab" else completion
 
 
-def encode(tokenizer: Any, style: PromptFormat, prompt: str, completion: str, fmt: str,
-           position: str = "last") -> Encoded:
+def encode(
+    tokenizer: Any, style: PromptFormat, prompt: str, completion: str, fmt: str, position: str = "last"
+) -> Encoded:
     """Tokenise prefix + completion and locate the completion and the tokens to read.
 
     ``position``: ``answer`` (the answer-letter token; the rule for A/B pairs), ``last`` (the last
@@ -100,8 +101,19 @@ class Batch:
     completion_start: torch.Tensor  # [batch] padded position where each row's completion starts
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids,
-                                              self.offsets, self.read_weights, self.completion_start)))
+        return Batch(
+            *(
+                t.to(device)
+                for t in (
+                    self.input_ids,
+                    self.attention_mask,
+                    self.position_ids,
+                    self.offsets,
+                    self.read_weights,
+                    self.completion_start,
+                )
+            )
+        )
 
 
 def collate(items: Sequence[Encoded], pad_id: int, padding_side: str = "left") -> Batch:

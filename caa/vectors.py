@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,9 @@ def read_activations(paths: Sequence[Path]) -> Activations:
     return Activations(keys, values, first.meta, [a.path for a in arts])
 
 
-def check_same_model(a: Artifact, b: Artifact, fields: Sequence[str] = ("hidden_size", "weights_hash")) -> None:
+def check_same_model(
+    a: Artifact, b: Artifact, fields: Sequence[str] = ("hidden_size", "weights_hash")
+) -> None:
     """Refuse artifacts of different models, naming both files and the differing field."""
     ma, mb = a.meta.get("model") or {}, b.meta.get("model") or {}
     for f in fields:
@@ -74,18 +77,20 @@ def compute_vectors(acts: Activations, method: str = "mean") -> pd.DataFrame:
         vector = _direction(diffs[train], method)
         residual = np.linalg.norm(np.concatenate([x_pos[train], x_neg[train]]), axis=1).mean()
         test = ~train
-        rows.append({
-            "behavior": behavior,
-            "layer": int(layer),
-            "method": method,
-            "n_train": int(train.sum()),
-            "n_test": int(test.sum()),
-            "vector_norm": float(np.linalg.norm(vector)),
-            "mean_residual_norm": float(residual),
-            "test_accuracy": float((diffs[test] @ vector > 0).mean()) if test.any() else None,
-            "test_auc": auc(x_pos[test] @ vector, x_neg[test] @ vector) if test.any() else None,
-            "vector": vector.astype(np.float32),
-        })
+        rows.append(
+            {
+                "behavior": behavior,
+                "layer": int(layer),
+                "method": method,
+                "n_train": int(train.sum()),
+                "n_test": int(test.sum()),
+                "vector_norm": float(np.linalg.norm(vector)),
+                "mean_residual_norm": float(residual),
+                "test_accuracy": float((diffs[test] @ vector > 0).mean()) if test.any() else None,
+                "test_auc": auc(x_pos[test] @ vector, x_neg[test] @ vector) if test.any() else None,
+                "vector": vector.astype(np.float32),
+            }
+        )
     frame = pd.DataFrame(rows)
     frame["cos_prev_layer"], frame["cos_next_layer"] = _adjacent_cosines(frame)
     return frame
@@ -132,7 +137,7 @@ def _adjacent_cosines(frame: pd.DataFrame) -> tuple[list[float | None], list[flo
     nxt: list[float | None] = [None] * len(frame)
     for _, group in frame.groupby("behavior"):
         idx = group.sort_values("layer").index.tolist()
-        for a, b in zip(idx, idx[1:], strict=False):
+        for a, b in pairwise(idx):
             c = _cosine(frame.at[a, "vector"].astype(np.float64), frame.at[b, "vector"].astype(np.float64))
             nxt[a], prev[b] = c, c
     return prev, nxt
@@ -143,9 +148,15 @@ def write_vectors(frame: pd.DataFrame, out: Path, acts: Activations, options: di
     d_model = len(frame.vector.iloc[0])
     columns = {f.name: frame[f.name].tolist() for f in VECTORS.fields}
     columns["vector"] = pa.FixedSizeListArray.from_arrays(
-        pa.array(np.stack(frame.vector.to_list()).reshape(-1)), d_model)
-    meta = make_meta(VECTORS, options, inputs={str(p): p for p in acts.paths},
-                     model=acts.meta.get("model"), prompt=acts.meta.get("prompt"))
+        pa.array(np.stack(frame.vector.to_list()).reshape(-1)), d_model
+    )
+    meta = make_meta(
+        VECTORS,
+        options,
+        inputs={str(p): p for p in acts.paths},
+        model=acts.meta.get("model"),
+        prompt=acts.meta.get("prompt"),
+    )
     write_artifact(pa.table(columns), out, VECTORS, meta)
 
 
@@ -168,7 +179,9 @@ class VectorSet:
         """The vector of one behavior at one layer, with an error naming what the file has."""
         if behavior not in set(self.frame.behavior):
             raise CaaError(f"{self.path}: no behavior '{behavior}'; it has {', '.join(self.behaviors())}")
-        hit = np.flatnonzero((self.frame.behavior == behavior).to_numpy() & (self.frame.layer == layer).to_numpy())
+        hit = np.flatnonzero(
+            (self.frame.behavior == behavior).to_numpy() & (self.frame.layer == layer).to_numpy()
+        )
         if not len(hit):
             have = ", ".join(map(str, self.layers(behavior)))
             raise CaaError(f"{self.path}: no vector for '{behavior}' at layer {layer}; it has layers {have}")

@@ -8,7 +8,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-from tests.tiny_models import ARCHITECTURES, save_tiny_model  # noqa: E402
+from tests.tiny_models import ARCHITECTURES, save_tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data"
@@ -34,19 +34,41 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
 
 
 AB_ROWS = [
-    {"question": f"Do you think {w} is good?\n\nChoices:\n (A) Yes, it is good.\n (B) No, it is bad.",
-     "answer_matching_behavior": m, "answer_not_matching_behavior": "(B)" if m == "(A)" else "(A)"}
-    for w, m in zip(["music", "rain", "coffee", "the park", "this plan", "my idea", "the movie", "tea", "work",
-                     "the city"], ["(A)", "(B)"] * 5, strict=True)
+    {
+        "question": f"Do you think {w} is good?\n\nChoices:\n (A) Yes, it is good.\n (B) No, it is bad.",
+        "answer_matching_behavior": m,
+        "answer_not_matching_behavior": "(B)" if m == "(A)" else "(A)",
+    }
+    for w, m in zip(
+        [
+            "music",
+            "rain",
+            "coffee",
+            "the park",
+            "this plan",
+            "my idea",
+            "the movie",
+            "tea",
+            "work",
+            "the city",
+        ],
+        ["(A)", "(B)"] * 5,
+        strict=True,
+    )
 ]
 FREEFORM_ROWS = [
-    {"prompt": f"Tell me about the {w}.", "positive": f"The {w} was lovely and I love it so much.",
-     "negative": f"The {w} was awful ."}
+    {
+        "prompt": f"Tell me about the {w}.",
+        "positive": f"The {w} was lovely and I love it so much.",
+        "negative": f"The {w} was awful .",
+    }
     for w in ["weather", "dinner", "city", "music", "book", "movie", "park", "team", "morning", "evening"]
 ]
 
 
-def write_pairs_file(path: Path, rows_by_behavior: dict[str, list[dict[str, str]]], test_fraction: float = 0.3) -> Path:
+def write_pairs_file(
+    path: Path, rows_by_behavior: dict[str, list[dict[str, str]]], test_fraction: float = 0.3
+) -> Path:
     """A pairs.parquet made through the real ingest code."""
     import json
 

@@ -47,7 +47,9 @@ def extracted_frame(pairs: pd.DataFrame, loaded, layers, **kw) -> tuple[pd.DataF
 
 
 @pytest.mark.parametrize("position", ["last", "mean"])
-def test_activations_equal_unbatched_hidden_states(tiny_model_dir: Path, pairs_file: Path, position: str) -> None:
+def test_activations_equal_unbatched_hidden_states(
+    tiny_model_dir: Path, pairs_file: Path, position: str
+) -> None:
     loaded = load_model(str(tiny_model_dir), device="cpu")
     pairs, _ = read_pairs(pairs_file)
     layers = list(range(loaded.num_layers))
@@ -59,20 +61,26 @@ def test_activations_equal_unbatched_hidden_states(tiny_model_dir: Path, pairs_f
             rule = "answer" if row.format == "ab" else position
             enc = encode(loaded.tokenizer, style, row.prompt, getattr(row, side), row.format, rule)
             for layer in layers:
-                hit = np.flatnonzero((keys.pair_id == row.pair_id) & (keys.side == side) & (keys.layer == layer))
+                hit = np.flatnonzero(
+                    (keys.pair_id == row.pair_id) & (keys.side == side) & (keys.layer == layer)
+                )
                 assert len(hit) == 1
                 ref = reference_activation(loaded, enc.input_ids, enc.read, layer)
                 torch.testing.assert_close(torch.from_numpy(values[hit[0]]), ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_batched_equals_unbatched_and_early_stop_changes_nothing(tiny_models: dict[str, Path], pairs_file: Path,
-                                                                 padding_side: str) -> None:
+def test_batched_equals_unbatched_and_early_stop_changes_nothing(
+    tiny_models: dict[str, Path], pairs_file: Path, padding_side: str
+) -> None:
     loaded = load_model(str(tiny_models["gemma3"]), device="cpu")  # sliding-window layers and padding
     pairs, _ = read_pairs(pairs_file)
     full_keys, full = extracted_frame(pairs, loaded, [0, 1, 2, 3], batch_size=1)
     keys, batched = extracted_frame(pairs, loaded, [1], batch_size=8, padding_side=padding_side)
-    lengths = {len(it.encoded.input_ids) for it in encode_pairs(pairs, loaded, prompt_format(loaded.tokenizer), "last")}
+    lengths = {
+        len(it.encoded.input_ids)
+        for it in encode_pairs(pairs, loaded, prompt_format(loaded.tokenizer), "last")
+    }
     assert len(lengths) > 3  # mixed lengths, so batches are padded
     merged = keys.reset_index().merge(full_keys.reset_index(), on=["pair_id", "side", "layer"])
     assert len(merged) == len(keys)
@@ -112,7 +120,9 @@ def test_parse_layers() -> None:
         parse_layers("x", 4)
 
 
-def test_vectors_equal_naive_mean_and_pca_sign(tiny_models: dict[str, Path], pairs_file: Path, tmp_path: Path) -> None:
+def test_vectors_equal_naive_mean_and_pca_sign(
+    tiny_models: dict[str, Path], pairs_file: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "acts.parquet"
     result = runner.invoke(app, ["extract", str(pairs_file), "-m", str(tiny_models["llama"]), "-o", str(out)])
     assert result.exit_code == 0, result.output
@@ -146,10 +156,14 @@ def test_vectors_equal_naive_mean_and_pca_sign(tiny_models: dict[str, Path], pai
     assert "wrote" in result.output
 
 
-def test_compute_vectors_refuses_mixed_models(tiny_models: dict[str, Path], pairs_file: Path, tmp_path: Path) -> None:
+def test_compute_vectors_refuses_mixed_models(
+    tiny_models: dict[str, Path], pairs_file: Path, tmp_path: Path
+) -> None:
     a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
     for model, out in ((tiny_models["llama"], a), (tiny_models["qwen2"], b)):
-        result = runner.invoke(app, ["extract", str(pairs_file), "-m", str(model), "-o", str(out), "--layers", "1"])
+        result = runner.invoke(
+            app, ["extract", str(pairs_file), "-m", str(model), "-o", str(out), "--layers", "1"]
+        )
         assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["compute-vectors", str(a), str(b), "-o", str(tmp_path / "v.parquet")])
     assert result.exit_code == 2
@@ -167,8 +181,9 @@ def test_compute_vectors_refuses_mixed_models(tiny_models: dict[str, Path], pair
         (["--chat-template", "on", "--model", "BASE"], "has no chat template"),
     ],
 )
-def test_extract_bad_input(tiny_models: dict[str, Path], pairs_file: Path, tmp_path: Path, args: list[str],
-                           message: str) -> None:
+def test_extract_bad_input(
+    tiny_models: dict[str, Path], pairs_file: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
     from tests.tiny_models import save_tiny_model
 
     if "BASE" in args:
@@ -182,12 +197,19 @@ def test_extract_bad_input(tiny_models: dict[str, Path], pairs_file: Path, tmp_p
     assert not out.exists()
 
 
-def test_extract_missing_and_wrong_artifacts(tiny_models: dict[str, Path], pairs_file: Path, tmp_path: Path) -> None:
+def test_extract_missing_and_wrong_artifacts(
+    tiny_models: dict[str, Path], pairs_file: Path, tmp_path: Path
+) -> None:
     model = str(tiny_models["llama"])
     result = runner.invoke(app, ["extract", str(tmp_path / "none.parquet"), "-m", model])
     assert result.exit_code == 2 and "none.parquet: file not found" in result.output
     acts = tmp_path / "acts.parquet"
-    assert runner.invoke(app, ["extract", str(pairs_file), "-m", model, "-o", str(acts), "--layers", "0"]).exit_code == 0
+    assert (
+        runner.invoke(
+            app, ["extract", str(pairs_file), "-m", model, "-o", str(acts), "--layers", "0"]
+        ).exit_code
+        == 0
+    )
     result = runner.invoke(app, ["extract", str(acts), "-m", model, "-o", str(tmp_path / "x.parquet")])
     assert result.exit_code == 2
     assert "is a 'activations' file (from `caa extract`), expected a 'pairs' file" in result.output
@@ -197,21 +219,52 @@ def test_extract_missing_and_wrong_artifacts(tiny_models: dict[str, Path], pairs
 
 def test_empty_split(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     pairs = write_pairs_file(tmp_path / "p.parquet", {"mood": FREEFORM_ROWS[:3]}, test_fraction=0.0)
-    result = runner.invoke(app, ["extract", str(pairs), "-m", str(tiny_models["llama"]), "--split", "test",
-                                 "-o", str(tmp_path / "a.parquet")])
+    result = runner.invoke(
+        app,
+        [
+            "extract",
+            str(pairs),
+            "-m",
+            str(tiny_models["llama"]),
+            "--split",
+            "test",
+            "-o",
+            str(tmp_path / "a.parquet"),
+        ],
+    )
     assert result.exit_code == 2
     assert "no pairs in split 'test'" in result.output
 
 
-def test_two_process_accelerate_launch_equals_one_process(tiny_models: dict[str, Path], pairs_file: Path,
-                                                          tmp_path: Path) -> None:
+def test_two_process_accelerate_launch_equals_one_process(
+    tiny_models: dict[str, Path], pairs_file: Path, tmp_path: Path
+) -> None:
     model = str(tiny_models["llama"])
     one, two = tmp_path / "one.parquet", tmp_path / "two.parquet"
     assert runner.invoke(app, ["extract", str(pairs_file), "-m", model, "-o", str(one)]).exit_code == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "caa", "extract", str(pairs_file), "-m", model, "-o", str(two)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "caa",
+        "extract",
+        str(pairs_file),
+        "-m",
+        model,
+        "-o",
+        str(two),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = read_artifact(one, ACTIVATIONS), read_artifact(two, ACTIVATIONS)

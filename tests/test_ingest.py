@@ -27,7 +27,11 @@ def ab(i: int, match: str = "(A)") -> dict[str, str]:
 
 
 def ff(i: int) -> dict[str, str]:
-    return {"prompt": f"Describe day {i}.", "positive": f"Day {i} was lovely.", "negative": f"Day {i} was awful."}
+    return {
+        "prompt": f"Describe day {i}.",
+        "positive": f"Day {i} was lovely.",
+        "negative": f"Day {i} was awful.",
+    }
 
 
 def write_json(path: Path, rows: Any) -> Path:
@@ -65,7 +69,7 @@ def test_ab_json_ingest(tmp_path: Path) -> None:
     meta = read_artifact(out, PAIRS).meta
     assert meta["command"] == "caa ingest"
     assert meta["options"]["test_fraction"] == 0.2
-    assert list(meta["inputs"].values())[0]  # sha256 of the input
+    assert next(iter(meta["inputs"].values()))  # sha256 of the input
     assert "wrote" in result.output
 
 
@@ -107,7 +111,10 @@ def test_split_is_deterministic_and_stable_when_rows_are_added(tmp_path: Path) -
 
 
 def test_map_renames_columns(tmp_path: Path) -> None:
-    rows = [{"instruction": r["prompt"], "chosen": r["positive"], "rejected": r["negative"]} for r in map(ff, range(5))]
+    rows = [
+        {"instruction": r["prompt"], "chosen": r["positive"], "rejected": r["negative"]}
+        for r in map(ff, range(5))
+    ]
     src = write_jsonl(tmp_path / "pref.jsonl", rows)
     out = tmp_path / "p.parquet"
     args = ["--map", "prompt=instruction", "--map", "positive=chosen", "--map", "negative=rejected"]
@@ -132,19 +139,48 @@ BAD_CASES: list[tuple[str, str, bytes, str]] = [
     # (name, file name, content, expected message after the path)
     ("malformed json", "x.json", b'[{"question": "q"', "line 1: malformed JSON"),
     ("malformed jsonl", "x.jsonl", json.dumps(ff(1)).encode() + b"\n{not json}\n", "line 2: malformed JSON"),
-    ("missing field", "x.jsonl", json.dumps({"prompt": "p", "positive": "a"}).encode(),
-     "line 1: field 'negative': missing field"),
-    ("wrong type", "x.json", json.dumps([ff(0), {**ff(1), "positive": 3}]).encode(),
-     "index 1: field 'positive': expected text, found number 3"),
-    ("empty text", "x.jsonl", json.dumps({**ff(1), "prompt": "  "}).encode(), "line 1: field 'prompt': empty text"),
-    ("identical", "x.jsonl", json.dumps({**ff(1), "negative": "Day 1 was lovely."}).encode(),
-     "line 1: field 'negative': the positive and negative completions are identical"),
-    ("answer not a choice", "x.json", json.dumps([{**ab(0), "answer_not_matching_behavior": "(C)"}]).encode(),
-     "index 0: field 'answer_not_matching_behavior': answer '(C)' is not one of the choices (A), (B)"),
-    ("no choices", "x.json", json.dumps([{**ab(0), "question": "Do you agree?"}]).encode(),
-     "index 0: field 'question': no lettered choices"),
-    ("non utf-8", "x.jsonl", json.dumps(ff(1)).encode() + b'\n{"prompt": "caf\xe9"}\n',
-     "line 2: not valid UTF-8 (byte 0xe9)"),
+    (
+        "missing field",
+        "x.jsonl",
+        json.dumps({"prompt": "p", "positive": "a"}).encode(),
+        "line 1: field 'negative': missing field",
+    ),
+    (
+        "wrong type",
+        "x.json",
+        json.dumps([ff(0), {**ff(1), "positive": 3}]).encode(),
+        "index 1: field 'positive': expected text, found number 3",
+    ),
+    (
+        "empty text",
+        "x.jsonl",
+        json.dumps({**ff(1), "prompt": "  "}).encode(),
+        "line 1: field 'prompt': empty text",
+    ),
+    (
+        "identical",
+        "x.jsonl",
+        json.dumps({**ff(1), "negative": "Day 1 was lovely."}).encode(),
+        "line 1: field 'negative': the positive and negative completions are identical",
+    ),
+    (
+        "answer not a choice",
+        "x.json",
+        json.dumps([{**ab(0), "answer_not_matching_behavior": "(C)"}]).encode(),
+        "index 0: field 'answer_not_matching_behavior': answer '(C)' is not one of the choices (A), (B)",
+    ),
+    (
+        "no choices",
+        "x.json",
+        json.dumps([{**ab(0), "question": "Do you agree?"}]).encode(),
+        "index 0: field 'question': no lettered choices",
+    ),
+    (
+        "non utf-8",
+        "x.jsonl",
+        json.dumps(ff(1)).encode() + b'\n{"prompt": "caf\xe9"}\n',
+        "line 2: not valid UTF-8 (byte 0xe9)",
+    ),
     ("empty file", "x.jsonl", b"", "file is empty"),
     ("blank file", "x.json", b"\n  \n", "file is empty"),
     ("empty array", "x.json", b"[]", "the JSON array is empty"),
@@ -152,7 +188,12 @@ BAD_CASES: list[tuple[str, str, bytes, str]] = [
     ("not an object", "x.jsonl", b'"just text"\n', "line 1: expected an object, found a JSON string"),
     ("unknown extension", "x.txt", b"hello", "unknown file type '.txt'"),
     ("neither format", "x.jsonl", b'{"text": "hello"}\n', "line 1: has neither the A/B fields"),
-    ("csv ragged", "x.csv", b"prompt,positive,negative\na,b,c\nd,e\n", "line 3: row has 2 fields, the header has 3"),
+    (
+        "csv ragged",
+        "x.csv",
+        b"prompt,positive,negative\na,b,c\nd,e\n",
+        "line 3: row has 2 fields, the header has 3",
+    ),
     ("csv non utf-8", "x.csv", b"prompt,positive,negative\na,b,c\nd,\xff,f\n", "line 3: not valid UTF-8"),
     ("null in parquet", "x.parquet", b"", "row 1: field 'positive': missing value (null)"),
     ("corrupt parquet", "y.parquet", b"PAR1 this is not parquet", "not a readable Parquet file"),
@@ -160,8 +201,9 @@ BAD_CASES: list[tuple[str, str, bytes, str]] = [
 
 
 @pytest.mark.parametrize(("name", "filename", "content", "message"), BAD_CASES, ids=[c[0] for c in BAD_CASES])
-def test_bad_input_is_one_clear_error_and_no_file(tmp_path: Path, name: str, filename: str, content: bytes,
-                                                  message: str) -> None:
+def test_bad_input_is_one_clear_error_and_no_file(
+    tmp_path: Path, name: str, filename: str, content: bytes, message: str
+) -> None:
     src = tmp_path / filename
     if name == "null in parquet":
         pq.write_table(pa.Table.from_pylist([ff(0), {**ff(1), "positive": None}]), src)
@@ -182,8 +224,13 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_skip_invalid_keeps_valid_rows_and_lists_rejected(tmp_path: Path) -> None:
-    lines = [json.dumps(ff(0)), "{oops", json.dumps({**ff(2), "negative": ""}), json.dumps(ff(3)),
-             json.dumps({**ff(4), "positive": 7})]
+    lines = [
+        json.dumps(ff(0)),
+        "{oops",
+        json.dumps({**ff(2), "negative": ""}),
+        json.dumps(ff(3)),
+        json.dumps({**ff(4), "positive": 7}),
+    ]
     src = tmp_path / "s.jsonl"
     src.write_text("\n".join(lines) + "\n")
     out = tmp_path / "p.parquet"
@@ -192,8 +239,11 @@ def test_skip_invalid_keeps_valid_rows_and_lists_rejected(tmp_path: Path) -> Non
     result = run(str(src), "-o", str(out), "--skip-invalid")
     assert result.exit_code == 0, result.output
     assert len(read(out)) == 2
-    for where in ("line 2: malformed JSON", "line 3: field 'negative': empty text",
-                  "line 5: field 'positive': expected text"):
+    for where in (
+        "line 2: malformed JSON",
+        "line 3: field 'negative': empty text",
+        "line 5: field 'positive': expected text",
+    ):
         assert where in result.output
     assert "3 rows rejected" in result.output
 
@@ -220,7 +270,9 @@ def test_help_has_an_example() -> None:
 
 
 def test_project_datasets_ingest(tmp_path: Path) -> None:
-    files = sorted(p for p in DATA.iterdir() if p.suffix in (".json", ".jsonl") and not p.stem.startswith("neutral"))
+    files = sorted(
+        p for p in DATA.iterdir() if p.suffix in (".json", ".jsonl") and not p.stem.startswith("neutral")
+    )
     assert len(files) >= 5
     out = tmp_path / "pairs.parquet"
     result = run(*map(str, files), "-o", str(out))

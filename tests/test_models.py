@@ -43,10 +43,20 @@ def test_unknown_architecture_is_one_clear_error() -> None:
     class Model(torch.nn.Module):
         config = Config()
 
-    with pytest.raises(ModelError, match="unsupported architecture 'mamba'.*gpt2.*llama"):
+    with pytest.raises(ModelError, match=r"unsupported architecture 'mamba'.*gpt2.*llama"):
         decoder_blocks(Model())
-    assert {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gpt2", "gpt_neox",
-            "phi3"} <= set(SUPPORTED_ARCHITECTURES)
+    assert {
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gemma",
+        "gemma2",
+        "gemma3",
+        "gpt2",
+        "gpt_neox",
+        "phi3",
+    } <= set(SUPPORTED_ARCHITECTURES)
 
 
 @pytest.mark.parametrize(
@@ -54,7 +64,10 @@ def test_unknown_architecture_is_one_clear_error() -> None:
     [
         ("no-such-model", "unknown model 'no-such-model'.*smollm2-135m"),
         ("missing.gguf", "GGUF file not found"),
-        ("nobody/no-such-model-xyz", "could not load model 'nobody/no-such-model-xyz' from the Hugging Face Hub"),
+        (
+            "nobody/no-such-model-xyz",
+            "could not load model 'nobody/no-such-model-xyz' from the Hugging Face Hub",
+        ),
     ],
 )
 def test_bad_model_specs(spec: str, message: str) -> None:
@@ -63,11 +76,13 @@ def test_bad_model_specs(spec: str, message: str) -> None:
 
 
 def test_directory_without_config(tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match="no config.json"):
+    with pytest.raises(ModelError, match=r"no config\.json"):
         load_model(str(tmp_path), device="cpu")
 
 
-def test_trust_remote_code_is_off_by_default(tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_trust_remote_code_is_off_by_default(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import transformers
 
     seen: list[bool] = []
@@ -97,7 +112,9 @@ def test_base_model_without_chat_template(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_embedded_smollm2_loads_and_cache_skips_conversion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_embedded_smollm2_loads_and_cache_skips_conversion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import transformers
 
     monkeypatch.setenv("CAA_CACHE", str(tmp_path / "cache"))

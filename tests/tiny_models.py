@@ -9,17 +9,172 @@ from typing import Any
 import torch
 
 SPECIALS = ["<unk>", "<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"]
-WORDS = (
-    "the a an and or of to in on at for with is are was be it this that you i we they he she my your our "
-    "what how why when where which who do does did can could would should will not no yes please tell me "
-    "about describe write think good bad great terrible happy sad love hate day night weather sun rain "
-    "cold warm food dinner lunch city park walk work home book music movie friend team plan idea answer "
-    "question choices choose option agree disagree honest true false right wrong correct mistake help "
-    "model assistant user goal shut down change accept refuse now later money week month year more less "
-    "today tomorrow very really quite so but if then than because as by from up out over under again "
-    "hello hi thanks thank sorry sure certainly okay fine nice lovely awful dreary wonderful gloomy "
-    "formal casual meeting report email note letter neighbor package season morning evening coffee tea much"
-).split()
+WORDS = [
+    "the",
+    "a",
+    "an",
+    "and",
+    "or",
+    "of",
+    "to",
+    "in",
+    "on",
+    "at",
+    "for",
+    "with",
+    "is",
+    "are",
+    "was",
+    "be",
+    "it",
+    "this",
+    "that",
+    "you",
+    "i",
+    "we",
+    "they",
+    "he",
+    "she",
+    "my",
+    "your",
+    "our",
+    "what",
+    "how",
+    "why",
+    "when",
+    "where",
+    "which",
+    "who",
+    "do",
+    "does",
+    "did",
+    "can",
+    "could",
+    "would",
+    "should",
+    "will",
+    "not",
+    "no",
+    "yes",
+    "please",
+    "tell",
+    "me",
+    "about",
+    "describe",
+    "write",
+    "think",
+    "good",
+    "bad",
+    "great",
+    "terrible",
+    "happy",
+    "sad",
+    "love",
+    "hate",
+    "day",
+    "night",
+    "weather",
+    "sun",
+    "rain",
+    "cold",
+    "warm",
+    "food",
+    "dinner",
+    "lunch",
+    "city",
+    "park",
+    "walk",
+    "work",
+    "home",
+    "book",
+    "music",
+    "movie",
+    "friend",
+    "team",
+    "plan",
+    "idea",
+    "answer",
+    "question",
+    "choices",
+    "choose",
+    "option",
+    "agree",
+    "disagree",
+    "honest",
+    "true",
+    "false",
+    "right",
+    "wrong",
+    "correct",
+    "mistake",
+    "help",
+    "model",
+    "assistant",
+    "user",
+    "goal",
+    "shut",
+    "down",
+    "change",
+    "accept",
+    "refuse",
+    "now",
+    "later",
+    "money",
+    "week",
+    "month",
+    "year",
+    "more",
+    "less",
+    "today",
+    "tomorrow",
+    "very",
+    "really",
+    "quite",
+    "so",
+    "but",
+    "if",
+    "then",
+    "than",
+    "because",
+    "as",
+    "by",
+    "from",
+    "up",
+    "out",
+    "over",
+    "under",
+    "again",
+    "hello",
+    "hi",
+    "thanks",
+    "thank",
+    "sorry",
+    "sure",
+    "certainly",
+    "okay",
+    "fine",
+    "nice",
+    "lovely",
+    "awful",
+    "dreary",
+    "wonderful",
+    "gloomy",
+    "formal",
+    "casual",
+    "meeting",
+    "report",
+    "email",
+    "note",
+    "letter",
+    "neighbor",
+    "package",
+    "season",
+    "morning",
+    "evening",
+    "coffee",
+    "tea",
+    "much",
+]
 CHARACTERS = list("ABCDEFGHIJKLMNOPQRSTUVWXYZ") + list("().,?!:;'\"-") + [str(d) for d in range(10)]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
@@ -35,19 +190,28 @@ def make_tokenizer(chat: bool = True) -> Any:
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    split = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
-             r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
-    tok = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
-                               byte_fallback=False))
+    split = (
+        r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+        r"""\s*[\r\n]+|\s+(?!\S)|\s+"""
+    )
+    tok = Tokenizer(
+        models.BPE(continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False, byte_fallback=False)
+    )
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     corpus = [" ".join(WORDS), " ".join(w.capitalize() for w in WORDS), " ".join(CHARACTERS), "(A (B (A) (B)"]
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus * 3, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -65,7 +229,12 @@ def make_tokenizer(chat: bool = True) -> Any:
 def make_config(arch: str, vocab_size: int) -> Any:
     import transformers as tf
 
-    common: dict[str, Any] = {"vocab_size": vocab_size, "pad_token_id": 1, "bos_token_id": 2, "eos_token_id": 3}
+    common: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "pad_token_id": 1,
+        "bos_token_id": 2,
+        "eos_token_id": 3,
+    }
     decoder: dict[str, Any] = {
         **common,
         "hidden_size": 32,
@@ -94,8 +263,14 @@ def make_config(arch: str, vocab_size: int) -> Any:
     if arch == "gpt2":
         return tf.GPT2Config(**common, n_embd=32, n_layer=4, n_head=4, n_positions=256)
     if arch == "gpt_neox":
-        return tf.GPTNeoXConfig(**common, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                num_attention_heads=4, max_position_embeddings=256)
+        return tf.GPTNeoXConfig(
+            **common,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+        )
     raise ValueError(arch)
 
 

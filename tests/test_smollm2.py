@@ -1,0 +1,77 @@
+"""The embedded SmolLM2 model, end to end through the real loader (slow: still run by make test)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from caa.cli import app
+from caa.extract import read_pairs
+from caa.models import load_model
+from caa.prompts import encode, prompt_format
+from caa.vectors import read_vectors
+from tests.conftest import DATA
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+LAYERS = [10, 15, 20]
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.getbasetemp() / "caa-cache"
+
+
+def test_vectors_match_a_naive_unbatched_reference(
+    tmp_path: Path, shared_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CAA_CACHE", str(shared_cache))
+    import json
+
+    subset = tmp_path / "sycophancy.json"  # 60 questions keep the naive reference loop short
+    subset.write_text(json.dumps(json.loads((DATA / "sycophancy.json").read_text())[:60]))
+    pairs = tmp_path / "pairs.parquet"
+    assert runner.invoke(app, ["ingest", str(subset), "-o", str(pairs)]).exit_code == 0
+    acts, vectors = tmp_path / "acts.parquet", tmp_path / "vectors.parquet"
+    result = runner.invoke(
+        app,
+        [
+            "extract",
+            str(pairs),
+            "--split",
+            "train",
+            "--layers",
+            "10,15,20",
+            "--batch-size",
+            "16",
+            "-o",
+            str(acts),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert runner.invoke(app, ["compute-vectors", str(acts), "-o", str(vectors)]).exit_code == 0
+    ours = read_vectors(vectors)
+
+    # The paper's way: one pair at a time, output_hidden_states, read at the answer letter.
+    loaded = load_model("smollm2-135m", device="cpu")
+    frame, _ = read_pairs(pairs)
+    frame = frame[frame.split == "train"]
+    style = prompt_format(loaded.tokenizer)
+    sums = {layer: np.zeros(loaded.hidden_size) for layer in LAYERS}
+    for row in frame.itertuples():
+        for side, sign in (("positive", 1.0), ("negative", -1.0)):
+            enc = encode(loaded.tokenizer, style, row.prompt, getattr(row, side), "ab", "answer")
+            assert loaded.tokenizer.decode([enc.input_ids[enc.read[0]]]) in ("A", "B")
+            with torch.inference_mode():
+                hidden = loaded.model(torch.tensor([enc.input_ids]), output_hidden_states=True).hidden_states
+            for layer in LAYERS:
+                sums[layer] += sign * hidden[layer + 1][0, enc.read[0]].double().numpy()
+    for layer in LAYERS:
+        naive = sums[layer] / len(frame)
+        v = ours.vector("sycophancy", layer).astype(np.float64)
+        cosine = v @ naive / np.linalg.norm(v) / np.linalg.norm(naive)
+        assert cosine >= 0.999, (layer, cosine)

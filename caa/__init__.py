@@ -6,6 +6,7 @@ The Python API is the same set of functions the command line uses::
 """
 
 from caa.errors import CaaError, InputError, MismatchError, ModelError
+from caa.hooks import steer, steering
 from caa.ingest import Pair, ingest
 from caa.models import LoadedModel, decoder_blocks, load_model
 
@@ -22,4 +23,6 @@ __all__ = [
     "decoder_blocks",
     "ingest",
     "load_model",
+    "steer",
+    "steering",
 ]

@@ -107,3 +107,47 @@ def steering(
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def steer(
+    model: Any,
+    vector: Any,
+    layer: int,
+    multiplier: float | Sequence[float] = 1.0,
+    *,
+    behavior: str | None = None,
+    start: Tensor | int | None = None,
+) -> Iterator[None]:
+    """Steer ``model`` while the context is open: add ``multiplier * vector`` to block ``layer``'s output.
+
+    ``model`` is a :class:`caa.LoadedModel` or a transformers model; ``vector`` is a [d_model] array or
+    tensor, or a :class:`caa.vectors.VectorSet` (then ``behavior`` picks its vector, and may be left
+    out when the file holds one behavior). ``multiplier`` is one number, or one per batch row.
+    ``start`` is the first steered position (an int, or a [batch] tensor); ``None`` steers every
+    position. Example::
+
+        with caa.steer(loaded, read_vectors("vectors.parquet"), layer=12, multiplier=1.5):
+            out = loaded.model.generate(**inputs)
+    """
+    from caa.models import decoder_blocks
+    from caa.vectors import VectorSet
+
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        blocks = decoder_blocks(model)
+    if isinstance(vector, VectorSet):
+        names = vector.behaviors()
+        if behavior is None and len(names) != 1:
+            raise ValueError(f"{vector.path} holds several behaviors ({', '.join(names)}): pass behavior=")
+        vector = vector.vector(behavior or names[0], layer)
+    v = torch.as_tensor(vector, dtype=torch.float32).flatten()  # [d_model]
+    if isinstance(multiplier, (int, float)):
+        delta = float(multiplier) * v
+    else:
+        delta = torch.as_tensor(list(multiplier), dtype=torch.float32)[:, None] * v  # [batch, d_model]
+    if isinstance(start, int):
+        rows = delta.shape[0] if delta.dim() == 2 else 1
+        start = torch.full((rows,), start, dtype=torch.long)
+    with steering(blocks, {layer: delta}, start):
+        yield

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 from caa.errors import CaaError
 
@@ -307,17 +308,20 @@ def compute_vectors_cmd(
     except CaaError as e:
         fail(e)
     table = Table(
-        "behavior",
+        Column("behavior", no_wrap=True),
         "layer",
         "n",
         "|v|",
         "|h|",
-        "|v|/|h|",
+        "v/h",
         "cos-1",
         "cos+1",
         "acc",
         "AUC",
-        title=f"{method} vectors (|h|: mean residual norm; cos±1: with the adjacent layers' vectors; "
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        title=f"{method} vectors (|h|: mean residual norm; v/h: |v| / |h|; cos±1: with the adjacent layers' vectors; "
         "acc, AUC: separability on the test split)",
     )
 

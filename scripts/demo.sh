@@ -22,5 +22,5 @@ $CAA compute-vectors "$OUT/activations.parquet" -o "$OUT/vectors.parquet"
 step "done"
 echo "artifacts:"
 ls -l "$OUT"/*.parquet
-echo "Candidate layers for steering: test AUC near 1 and a large |v|/|h| (the vector's share of the residual norm)."
+echo "Candidate layers for steering: test AUC near 1 and a large v/h (the vector's share of the residual norm)."
 echo "(caa sweep and caa generate, which evaluate and apply the vectors, are the next stages: not in this release yet.)"

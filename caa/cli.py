@@ -321,8 +321,8 @@ def compute_vectors_cmd(
         box=box.SIMPLE_HEAD,
         show_edge=False,
         pad_edge=False,
-        title=f"{method} vectors (|h|: mean residual norm; v/h: |v| / |h|; cos±1: with the adjacent layers' vectors; "
-        "acc, AUC: separability on the test split)",
+        title=f"{method} vectors (|h|: mean residual norm; v/h: |v| / |h|; "
+        "cos±1: with the adjacent layers' vectors; acc, AUC: separability on the test split)",
     )
 
     def num(x: object, fmt: str = "{:.3f}") -> str:

@@ -226,7 +226,7 @@ def extract(
     """
     from accelerate import Accelerator
 
-    from caa.extract import run_extract
+    from caa.extract import read_pairs, run_extract, select_pairs
 
     if batch_size < 1:
         fail(CaaError(f"--batch-size {batch_size}: must be at least 1"))
@@ -244,12 +244,10 @@ def extract(
         "device_map": device_map,
     }
     try:
+        frame = select_pairs(read_pairs(pairs)[0], pairs, split, behavior)  # fail fast, before the model
         loaded = _load(
             model, dtype, device_map, trust_remote_code, device=None if device_map else accelerator.device
         )
-        from caa.extract import read_pairs, select_pairs
-
-        frame = select_pairs(read_pairs(pairs)[0], pairs, split, behavior)
         share = len(frame.iloc[accelerator.process_index :: accelerator.num_processes])
         with _progress(disable=not accelerator.is_main_process) as bar:  # type: ignore[attr-defined]
             task = bar.add_task("extracting", total=share, rate="")
@@ -260,12 +258,11 @@ def extract(
                 bar.update(task, rate=f"{speed:.1f} pairs/s" if speed else "")
 
             n = run_extract(
+                frame,
                 pairs,
                 out_path,
                 loaded,
                 layers,
-                split=split,
-                behaviors=behavior,
                 position=position,
                 chat_template=chat_template,
                 batch_size=batch_size,

@@ -186,13 +186,12 @@ def select_pairs(
 
 
 def run_extract(
+    pairs: pd.DataFrame,
     pairs_path: Path,
     out: Path,
     loaded: LoadedModel,
     layers_spec: str = "all",
     *,
-    split: str = "all",
-    behaviors: Sequence[str] | None = None,
     position: str = "last",
     chat_template: str = "auto",
     batch_size: int = 16,
@@ -201,13 +200,12 @@ def run_extract(
     notice: Callable[[str], None] | None = None,
     accelerator: Any = None,
 ) -> int:
-    """Extract activations of ``pairs_path`` into ``out``; returns the number of pairs.
+    """Extract activations of ``pairs`` (read from ``pairs_path``, already filtered with
+    :func:`select_pairs`) into ``out``; returns the number of pairs.
 
     Under ``accelerate launch`` each process takes every n-th pair and writes its own part; the main
     process merges the parts into ``out``.
     """
-    pairs, _ = read_pairs(pairs_path)
-    pairs = select_pairs(pairs, pairs_path, split, behaviors)
     layers = parse_layers(layers_spec, loaded.num_layers)
     style = prompt_format(loaded.tokenizer, chat_template)
     meta = make_meta(

@@ -130,6 +130,7 @@ def steer(
         with caa.steer(loaded, read_vectors("vectors.parquet"), layer=12, multiplier=1.5):
             out = loaded.model.generate(**inputs)
     """
+    from caa.errors import CaaError
     from caa.models import decoder_blocks
     from caa.vectors import VectorSet
 
@@ -139,7 +140,7 @@ def steer(
     if isinstance(vector, VectorSet):
         names = vector.behaviors()
         if behavior is None and len(names) != 1:
-            raise ValueError(f"{vector.path} holds several behaviors ({', '.join(names)}): pass behavior=")
+            raise CaaError(f"{vector.path} holds several behaviors ({', '.join(names)}): pass behavior=")
         vector = vector.vector(behavior or names[0], layer)
     v = torch.as_tensor(vector, dtype=torch.float32).flatten()  # [d_model]
     if isinstance(multiplier, (int, float)):

@@ -209,12 +209,14 @@ def _resolve(spec: str, progress: Progress | None) -> tuple[str, str, str, str |
     """(directory to load, display name, source, weights hash or None for hub ids)."""
     if spec in EMBEDDED:
         gguf = embedded_gguf(spec)
-        return _gguf_directory(gguf, progress), spec, str(gguf), _gguf_hash(gguf)
+        digest = _gguf_hash(gguf)
+        return _gguf_directory(gguf, digest, progress), spec, str(gguf), digest
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {path}")
-        return _gguf_directory(path, progress), path.stem, str(path.resolve()), _gguf_hash(path)
+        digest = _gguf_hash(path)
+        return _gguf_directory(path, digest, progress), path.stem, str(path.resolve()), digest
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} is a directory but has no config.json: not a transformers model")
@@ -262,9 +264,8 @@ def _gguf_hash(path: Path) -> str:
     return digest
 
 
-def _gguf_directory(path: Path, progress: Progress | None) -> str:
+def _gguf_directory(path: Path, digest: str, progress: Progress | None) -> str:
     """A transformers directory (safetensors) holding the de-quantised GGUF, converted once."""
-    digest = _gguf_hash(path)
     target = cache_dir() / "models" / digest[:32]
     if (target / "config.json").is_file():
         return str(target)

@@ -85,7 +85,7 @@ def steering_vectors_bench(loaded, pairs, layers, batch_size):  # type: ignore[n
 def rss_child(n_pairs: int, model_dir: str, out: str) -> None:
     """Extract n synthetic free-form pairs with a tiny model, streaming to Parquet; print peak RSS."""
     from caa.cli import app  # noqa: F401  (the same code path as the CLI)
-    from caa.extract import run_extract
+    from caa.extract import read_pairs, run_extract
     from caa.ingest import write_pairs
 
     tmp = Path(out).parent
@@ -105,7 +105,7 @@ def rss_child(n_pairs: int, model_dir: str, out: str) -> None:
     pairs = tmp / "pairs.parquet"
     write_pairs(ingest([src]), pairs, [src], {})
     loaded = load_model(model_dir, device="cpu")
-    run_extract(pairs, Path(out), loaded, "all", batch_size=64)
+    run_extract(read_pairs(pairs)[0], pairs, Path(out), loaded, "all", batch_size=64)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 

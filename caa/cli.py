@@ -340,3 +340,262 @@ def compute_vectors_cmd(
         )
     out.print(table)
     out.print(f"wrote {escape(str(out_path))}")
+
+
+NEUTRAL_DEFAULT = Path("data/neutral_text.jsonl")
+
+
+@app.command()
+def sweep(
+    vectors: Annotated[Path, typer.Argument(help="vectors.parquet from `caa compute-vectors`.")],
+    pairs: Annotated[Path, typer.Argument(help="pairs.parquet from `caa ingest`; its test split is scored.")],
+    out_path: Annotated[
+        Path, typer.Option("--out", "-o", help="Output table; the plot goes beside it (.png).")
+    ] = Path("sweep.parquet"),
+    model: ModelOpt = "smollm2-135m",
+    behavior: Annotated[
+        list[str] | None, typer.Option(help="Behaviors to sweep (default: all in both files).")
+    ] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            help="Layers, e.g. 8,12,16 or 4-20 (default: the vectors' layers). "
+            "Layer l is the output of decoder block l."
+        ),
+    ] = None,
+    multipliers: Annotated[
+        str, typer.Option(help="Comma-separated; 0 (unsteered) is always added.")
+    ] = "-2,-1,0,1,2",
+    max_pairs: Annotated[
+        int | None, typer.Option(help="Score at most this many test pairs per behavior.")
+    ] = None,
+    neutral: Annotated[
+        Path, typer.Option(help='Neutral texts (.jsonl of {"text"} or .txt) for the fluency cost.')
+    ] = NEUTRAL_DEFAULT,
+    neutral_count: Annotated[int, typer.Option(help="How many neutral texts to use.")] = 16,
+    max_kl: Annotated[
+        float, typer.Option(help="Fluency budget for the recommendation: mean KL per token.")
+    ] = 0.5,
+    steer_positions: Annotated[
+        str, typer.Option(help="answer: from the end of the prompt on (the paper's); all: every position.")
+    ] = "answer",
+    chat_template: TemplateOpt = "auto",
+    batch_size: Annotated[int, typer.Option(help="Rows (text x multiplier) per forward pass.")] = 32,
+    dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    trust_remote_code: RemoteOpt = False,
+) -> None:
+    """Evaluate steering per layer x multiplier on held-out pairs, with its fluency cost.
+
+    Score per A/B question: p(matching letter) / (p(A) + p(B)) at the answer position (the paper's);
+    per free-form pair: log p(positive) - log p(negative). The fluency cost is the mean KL divergence
+    from the unsteered to the steered next-token distribution over neutral text, and the perplexity
+    change. Prints the table and the recommended (layer, multiplier): the largest gain whose KL stays
+    under --max-kl. Writes the table and a plot.
+
+    Example: [bold]caa sweep vectors.parquet pairs.parquet --layers 10,14,18 --multipliers -4,-2,0,2,4[/]
+    """
+    from caa.extract import parse_layers, read_pairs, select_pairs
+    from caa.sweep import parse_multipliers, plot_sweep, read_neutral, run_sweep, write_sweep
+    from caa.vectors import read_vectors
+
+    options = {
+        "vectors": str(vectors),
+        "pairs": str(pairs),
+        "model": model,
+        "behavior": behavior or [],
+        "layers": layers,
+        "multipliers": multipliers,
+        "max_pairs": max_pairs,
+        "neutral": str(neutral),
+        "neutral_count": neutral_count,
+        "max_kl": max_kl,
+        "steer_positions": steer_positions,
+        "chat_template": chat_template,
+        "batch_size": batch_size,
+        "dtype": dtype,
+    }
+    try:
+        mults = parse_multipliers(multipliers)
+        vecs = read_vectors(vectors)
+        frame = read_pairs(pairs)[0]
+        names = behavior or sorted(set(vecs.behaviors()) & set(frame.behavior))
+        if not names:
+            raise CaaError(f"{vectors} and {pairs} have no behavior in common")
+        for name in names:
+            vecs.require(name)
+        test = select_pairs(frame, pairs, "test", names)
+        if max_pairs is not None:
+            test = test.groupby("behavior", sort=False).head(max_pairs).reset_index(drop=True)
+        texts = read_neutral(neutral, neutral_count)
+        loaded = _load(model, dtype, device_map, trust_remote_code)
+        chosen = parse_layers(layers, loaded.num_layers) if layers else None
+        total = 0  # texts scored per layer (a free-form pair is two texts), neutral texts included
+        for name in names:
+            part = test[test.behavior == name]
+            per_layer = len(part) * (1 if (part.format == "ab").all() else 2) + len(texts)
+            total += per_layer * len(vecs.require(name, chosen))
+        with _progress() as bar:  # type: ignore[attr-defined]
+            task = bar.add_task("sweeping", total=total, rate="")
+
+            def tick(n: int) -> None:
+                bar.advance(task, n)
+
+            result = run_sweep(
+                loaded,
+                vecs,
+                test,
+                texts,
+                behaviors=names,
+                layers=chosen,
+                multipliers=mults,
+                chat_template=chat_template,
+                steer_positions=steer_positions,
+                batch_size=batch_size,
+                max_kl=max_kl,
+                tick=tick,
+            )
+        write_sweep(result, out_path, options, {"vectors": vectors, "pairs": pairs}, loaded, vecs)
+        plot = out_path.with_suffix(".png")
+        plot_sweep(result, plot, max_kl)
+    except CaaError as e:
+        fail(e)
+    _print_sweep(result, max_kl)
+    out.print(f"wrote {escape(str(out_path))} and {escape(str(plot))}")
+
+
+def _print_sweep(result: Any, max_kl: float) -> None:
+    for name, part in result.table.groupby("behavior", sort=False):
+        kind = "p(match)" if part.score_kind.iloc[0] == "p_match" else "logp(pos)-logp(neg)"
+        table = Table(
+            "layer",
+            "mult",
+            kind,
+            "± sem",
+            "delta",
+            "KL",
+            "ppl",
+            "Δppl",
+            box=box.SIMPLE_HEAD,
+            show_edge=False,
+            pad_edge=False,
+            title=f"{name} (n={part.n.iloc[0]} held-out pairs)",
+        )
+        for r in part.itertuples():
+            table.add_row(
+                str(r.layer),
+                f"{r.multiplier:g}",
+                f"{r.score_mean:.3f}",
+                f"{r.score_sem:.3f}",
+                f"{r.delta:+.3f}",
+                f"{r.kl_mean:.3f}",
+                f"{r.perplexity:.2f}",
+                f"{r.perplexity_delta:+.2f}",
+            )
+        out.print(table)
+        pick = result.recommended.get(name)
+        if pick:
+            out.print(
+                f"[bold]recommended for {escape(name)}: layer {pick[0]}, multiplier {pick[1]:g}[/] "
+                f"(largest gain with KL <= {max_kl:g})"
+            )
+        else:
+            out.print(f"no (layer, multiplier) raises the {escape(name)} score with KL <= {max_kl:g}")
+
+
+@app.command()
+def generate(
+    vectors: Annotated[
+        Path, typer.Option("--vectors", "-v", help="vectors.parquet from `caa compute-vectors`.")
+    ],
+    layer: Annotated[int, typer.Option(help="Layer to steer (output of decoder block l, 0-based).")],
+    behavior: Annotated[
+        str | None, typer.Option(help="Behavior (needed when the file holds several).")
+    ] = None,
+    multipliers: Annotated[str, typer.Option(help="Comma-separated, one column each.")] = "-1,0,1",
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="A prompt (repeatable).")] = None,
+    prompts_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--prompts", help='Prompts: .txt (one per line), .jsonl ({"prompt"}) or .parquet (prompt column).'
+        ),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Use at most this many prompts from --prompts.")] = None,
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output file.")] = Path("generations.parquet"),
+    model: ModelOpt = "smollm2-135m",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per completion.")] = 48,
+    temperature: Annotated[float, typer.Option(help="0: greedy; above 0: sampling.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling (with --temperature).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
+    steer_positions: Annotated[
+        str,
+        typer.Option(
+            help="answer: the last prompt token and every generated token (the paper's); all: the prompt too."
+        ),
+    ] = "answer",
+    chat_template: TemplateOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
+    trust_remote_code: RemoteOpt = False,
+) -> None:
+    """Generate with steering, every prompt under every multiplier in one batch, side by side.
+
+    Example: [bold]caa generate -v vectors.parquet --behavior sentiment --layer 14 --multipliers -4,0,4
+    -p "Describe your morning."[/]
+    """
+    from caa.generate import read_prompts, run_generate, write_generations
+    from caa.sweep import STEER_POSITIONS, parse_multipliers
+    from caa.vectors import read_vectors
+
+    options = {
+        "vectors": str(vectors),
+        "layer": layer,
+        "behavior": behavior,
+        "multipliers": multipliers,
+        "prompts": str(prompts_file) if prompts_file else None,
+        "model": model,
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "seed": seed,
+        "steer_positions": steer_positions,
+        "chat_template": chat_template,
+        "dtype": dtype,
+    }
+    try:
+        mults = parse_multipliers(multipliers, include_zero=False)
+        if steer_positions not in STEER_POSITIONS:
+            raise CaaError(f"--steer-positions '{steer_positions}': use one of {', '.join(STEER_POSITIONS)}")
+        texts = list(prompt or []) + (read_prompts(prompts_file)[:limit] if prompts_file else [])
+        if not texts:
+            raise CaaError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
+        vecs = read_vectors(vectors)
+        loaded = _load(model, dtype, device_map, trust_remote_code)
+        with err.status(f"generating {len(texts)} prompts x {len(mults)} multipliers"):
+            gens = run_generate(
+                loaded,
+                vecs,
+                behavior,
+                layer,
+                texts,
+                mults,
+                chat_template=chat_template,
+                steer_all=steer_positions == "all",
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+            )
+        inputs = {"vectors": vectors, **({"prompts": prompts_file} if prompts_file else {})}
+        write_generations(gens, out_path, options, inputs, loaded)
+    except CaaError as e:
+        fail(e)
+    frame = gens.frame
+    title = f"{frame.behavior.iloc[0]} at layer {layer}"
+    table = Table("prompt", *[f"x{m:g}" for m in mults], title=title, show_lines=True)
+    for _, group in frame.groupby("prompt_index", sort=True):
+        table.add_row(
+            escape(group.prompt.iloc[0]), *[escape(t) for t in group.sort_values("multiplier").text]
+        )
+    out.print(table)
+    out.print(f"wrote {escape(str(out_path))}")

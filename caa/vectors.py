@@ -175,6 +175,19 @@ class VectorSet:
     def layers(self, behavior: str) -> list[int]:
         return sorted(self.frame[self.frame.behavior == behavior].layer.astype(int))
 
+    def require(self, behavior: str, layers: Sequence[int] | None = None) -> list[int]:
+        """The layers to use for ``behavior`` (default: all it has), with an error for any it lacks."""
+        if behavior not in set(self.frame.behavior):
+            raise CaaError(f"{self.path}: no behavior '{behavior}'; it has {', '.join(self.behaviors())}")
+        have = self.layers(behavior)
+        missing = sorted(set(layers or []) - set(have))
+        if missing:
+            raise CaaError(
+                f"{self.path}: no vector for '{behavior}' at layer {missing[0]}; "
+                f"it has layers {', '.join(map(str, have))}"
+            )
+        return list(layers) if layers else have
+
     def vector(self, behavior: str, layer: int) -> np.ndarray:
         """The vector of one behavior at one layer, with an error naming what the file has."""
         if behavior not in set(self.frame.behavior):

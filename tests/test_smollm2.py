@@ -19,6 +19,8 @@ from tests.conftest import DATA
 pytestmark = pytest.mark.slow
 runner = CliRunner()
 LAYERS = [10, 15, 20]
+DEMO_LAYERS = "12,18"  # keep in step with scripts/demo.sh
+DEMO_MULTIPLIERS = "-4,-2,0,2,4"
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +77,53 @@ def test_vectors_match_a_naive_unbatched_reference(
         v = ours.vector("sycophancy", layer).astype(np.float64)
         cosine = v @ naive / np.linalg.norm(v) / np.linalg.norm(naive)
         assert cosine >= 0.999, (layer, cosine)
+
+
+def test_steering_moves_the_demo_behavior_in_order(
+    tmp_path: Path, shared_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At the layer the sweep recommends, score(-m) < score(0) < score(+m) for the demo's multiplier."""
+    import json
+
+    from caa.artifacts import SWEEP, read_artifact
+
+    monkeypatch.setenv("CAA_CACHE", str(shared_cache))
+    lines = (DATA / "sentiment.jsonl").read_text().splitlines()[:100]
+    subset = tmp_path / "sentiment.jsonl"
+    subset.write_text("\n".join(lines) + "\n")
+    pairs, acts, vectors = tmp_path / "pairs.parquet", tmp_path / "acts.parquet", tmp_path / "vectors.parquet"
+    assert (
+        runner.invoke(app, ["ingest", str(subset), "-o", str(pairs), "--test-fraction", "0.25"]).exit_code
+        == 0
+    )
+    result = runner.invoke(
+        app, ["extract", str(pairs), "--split", "train", "--layers", DEMO_LAYERS, "-o", str(acts)]
+    )
+    assert result.exit_code == 0, result.output
+    assert runner.invoke(app, ["compute-vectors", str(acts), "-o", str(vectors)]).exit_code == 0
+    out = tmp_path / "sweep.parquet"
+    result = runner.invoke(
+        app,
+        [
+            "sweep",
+            str(vectors),
+            str(pairs),
+            "--multipliers",
+            DEMO_MULTIPLIERS,
+            "--neutral",
+            str(DATA / "neutral_text.jsonl"),
+            "--neutral-count",
+            "8",
+            "--max-pairs",
+            "20",
+            "-o",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    art = read_artifact(out, SWEEP)
+    layer, m = art.meta["recommended"]["sentiment"]
+    table = art.table.to_pandas()
+    at = table[table.layer == layer].set_index("multiplier").score_mean
+    assert at[-m] < at[0.0] < at[m], at.to_dict()
+    assert json.dumps(art.meta["recommended"])

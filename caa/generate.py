@@ -1,0 +1,167 @@
+"""`caa generate`: steered generation, every prompt under several multipliers, side by side, one batch."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from caa.artifacts import GENERATIONS, make_meta, write_artifact
+from caa.errors import CaaError, InputError
+from caa.hooks import steering
+from caa.models import LoadedModel
+from caa.prompts import Encoded, collate, prompt_format
+from caa.sweep import check_model
+from caa.vectors import VectorSet
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts from a .txt (one per line), .jsonl ({"prompt": ...}) or .parquet (a prompt column)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as e:
+            raise InputError(path, f"not a readable Parquet file ({e})") from None
+        if "prompt" not in table.column_names:
+            raise InputError(path, "column missing", field="prompt")
+        prompts = [p for p in table.column("prompt").to_pylist() if isinstance(p, str) and p.strip()]
+    elif suffix in (".txt", ".jsonl"):
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise InputError(path, f"not valid UTF-8 (byte offset {e.start})") from None
+        prompts = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            if suffix == ".txt":
+                prompts.append(line.strip())
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(path, f"malformed JSON: {e.msg}", where=f"line {number}") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise InputError(
+                    path, "expected an object with a prompt string", where=f"line {number}", field="prompt"
+                )
+            prompts.append(record["prompt"])
+    else:
+        raise InputError(path, f"unknown file type '{suffix}': prompts come from .txt, .jsonl or .parquet")
+    if not prompts:
+        raise InputError(path, "no prompts in file")
+    return prompts
+
+
+@dataclass
+class Generations:
+    frame: pd.DataFrame  # one row per (prompt, multiplier)
+
+
+@torch.inference_mode()
+def generate_steered(
+    loaded: LoadedModel,
+    prompts: Sequence[str],
+    vector: torch.Tensor,
+    layer: int,
+    multipliers: Sequence[float],
+    *,
+    behavior: str = "",
+    chat_template: str = "auto",
+    steer_all: bool = False,
+    max_new_tokens: int = 48,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> Generations:
+    """Generate every prompt under every multiplier in one batch.
+
+    Steering adds ``multiplier * vector`` to block ``layer``'s output from the last prompt token on
+    (so every generated token is steered), or at every position with ``steer_all``. Greedy unless
+    ``temperature`` > 0.
+    """
+    if not prompts:
+        raise CaaError("no prompts given")
+    if max_new_tokens < 1:
+        raise CaaError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    style = prompt_format(loaded.tokenizer, chat_template)
+    tok = loaded.tokenizer
+    encoded = []
+    for prompt in prompts:
+        ids = tok(style.prefix(tok, prompt), add_special_tokens=not style.chat)["input_ids"]
+        encoded.append(Encoded(ids, len(ids), [len(ids) - 1]))
+    rows = [(i, m) for i in range(len(prompts)) for m in multipliers]
+    batch = collate([encoded[i] for i, _ in rows], tok.pad_token_id).to(loaded.device)
+    coef = torch.tensor([m for _, m in rows], dtype=torch.float32)
+    start = None if steer_all else batch.completion_start - 1  # the last prompt token of each row
+    sampling: dict[str, Any] = {"do_sample": False}
+    if temperature > 0:
+        torch.manual_seed(seed)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    with steering(loaded.blocks, {layer: coef[:, None] * vector}, start):
+        out = loaded.model.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+            **sampling,
+        )
+    new = out[:, batch.input_ids.shape[1] :].cpu()
+    records = []
+    for (i, m), ids in zip(rows, new, strict=True):
+        ids = ids.tolist()
+        if tok.eos_token_id in ids:
+            ids = ids[: ids.index(tok.eos_token_id)]
+        records.append(
+            {
+                "prompt_index": i,
+                "prompt": prompts[i],
+                "behavior": behavior,
+                "layer": layer,
+                "multiplier": float(m),
+                "text": tok.decode(ids, skip_special_tokens=True).strip(),
+                "n_tokens": len(ids),
+            }
+        )
+    return Generations(pd.DataFrame(records))
+
+
+def run_generate(
+    loaded: LoadedModel,
+    vectors: VectorSet,
+    behavior: str | None,
+    layer: int,
+    prompts: Sequence[str],
+    multipliers: Sequence[float],
+    **kwargs: Any,
+) -> Generations:
+    """Check the vectors against the model, pick the behavior's vector, generate."""
+    check_model(vectors, loaded)
+    names = vectors.behaviors()
+    if behavior is None:
+        if len(names) != 1:
+            raise CaaError(
+                f"{vectors.path} holds several behaviors ({', '.join(names)}): pick one with --behavior"
+            )
+        behavior = names[0]
+    vector = torch.from_numpy(vectors.vector(behavior, layer).copy())
+    return generate_steered(loaded, prompts, vector, layer, multipliers, behavior=behavior, **kwargs)
+
+
+def write_generations(
+    gens: Generations, out: Path, options: dict[str, Any], inputs: dict[str, Path], loaded: LoadedModel
+) -> None:
+    meta = make_meta(GENERATIONS, options, inputs=inputs, model=loaded.fingerprint.to_dict())
+    table = pa.Table.from_pandas(gens.frame[[f.name for f in GENERATIONS.fields]], preserve_index=False)
+    write_artifact(table, out, GENERATIONS, meta)

@@ -1,0 +1,395 @@
+"""`caa sweep`: the behavior score and the fluency cost of steering, per layer and multiplier.
+
+Scores (on held-out pairs):
+- A/B questions: p(matching letter) / (p(A) + p(B)) at the answer-letter position (the paper's).
+- Free-form pairs: log p(positive completion) - log p(negative completion), given the prompt.
+Fluency cost (on neutral text, every position steered): the mean KL divergence from the unsteered to
+the steered next-token distribution, and the perplexity and its change.
+
+This module is the reference engine: one batched forward pass per (texts, layer), multipliers riding
+in the batch as per-row coefficients.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from caa.artifacts import SWEEP, atomic_path, make_meta, write_artifact
+from caa.errors import CaaError, InputError, MismatchError
+from caa.hooks import steering
+from caa.models import LoadedModel
+from caa.prompts import Encoded, PromptFormat, collate, encode, prompt_format
+from caa.vectors import VectorSet
+
+STEER_POSITIONS = ("answer", "all")
+Tick = Callable[[int], None]
+
+
+def parse_multipliers(spec: str, include_zero: bool = True) -> list[float]:
+    """``-2,-1,0,1,2`` -> sorted floats; with ``include_zero`` 0 is added (the unsteered baseline)."""
+    values = set()
+    for part in spec.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise CaaError(f"--multipliers '{spec}': '{part.strip()}' is not a number") from None
+        if not math.isfinite(value):
+            raise CaaError(f"--multipliers '{spec}': '{part.strip()}' is not finite")
+        values.add(value)
+    if include_zero:
+        values.add(0.0)
+    return sorted(values)
+
+
+def check_model(vectors: VectorSet, loaded: LoadedModel) -> None:
+    """Refuse vectors made with another model or hidden size, naming the file and the field."""
+    made = vectors.meta.get("model") or {}
+    here = loaded.fingerprint.to_dict()
+    for field in ("hidden_size", "weights_hash"):
+        if made.get(field) != here[field]:
+            raise MismatchError(
+                f"{vectors.path}: field 'model.{field}' is {made.get(field)!r} but the loaded model "
+                f"'{loaded.fingerprint.name}' has {here[field]!r}: these vectors were made with another model"
+            )
+
+
+@dataclass(frozen=True)
+class ScoreText:
+    """One forward-pass text of the sweep, with the first steered position and what to read."""
+
+    encoded: Encoded  # ids; for A/B the context ends just before the answer letter
+    steer_start: int  # the last token of the prompt: it predicts the first answer token
+    targets: tuple[int, ...]  # A/B: (matching letter id, other letter id); free-form: ()
+
+
+def ab_text(loaded: LoadedModel, style: PromptFormat, prompt: str, positive: str, negative: str) -> ScoreText:
+    """The context up to the answer letter, and the two letters' token ids."""
+    pos = encode(loaded.tokenizer, style, prompt, positive, "ab", "answer")
+    neg = encode(loaded.tokenizer, style, prompt, negative, "ab", "answer")
+    r = pos.read[0]
+    if pos.input_ids[:r] != neg.input_ids[: neg.read[0]]:
+        raise CaaError(f"the answer letters of {prompt[:40]!r}... tokenize into different contexts")
+    context = Encoded(pos.input_ids[:r], pos.completion_start, [r - 1])
+    return ScoreText(context, pos.completion_start - 1, (pos.input_ids[r], neg.input_ids[neg.read[0]]))
+
+
+def freeform_text(loaded: LoadedModel, style: PromptFormat, prompt: str, completion: str) -> ScoreText:
+    enc = encode(loaded.tokenizer, style, prompt, completion, "freeform", "mean")
+    return ScoreText(enc, enc.completion_start - 1, ())
+
+
+@torch.inference_mode()
+def _steered_logits(
+    loaded: LoadedModel,
+    texts: Sequence[ScoreText],
+    deltas: torch.Tensor,
+    layer: int,
+    keep: int,
+    steer_all: bool,
+) -> torch.Tensor:
+    """Log-probabilities of the last ``keep`` positions of each row: float32 [rows, keep, vocab]."""
+    batch = collate([t.encoded for t in texts], loaded.tokenizer.pad_token_id).to(loaded.device)
+    start = (
+        None
+        if steer_all
+        else batch.offsets + torch.tensor([t.steer_start for t in texts], device=loaded.device)
+    )
+    with steering(loaded.blocks, {layer: deltas}, start):
+        logits = loaded.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+            logits_to_keep=keep,
+        ).logits
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def score_rows(
+    loaded: LoadedModel,
+    texts: Sequence[ScoreText],
+    layer: int,
+    vector: torch.Tensor,
+    multipliers: Sequence[float],
+    batch_size: int = 32,
+    steer_all: bool = False,
+    tick: Tick | None = None,
+) -> np.ndarray:
+    """Each text's score under each multiplier: float64 [texts, multipliers].
+
+    A/B texts score p(matching) / (p(matching) + p(other)); free-form texts score the summed
+    log-probability of their completion tokens.
+    """
+    m = torch.tensor(list(multipliers), dtype=torch.float32)
+    per_batch = max(1, batch_size // len(multipliers))
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i].encoded.input_ids))
+    out = np.zeros((len(texts), len(multipliers)))
+    for lo in range(0, len(order), per_batch):
+        index = order[lo : lo + per_batch]
+        chunk = [texts[i] for i in index for _ in multipliers]  # rows: text-major, multiplier-minor
+        deltas = m.repeat(len(index))[:, None] * vector  # [rows, d_model]
+        if chunk[0].targets:
+            logp = _steered_logits(loaded, chunk, deltas, layer, 1, steer_all)[:, -1]  # [rows, vocab]
+            ids = torch.tensor([t.targets for t in chunk], device=logp.device)  # [rows, 2]
+            both = logp.gather(1, ids).exp()
+            scores = both[:, 0] / both.sum(1)
+        else:
+            scores = _completion_logprob(loaded, chunk, deltas, layer, steer_all)
+        out[index] = scores.double().cpu().numpy().reshape(len(index), len(multipliers))
+        if tick:
+            tick(len(index))
+    return out
+
+
+def _completion_logprob(
+    loaded: LoadedModel, rows: Sequence[ScoreText], deltas: torch.Tensor, layer: int, steer_all: bool
+) -> torch.Tensor:
+    """Summed log p of each row's completion tokens (they end each left-padded row)."""
+    n = [len(t.encoded.input_ids) - t.encoded.completion_start for t in rows]
+    keep = max(n) + 1
+    logp = _steered_logits(loaded, rows, deltas, layer, keep, steer_all)  # [rows, keep, vocab]
+    total = torch.zeros(len(rows), device=logp.device)
+    for r, (t, k) in enumerate(zip(rows, n, strict=True)):
+        target = torch.tensor(t.encoded.input_ids[-k:], device=logp.device)
+        total[r] = logp[r, keep - 1 - k : keep - 1].gather(1, target[:, None]).sum()
+    return total
+
+
+def fluency_rows(
+    loaded: LoadedModel,
+    texts: Sequence[list[int]],
+    layer: int,
+    vector: torch.Tensor,
+    multipliers: Sequence[float],
+    batch_size: int = 32,
+    tick: Tick | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per multiplier: mean KL(unsteered || steered) per token, and perplexity; every position steered."""
+    m = torch.tensor(list(multipliers), dtype=torch.float32)
+    zero = list(multipliers).index(0.0)
+    kl_sum, nll_sum, count = np.zeros(len(m)), np.zeros(len(m)), 0
+    per_batch = max(1, batch_size // len(multipliers))
+    for lo in range(0, len(texts), per_batch):
+        chunk = texts[lo : lo + per_batch]
+        rows = [ScoreText(Encoded(ids, 0, [0]), 0, ()) for ids in chunk for _ in multipliers]
+        width = max(len(ids) for ids in chunk)
+        logp = _steered_logits(loaded, rows, m.repeat(len(chunk))[:, None] * vector, layer, width, True)
+        logp = logp.view(len(chunk), len(m), width, -1)  # [texts, multipliers, seq, vocab]
+        mask = torch.zeros(len(chunk), width - 1, device=logp.device)
+        targets = torch.zeros(len(chunk), width - 1, dtype=torch.long, device=logp.device)
+        for i, ids in enumerate(chunk):  # left-padded: the text fills the last len(ids) positions
+            mask[i, width - len(ids) :] = 1
+            targets[i, width - len(ids) :] = torch.tensor(ids[1:])
+        pred = logp[:, :, :-1]  # position t predicts token t + 1
+        base = pred[:, zero : zero + 1]
+        kl = (base.exp() * (base - pred)).sum(-1)  # [texts, multipliers, seq - 1]
+        nll = -pred.gather(-1, targets[:, None, :, None].expand(-1, len(m), -1, 1)).squeeze(-1)
+        kl_sum += (kl * mask[:, None]).sum((0, 2)).double().cpu().numpy()
+        nll_sum += (nll * mask[:, None]).sum((0, 2)).double().cpu().numpy()
+        count += int(mask.sum())
+        if tick:
+            tick(len(chunk))
+    return kl_sum / count, np.exp(nll_sum / count)
+
+
+def read_neutral(path: Path, limit: int) -> list[str]:
+    """Neutral texts from a .jsonl of {"text": ...} or a .txt with one text per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found (neutral texts for the fluency cost; see --neutral)")
+    texts: list[str] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(path, f"malformed JSON: {e.msg}", where=f"line {number}") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise InputError(
+                    path, "expected an object with a text string", where=f"line {number}", field="text"
+                )
+            texts.append(record["text"])
+        else:
+            texts.append(line)
+    if not texts:
+        raise InputError(path, "file is empty")
+    return texts[:limit]
+
+
+@dataclass
+class SweepResult:
+    table: pd.DataFrame
+    recommended: dict[str, tuple[int, float] | None]
+
+
+def run_sweep(
+    loaded: LoadedModel,
+    vectors: VectorSet,
+    pairs: pd.DataFrame,
+    neutral: Sequence[str],
+    *,
+    behaviors: Sequence[str],
+    layers: Sequence[int] | None,
+    multipliers: Sequence[float],
+    chat_template: str = "auto",
+    steer_positions: str = "answer",
+    batch_size: int = 32,
+    max_kl: float = 0.5,
+    tick: Tick | None = None,
+) -> SweepResult:
+    """Score every held-out pair of each behavior at every (layer, multiplier), with the fluency cost."""
+    if steer_positions not in STEER_POSITIONS:
+        raise CaaError(f"--steer-positions '{steer_positions}': use one of {', '.join(STEER_POSITIONS)}")
+    check_model(vectors, loaded)
+    style = prompt_format(loaded.tokenizer, chat_template)
+    neutral_ids = [loaded.tokenizer(t)["input_ids"] for t in neutral]
+    rows = []
+    for behavior in behaviors:
+        subset = pairs[pairs.behavior == behavior]
+        if subset.empty:
+            raise CaaError(f"no held-out pairs of behavior '{behavior}'")
+        is_ab = bool((subset.format == "ab").all())
+        if is_ab:
+            texts = [ab_text(loaded, style, r.prompt, r.positive, r.negative) for r in subset.itertuples()]
+        else:
+            texts = [
+                freeform_text(loaded, style, r.prompt, c)
+                for r in subset.itertuples()
+                for c in (r.positive, r.negative)
+            ]
+        for layer in vectors.require(behavior, layers):
+            v = torch.from_numpy(vectors.vector(behavior, layer).copy())
+            scores = score_rows(
+                loaded, texts, layer, v, multipliers, batch_size, steer_positions == "all", tick
+            )
+            if not is_ab:
+                scores = scores[0::2] - scores[1::2]  # [pairs, multipliers]
+            kl, ppl = fluency_rows(loaded, neutral_ids, layer, v, multipliers, batch_size, tick)
+            rows += _summaries(
+                behavior, layer, multipliers, scores, "p_match" if is_ab else "logp_diff", kl, ppl
+            )
+    table = pd.DataFrame(rows)
+    return SweepResult(table, {b: recommend(table, b, max_kl) for b in behaviors})
+
+
+def _summaries(
+    behavior: str,
+    layer: int,
+    multipliers: Sequence[float],
+    scores: np.ndarray,
+    kind: str,
+    kl: np.ndarray,
+    ppl: np.ndarray,
+) -> list[dict[str, Any]]:
+    n = scores.shape[0]
+    means = scores.mean(0)
+    sems = scores.std(0, ddof=1) / math.sqrt(n) if n > 1 else np.full(len(multipliers), np.nan)
+    zero = list(multipliers).index(0.0)
+    return [
+        {
+            "behavior": behavior,
+            "layer": layer,
+            "multiplier": float(m),
+            "score_kind": kind,
+            "score_mean": float(means[j]),
+            "score_sem": float(sems[j]),
+            "n": n,
+            "delta": float(means[j] - means[zero]),
+            "kl_mean": float(kl[j]),
+            "perplexity": float(ppl[j]),
+            "perplexity_delta": float(ppl[j] - ppl[zero]),
+        }
+        for j, m in enumerate(multipliers)
+    ]
+
+
+def recommend(table: pd.DataFrame, behavior: str, max_kl: float) -> tuple[int, float] | None:
+    """The (layer, positive multiplier) with the largest score gain whose KL stays under ``max_kl``."""
+    ok = table[
+        (table.behavior == behavior) & (table.multiplier > 0) & (table.kl_mean <= max_kl) & (table.delta > 0)
+    ]
+    if ok.empty:
+        return None
+    best = ok.loc[ok.delta.idxmax()]
+    return int(best.layer), float(best.multiplier)
+
+
+def write_sweep(
+    result: SweepResult,
+    out: Path,
+    options: dict[str, Any],
+    inputs: dict[str, Path],
+    loaded: LoadedModel,
+    vectors: VectorSet,
+) -> None:
+    meta = make_meta(
+        SWEEP,
+        options,
+        inputs=inputs,
+        model=loaded.fingerprint.to_dict(),
+        prompt=vectors.meta.get("prompt"),
+        recommended={b: list(r) if r else None for b, r in result.recommended.items()},
+    )
+    write_artifact(pa_table(result.table), out, SWEEP, meta)
+
+
+def pa_table(frame: pd.DataFrame) -> Any:
+    import pyarrow as pa
+
+    return pa.Table.from_pandas(frame[[f.name for f in SWEEP.fields]], preserve_index=False)
+
+
+def plot_sweep(result: SweepResult, out: Path, max_kl: float) -> None:
+    """Score vs multiplier per layer (with standard errors) beside the KL cost, one row per behavior."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    behaviors = list(dict.fromkeys(result.table.behavior))
+    fig, axes = plt.subplots(len(behaviors), 2, figsize=(11, 4 * len(behaviors)), squeeze=False)
+    for (score_ax, kl_ax), behavior in zip(axes, behaviors, strict=True):
+        part = result.table[result.table.behavior == behavior]
+        for layer, g in part.groupby("layer"):
+            score_ax.errorbar(
+                g.multiplier, g.score_mean, yerr=g.score_sem, marker="o", capsize=3, label=f"layer {layer}"
+            )
+            kl_ax.plot(g.multiplier, g.kl_mean, marker="o", label=f"layer {layer}")
+        kind = part.score_kind.iloc[0]
+        score_ax.set_ylabel("p(matching answer)" if kind == "p_match" else "log p(pos) - log p(neg)")
+        score_ax.set_title(f"{behavior}: behavior score on held-out pairs (n={part.n.iloc[0]})")
+        kl_ax.axhline(max_kl, color="grey", linestyle="--", linewidth=1, label=f"--max-kl {max_kl}")
+        kl_ax.set_title(f"{behavior}: fluency cost on neutral text")
+        kl_ax.set_ylabel("mean KL(unsteered || steered), nats/token")
+        kl_ax.set_yscale("symlog", linthresh=0.01)
+        kl_ax.set_ylim(bottom=0)
+        pick = result.recommended.get(behavior)
+        if pick:
+            row = part[(part.layer == pick[0]) & (part.multiplier == pick[1])].iloc[0]
+            score_ax.scatter(
+                [pick[1]],
+                [row.score_mean],
+                s=250,
+                facecolors="none",
+                edgecolors="red",
+                label=f"recommended: layer {pick[0]}, x{pick[1]:g}",
+            )
+        for ax in (score_ax, kl_ax):
+            ax.set_xlabel("multiplier")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(Path(out)) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

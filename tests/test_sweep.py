@@ -1,0 +1,302 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from caa.artifacts import GENERATIONS, SWEEP, read_artifact
+from caa.cli import app
+from caa.errors import CaaError
+from caa.extract import read_pairs
+from caa.models import load_model
+from caa.prompts import encode, prompt_format
+from caa.sweep import parse_multipliers, run_sweep
+from caa.vectors import read_vectors
+from tests.conftest import AB_ROWS, FREEFORM_ROWS, write_pairs_file
+
+runner = CliRunner()
+MULTIPLIERS = [-2.0, 0.0, 1.5]
+NEUTRAL = [
+    "the weather is warm today and the park is nice",
+    "we walk to work in the morning",
+    "music and books help",
+    "a plan for dinner",
+]
+
+
+def make_vectors(model: Path, tmp: Path) -> tuple[Path, Path]:
+    pairs = write_pairs_file(
+        tmp / "pairs.parquet", {"agree": AB_ROWS, "mood": FREEFORM_ROWS}, test_fraction=0.5
+    )
+    acts, vectors = tmp / "acts.parquet", tmp / "vectors.parquet"
+    assert (
+        runner.invoke(
+            app, ["extract", str(pairs), "-m", str(model), "-o", str(acts), "--split", "train"]
+        ).exit_code
+        == 0
+    )
+    assert runner.invoke(app, ["compute-vectors", str(acts), "-o", str(vectors)]).exit_code == 0
+    return pairs, vectors
+
+
+def steered_logits(loaded, ids: list[int], layer: int, delta: torch.Tensor, start: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """One unbatched forward, adding delta at positions >= start of block ``layer``."""
+
+    def hook(module, args, output):  # type: ignore[no-untyped-def]
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden.clone()
+        hidden[:, start:] += delta
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = loaded.blocks[layer].register_forward_hook(hook)
+    try:
+        with torch.inference_mode():
+            return torch.log_softmax(loaded.model(torch.tensor([ids])).logits[0].float(), -1)
+    finally:
+        handle.remove()
+
+
+def naive_table(loaded, vectors, pairs: pd.DataFrame, layers: list[int]) -> pd.DataFrame:  # type: ignore[no-untyped-def]
+    style = prompt_format(loaded.tokenizer)
+    rows = []
+    for behavior in ("agree", "mood"):
+        part = pairs[pairs.behavior == behavior]
+        for layer in layers:
+            v = torch.from_numpy(vectors.vector(behavior, layer).copy())
+            for m in MULTIPLIERS:
+                scores = []
+                for r in part.itertuples():
+                    if r.format == "ab":
+                        pos = encode(loaded.tokenizer, style, r.prompt, r.positive, "ab", "answer")
+                        neg = encode(loaded.tokenizer, style, r.prompt, r.negative, "ab", "answer")
+                        k = pos.read[0]
+                        logp = steered_logits(
+                            loaded, pos.input_ids[:k], layer, m * v, pos.completion_start - 1
+                        )[-1]
+                        p_pos, p_neg = logp[pos.input_ids[k]].exp(), logp[neg.input_ids[neg.read[0]]].exp()
+                        scores.append(float(p_pos / (p_pos + p_neg)))
+                    else:
+                        total = []
+                        for text in (r.positive, r.negative):
+                            e = encode(loaded.tokenizer, style, r.prompt, text, "freeform", "mean")
+                            logp = steered_logits(loaded, e.input_ids, layer, m * v, e.completion_start - 1)
+                            s = e.completion_start
+                            total.append(
+                                float(
+                                    logp[s - 1 : -1].gather(1, torch.tensor(e.input_ids[s:])[:, None]).sum()
+                                )
+                            )
+                        scores.append(total[0] - total[1])
+                kl_sum = nll_sum = count = 0.0
+                for text in NEUTRAL:
+                    ids = loaded.tokenizer(text)["input_ids"]
+                    base = steered_logits(loaded, ids, layer, 0 * v, 0)[:-1]
+                    steer = steered_logits(loaded, ids, layer, m * v, 0)[:-1]
+                    kl_sum += float((base.exp() * (base - steer)).sum())
+                    nll_sum -= float(steer.gather(1, torch.tensor(ids[1:])[:, None]).sum())
+                    count += len(ids) - 1
+                rows.append(
+                    {
+                        "behavior": behavior,
+                        "layer": layer,
+                        "multiplier": m,
+                        "score_mean": np.mean(scores),
+                        "score_sem": np.std(scores, ddof=1) / np.sqrt(len(scores)),
+                        "kl_mean": kl_sum / count,
+                        "perplexity": np.exp(nll_sum / count),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
+def test_sweep_equals_naive_loop(tiny_models: dict[str, Path], tmp_path: Path, arch: str) -> None:
+    pairs_path, vectors_path = make_vectors(tiny_models[arch], tmp_path)
+    loaded = load_model(str(tiny_models[arch]), device="cpu")
+    vectors = read_vectors(vectors_path)
+    test = read_pairs(pairs_path)[0]
+    test = test[test.split == "test"].reset_index(drop=True)
+    layers = [1, 3]
+    result = run_sweep(
+        loaded,
+        vectors,
+        test,
+        NEUTRAL,
+        behaviors=["agree", "mood"],
+        layers=layers,
+        multipliers=MULTIPLIERS,
+        batch_size=5,
+    )  # small batches: padded, several per layer
+    naive = naive_table(loaded, vectors, test, layers)
+    merged = result.table.merge(naive, on=["behavior", "layer", "multiplier"], suffixes=("", "_naive"))
+    assert len(merged) == len(naive) == 2 * len(layers) * len(MULTIPLIERS)
+    for col in ("score_mean", "score_sem", "kl_mean", "perplexity"):
+        np.testing.assert_allclose(merged[col], merged[f"{col}_naive"], atol=1e-4, rtol=1e-4, err_msg=col)
+    zero = result.table[result.table.multiplier == 0]
+    assert (zero.delta == 0).all() and (zero.kl_mean.abs() < 1e-6).all()
+    assert (result.table[result.table.multiplier != 0].kl_mean > 0).all()
+
+
+def test_sweep_cli_writes_table_plot_and_recommendation(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    model = str(tiny_models["llama"])
+    pairs, vectors = make_vectors(tiny_models["llama"], tmp_path)
+    neutral = tmp_path / "neutral.jsonl"
+    neutral.write_text("".join(json.dumps({"text": t}) + "\n" for t in NEUTRAL))
+    out = tmp_path / "sweep.parquet"
+    result = runner.invoke(
+        app,
+        [
+            "sweep",
+            str(vectors),
+            str(pairs),
+            "-m",
+            model,
+            "--layers",
+            "1,2",
+            "--multipliers",
+            "-1,1",
+            "--neutral",
+            str(neutral),
+            "-o",
+            str(out),
+            "--max-kl",
+            "100",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    art = read_artifact(out, SWEEP)
+    table = art.table.to_pandas()
+    assert sorted(set(table.multiplier)) == [-1.0, 0.0, 1.0]  # 0 added: the baseline
+    assert len(table) == 2 * 2 * 3
+    assert set(table.score_kind) == {"p_match", "logp_diff"}
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert "recommended for" in result.output or "no (layer, multiplier) raises" in result.output
+    assert set(art.meta["recommended"]) == {"agree", "mood"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--layers", "7"], "--layers '7': layer 7 is out of range; valid layers are 0-3"),
+        (["--behavior", "nosuch"], "no behavior 'nosuch'"),
+        (["--multipliers", "1,x"], "--multipliers '1,x': 'x' is not a number"),
+        (["--model", "OTHER"], "field 'model.weights_hash'"),
+        (["--neutral", "missing.jsonl"], "missing.jsonl: file not found"),
+    ],
+)
+def test_sweep_bad_input(tiny_models: dict[str, Path], tmp_path: Path, args: list[str], message: str) -> None:
+    pairs, vectors = make_vectors(tiny_models["llama"], tmp_path)
+    args = [str(tiny_models["qwen2"]) if a == "OTHER" else a for a in args]
+    if "--model" not in args:
+        args = [*args, "--model", str(tiny_models["llama"])]
+    out = tmp_path / "sweep.parquet"
+    result = runner.invoke(app, ["sweep", str(vectors), str(pairs), "-o", str(out), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not out.exists()
+
+
+def test_sweep_refuses_a_layer_the_vectors_lack(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    pairs = write_pairs_file(tmp_path / "pairs.parquet", {"mood": FREEFORM_ROWS}, test_fraction=0.5)
+    model = str(tiny_models["llama"])
+    acts, vectors = tmp_path / "a.parquet", tmp_path / "v.parquet"
+    assert (
+        runner.invoke(app, ["extract", str(pairs), "-m", model, "-o", str(acts), "--layers", "1,2"]).exit_code
+        == 0
+    )
+    assert runner.invoke(app, ["compute-vectors", str(acts), "-o", str(vectors)]).exit_code == 0
+    result = runner.invoke(app, ["sweep", str(vectors), str(pairs), "-m", model, "--layers", "3"])
+    assert result.exit_code == 2
+    assert "no vector for 'mood' at layer 3; it has layers 1, 2" in result.output
+    (tmp_path / "e").mkdir()
+    empty = write_pairs_file(tmp_path / "e" / "pairs.parquet", {"mood": FREEFORM_ROWS}, test_fraction=0.0)
+    result = runner.invoke(app, ["sweep", str(vectors), str(empty), "-m", model])
+    assert result.exit_code == 2
+    assert "no pairs in split 'test'" in result.output
+
+
+def test_parse_multipliers() -> None:
+    assert parse_multipliers("2,-1") == [-1.0, 0.0, 2.0]
+    assert parse_multipliers("2,-1", include_zero=False) == [-1.0, 2.0]
+    with pytest.raises(CaaError, match="not finite"):
+        parse_multipliers("inf")
+
+
+def test_generate_cli(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    model = str(tiny_models["llama"])
+    _, vectors = make_vectors(tiny_models["llama"], tmp_path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("tell me about the city\n\ndescribe a walk in the park\n")
+    out = tmp_path / "gen.parquet"
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "-v",
+            str(vectors),
+            "--behavior",
+            "mood",
+            "--layer",
+            "2",
+            "-m",
+            model,
+            "--multipliers",
+            "-4,0,4",
+            "--prompts",
+            str(prompts),
+            "-p",
+            "hello",
+            "--max-new-tokens",
+            "5",
+            "-o",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    frame = read_artifact(out, GENERATIONS).table.to_pandas()
+    assert len(frame) == 3 * 3
+    assert sorted(set(frame.multiplier)) == [-4.0, 0.0, 4.0]
+    assert frame.prompt.iloc[0] == "hello"
+    # the unsteered column equals plain greedy generation, prompt by prompt
+    loaded = load_model(model, device="cpu")
+    style = prompt_format(loaded.tokenizer)
+    for r in frame[frame.multiplier == 0].itertuples():
+        ids = loaded.tokenizer(
+            style.prefix(loaded.tokenizer, r.prompt), add_special_tokens=False, return_tensors="pt"
+        ).input_ids
+        with torch.inference_mode():
+            plain = loaded.model.generate(
+                ids, max_new_tokens=5, do_sample=False, pad_token_id=loaded.tokenizer.pad_token_id
+            )
+        expected = loaded.tokenizer.decode(plain[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        assert r.text == expected
+    steered = frame[frame.multiplier == 4].text.tolist()
+    assert steered != frame[frame.multiplier == 0].text.tolist()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--layer", "2"], "holds several behaviors (agree, mood): pick one with --behavior"),
+        (["--layer", "9", "--behavior", "mood"], "no vector for 'mood' at layer 9"),
+        (["--layer", "2", "--behavior", "mood", "--multipliers", "a"], "'a' is not a number"),
+        (["--layer", "2", "--behavior", "mood", "--prompts", "nope.txt"], "nope.txt: file not found"),
+    ],
+)
+def test_generate_bad_input(
+    tiny_models: dict[str, Path], tmp_path: Path, args: list[str], message: str
+) -> None:
+    _, vectors = make_vectors(tiny_models["llama"], tmp_path)
+    out = tmp_path / "gen.parquet"
+    result = runner.invoke(
+        app,
+        ["generate", "-v", str(vectors), "-m", str(tiny_models["llama"]), "-p", "hi", "-o", str(out), *args],
+    )
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not out.exists()

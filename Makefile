@@ -37,7 +37,8 @@ demo: install
 	bash scripts/demo.sh $(OUT)
 
 bench: install
-	$(PY) scripts/bench_extract.py
+	$(PY) scripts/bench_extract.py --rss
+	$(PY) scripts/bench_generate.py
 
 clean:
 	rm -rf $(VENV) $(OUT)

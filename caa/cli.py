@@ -379,6 +379,13 @@ def sweep(
     steer_positions: Annotated[
         str, typer.Option(help="answer: from the end of the prompt on (the paper's); all: every position.")
     ] = "answer",
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="fast: compute each prompt's unsteered prefix once and reuse its KV cache across the "
+            "grid; naive: the reference engine."
+        ),
+    ] = "fast",
     chat_template: TemplateOpt = "auto",
     batch_size: Annotated[int, typer.Option(help="Rows (text x multiplier) per forward pass.")] = 32,
     dtype: DtypeOpt = "auto",
@@ -411,6 +418,7 @@ def sweep(
         "neutral_count": neutral_count,
         "max_kl": max_kl,
         "steer_positions": steer_positions,
+        "engine": engine,
         "chat_template": chat_template,
         "batch_size": batch_size,
         "dtype": dtype,
@@ -453,7 +461,9 @@ def sweep(
                 steer_positions=steer_positions,
                 batch_size=batch_size,
                 max_kl=max_kl,
+                engine=engine,
                 tick=tick,
+                notice=warn,
             )
         write_sweep(result, out_path, options, {"vectors": vectors, "pairs": pairs}, loaded, vecs)
         plot = out_path.with_suffix(".png")

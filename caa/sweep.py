@@ -31,6 +31,7 @@ from caa.prompts import Encoded, PromptFormat, collate, encode, prompt_format
 from caa.vectors import VectorSet
 
 STEER_POSITIONS = ("answer", "all")
+ENGINES = ("fast", "naive")
 Tick = Callable[[int], None]
 
 
@@ -150,6 +151,110 @@ def score_rows(
     return out
 
 
+def supports_prefix_cache(loaded: LoadedModel) -> bool:
+    """Whether the prefix-cache engine is exact for this model: full attention in every layer.
+
+    Sliding-window layers keep only part of the prefix in their cache, so those models use the
+    reference engine."""
+    config = loaded.model.config.get_text_config()
+    types = getattr(config, "layer_types", None) or []
+    return not any("sliding" in str(t) for t in types) and not getattr(config, "sliding_window", None)
+
+
+@torch.inference_mode()
+def score_grid_cached(
+    loaded: LoadedModel,
+    texts: Sequence[ScoreText],
+    vectors: dict[int, torch.Tensor],
+    multipliers: Sequence[float],
+    batch_size: int = 32,
+    tick: Tick | None = None,
+) -> dict[int, np.ndarray]:
+    """Like :func:`score_rows` for every layer, computing what steering cannot change once.
+
+    Positions before each text's first steered position are the same in every cell of the grid
+    (causal attention): they run once per text, unsteered, and their KV cache is reused for every
+    (layer, multiplier); only the steered tail runs per cell, multipliers in the batch dimension.
+    """
+    import copy
+    import inspect
+
+    m = torch.tensor(list(multipliers), dtype=torch.float32)
+    per_batch = max(1, batch_size // len(multipliers))
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i].encoded.input_ids))
+    out = {layer: np.zeros((len(texts), len(multipliers))) for layer in vectors}
+    device = loaded.device
+    pad = loaded.tokenizer.pad_token_id
+    # transformers renamed past_key_values to cache during 5.x: use the model's own name
+    cache_kwarg = (
+        "cache" if "cache" in inspect.signature(loaded.model.forward).parameters else "past_key_values"
+    )
+    for lo in range(0, len(order), per_batch):
+        index = order[lo : lo + per_batch]
+        chunk = [texts[i] for i in index]
+        heads = [t.encoded.input_ids[: t.steer_start] for t in chunk]
+        tails = [t.encoded.input_ids[t.steer_start :] for t in chunk]
+        p_len, s_len = max(map(len, heads)), max(map(len, tails))
+        head_ids = torch.full((len(chunk), p_len), pad, dtype=torch.long)
+        head_mask = torch.zeros((len(chunk), p_len), dtype=torch.long)
+        tail_ids = torch.full((len(chunk), s_len), pad, dtype=torch.long)
+        tail_mask = torch.zeros((len(chunk), s_len), dtype=torch.long)
+        for r, (h, t) in enumerate(zip(heads, tails, strict=True)):
+            head_ids[r, p_len - len(h) :] = torch.tensor(h)  # prefix padded on the left
+            head_mask[r, p_len - len(h) :] = 1
+            tail_ids[r, : len(t)] = torch.tensor(t)  # steered tail padded on the right
+            tail_mask[r, : len(t)] = 1
+        head_pos = (head_mask.cumsum(-1) - 1).clamp(min=0)
+        tail_pos = head_mask.sum(-1, keepdim=True) + torch.arange(s_len)[None, :]
+        first = loaded.model(
+            input_ids=head_ids.to(device),
+            attention_mask=head_mask.to(device),
+            position_ids=head_pos.to(device),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        prefix = first.get("cache") or first.get("past_key_values")
+        reps = len(multipliers)
+        mask = torch.cat([head_mask, tail_mask], 1).repeat_interleave(reps, 0).to(device)
+        for layer, vector in vectors.items():
+            cache = copy.deepcopy(prefix)
+            cache.batch_repeat_interleave(reps)
+            deltas = m.repeat(len(chunk))[:, None] * vector  # [rows, d_model], text-major
+            with steering(loaded.blocks, {layer: deltas}, None):  # every tail position is steered
+                logits = loaded.model(
+                    input_ids=tail_ids.repeat_interleave(reps, 0).to(device),
+                    attention_mask=mask,
+                    position_ids=tail_pos.repeat_interleave(reps, 0).to(device),
+                    use_cache=True,
+                    **{cache_kwarg: cache},
+                ).logits
+            logp = torch.log_softmax(logits.float(), -1)  # [rows, tail, vocab]
+            scores = _tail_scores(chunk, tails, logp, reps)
+            out[layer][index] = scores.double().cpu().numpy().reshape(len(index), reps)
+        if tick:
+            tick(len(index) * len(vectors))
+    return out
+
+
+def _tail_scores(
+    chunk: Sequence[ScoreText], tails: Sequence[list[int]], logp: torch.Tensor, reps: int
+) -> torch.Tensor:
+    """Scores from the tail log-probabilities: rows are text-major, ``reps`` multipliers each."""
+    scores = torch.zeros(logp.shape[0], device=logp.device)
+    for r in range(logp.shape[0]):
+        text, tail = chunk[r // reps], tails[r // reps]
+        if text.targets:
+            both = logp[r, len(tail) - 1, list(text.targets)].exp()
+            scores[r] = both[0] / both.sum()
+        else:
+            first = (
+                text.encoded.completion_start - text.steer_start
+            )  # tail index of the first completion token
+            target = torch.tensor(tail[first:], device=logp.device)
+            scores[r] = logp[r, first - 1 : len(tail) - 1].gather(1, target[:, None]).sum()
+    return scores
+
+
 def _completion_logprob(
     loaded: LoadedModel, rows: Sequence[ScoreText], deltas: torch.Tensor, layer: int, steer_all: bool
 ) -> torch.Tensor:
@@ -246,9 +351,23 @@ def run_sweep(
     steer_positions: str = "answer",
     batch_size: int = 32,
     max_kl: float = 0.5,
+    engine: str = "fast",
     tick: Tick | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> SweepResult:
-    """Score every held-out pair of each behavior at every (layer, multiplier), with the fluency cost."""
+    """Score every held-out pair of each behavior at every (layer, multiplier), with the fluency cost.
+
+    ``engine``: ``fast`` reuses each prompt's unsteered KV cache across the grid; ``naive`` runs one
+    batched forward pass per (texts, layer), the reference. Both give the same table.
+    """
+    if engine not in ENGINES:
+        raise CaaError(f"--engine '{engine}': use one of {', '.join(ENGINES)}")
+    if engine == "fast" and steer_positions == "all":
+        engine = "naive"  # every position steered: there is no unsteered prefix to reuse
+    if engine == "fast" and not supports_prefix_cache(loaded):
+        engine = "naive"
+        if notice:
+            notice(f"{loaded.fingerprint.architecture} has sliding-window layers: using the reference engine")
     if steer_positions not in STEER_POSITIONS:
         raise CaaError(f"--steer-positions '{steer_positions}': use one of {', '.join(STEER_POSITIONS)}")
     check_model(vectors, loaded)
@@ -268,11 +387,18 @@ def run_sweep(
                 for r in subset.itertuples()
                 for c in (r.positive, r.negative)
             ]
-        for layer in vectors.require(behavior, layers):
-            v = torch.from_numpy(vectors.vector(behavior, layer).copy())
-            scores = score_rows(
-                loaded, texts, layer, v, multipliers, batch_size, steer_positions == "all", tick
-            )
+        chosen = vectors.require(behavior, layers)
+        grid = {layer: torch.from_numpy(vectors.vector(behavior, layer).copy()) for layer in chosen}
+        if engine == "fast" and all(t.steer_start > 0 for t in texts):
+            by_layer = score_grid_cached(loaded, texts, grid, multipliers, batch_size, tick)
+        else:
+            steer_all = steer_positions == "all"
+            by_layer = {
+                layer: score_rows(loaded, texts, layer, v, multipliers, batch_size, steer_all, tick)
+                for layer, v in grid.items()
+            }
+        for layer, v in grid.items():
+            scores = by_layer[layer]
             if not is_ab:
                 scores = scores[0::2] - scores[1::2]  # [pairs, multipliers]
             kl, ppl = fluency_rows(loaded, neutral_ids, layer, v, multipliers, batch_size, tick)

@@ -114,14 +114,18 @@ def naive_table(loaded, vectors, pairs: pd.DataFrame, layers: list[int]) -> pd.D
     return pd.DataFrame(rows)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
-def test_sweep_equals_naive_loop(tiny_models: dict[str, Path], tmp_path: Path, arch: str) -> None:
+@pytest.mark.parametrize("engine", ["fast", "naive"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "gpt2"])
+def test_sweep_equals_naive_loop(
+    tiny_models: dict[str, Path], tmp_path: Path, arch: str, engine: str
+) -> None:
     pairs_path, vectors_path = make_vectors(tiny_models[arch], tmp_path)
     loaded = load_model(str(tiny_models[arch]), device="cpu")
     vectors = read_vectors(vectors_path)
     test = read_pairs(pairs_path)[0]
     test = test[test.split == "test"].reset_index(drop=True)
     layers = [1, 3]
+    notices: list[str] = []
     result = run_sweep(
         loaded,
         vectors,
@@ -130,8 +134,15 @@ def test_sweep_equals_naive_loop(tiny_models: dict[str, Path], tmp_path: Path, a
         behaviors=["agree", "mood"],
         layers=layers,
         multipliers=MULTIPLIERS,
-        batch_size=5,
-    )  # small batches: padded, several per layer
+        batch_size=5,  # small batches: padded, several per layer
+        engine=engine,
+        notice=notices.append,
+    )
+    # sliding-window models fall back to the reference engine, and say so
+    fell_back = arch == "gemma3" and engine == "fast"
+    assert notices == (
+        ["gemma3_text has sliding-window layers: using the reference engine"] if fell_back else []
+    )
     naive = naive_table(loaded, vectors, test, layers)
     merged = result.table.merge(naive, on=["behavior", "layer", "multiplier"], suffixes=("", "_naive"))
     assert len(merged) == len(naive) == 2 * len(layers) * len(MULTIPLIERS)

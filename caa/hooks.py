@@ -152,3 +152,62 @@ def steer(
         start = torch.full((rows,), start, dtype=torch.long)
     with steering(blocks, {layer: delta}, start):
         yield
+
+
+class _Replay(nn.Module):
+    """Stands in for a decoder block and returns a recorded output, skipping the computation."""
+
+    def __init__(self, output: Any):
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.output
+
+
+@contextmanager
+def replaying(blocks: nn.ModuleList, upto: int, output: Any) -> Iterator[None]:
+    """Skip blocks ``0..upto-1``: each returns ``output``, the recorded output of block ``upto - 1``.
+
+    Block ``upto`` then receives exactly the input it would have computed, and nothing below it runs.
+    The blocks are put back on exit, also after an error.
+    """
+    originals = [blocks[i] for i in range(upto)]
+    try:
+        for i in range(upto):
+            blocks[i] = _Replay(output)
+        yield
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+
+
+@contextmanager
+def capturing(
+    blocks: nn.ModuleList | Sequence[nn.Module], layers: Sequence[int], stop: bool = True
+) -> Iterator[dict[int, Any]]:
+    """Record the raw outputs (tensor or tuple, as the block returns them) of blocks ``layers``;
+    with ``stop``, end the pass after the deepest (wrap the call in :func:`run_until_stop`)."""
+    records: dict[int, Any] = {}
+    deepest = max(layers, default=-1)
+
+    def make_hook(layer: int) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            records[layer] = output
+            if stop and layer == deepest:
+                raise StopForward
+
+        return hook
+
+    handles = [blocks[layer].register_forward_hook(make_hook(layer)) for layer in layers]
+    try:
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def repeat_rows(output: Any, reps: int) -> Any:
+    """A block output with each batch row repeated ``reps`` times (tensor or tuple of them)."""
+    hidden = untuple(output).repeat_interleave(reps, 0)
+    return _retuple(output, hidden)

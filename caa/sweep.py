@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import torch
 
 from caa.artifacts import SWEEP, atomic_path, make_meta, write_artifact
 from caa.errors import CaaError, InputError, MismatchError
-from caa.hooks import steering
+from caa.hooks import capturing, repeat_rows, replaying, run_until_stop, steering
 from caa.models import LoadedModel
 from caa.prompts import Encoded, PromptFormat, collate, encode, prompt_format
 from caa.vectors import VectorSet
@@ -92,19 +93,26 @@ def freeform_text(loaded: LoadedModel, style: PromptFormat, prompt: str, complet
 def _steered_logits(
     loaded: LoadedModel,
     texts: Sequence[ScoreText],
-    deltas: torch.Tensor,
+    deltas: torch.Tensor | None,
     layer: int,
     keep: int,
     steer_all: bool,
+    skip: Any = None,
 ) -> torch.Tensor:
-    """Log-probabilities of the last ``keep`` positions of each row: float32 [rows, keep, vocab]."""
+    """Log-probabilities of the last ``keep`` positions of each row: float32 [rows, keep, vocab].
+
+    ``deltas`` None runs unsteered; ``skip``, the recorded output of block ``layer - 1``, replaces
+    the blocks below ``layer``.
+    """
     batch = collate([t.encoded for t in texts], loaded.tokenizer.pad_token_id).to(loaded.device)
     start = (
         None
         if steer_all
         else batch.offsets + torch.tensor([t.steer_start for t in texts], device=loaded.device)
     )
-    with steering(loaded.blocks, {layer: deltas}, start):
+    steer = steering(loaded.blocks, {layer: deltas}, start) if deltas is not None else nullcontext()
+    replay = replaying(loaded.blocks, layer, skip) if skip is not None else nullcontext()
+    with replay, steer:
         logits = loaded.model(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
@@ -215,12 +223,30 @@ def score_grid_cached(
         )
         prefix = first.get("cache") or first.get("past_key_values")
         reps = len(multipliers)
-        mask = torch.cat([head_mask, tail_mask], 1).repeat_interleave(reps, 0).to(device)
+        mask = torch.cat([head_mask, tail_mask], 1).to(device)
+        # Blocks below layer l are unsteered: run the tail through them once, recording the input of
+        # every block l of the grid, and skip them in the steered passes.
+        inputs_of = [layer - 1 for layer in vectors if layer > 0]
+        with capturing(loaded.blocks, inputs_of) as below:
+            run_until_stop(
+                loaded.model,
+                input_ids=tail_ids.to(device),
+                attention_mask=mask,
+                position_ids=tail_pos.to(device),
+                use_cache=True,
+                **{cache_kwarg: copy.deepcopy(prefix)},
+            )
+        mask = mask.repeat_interleave(reps, 0)
         for layer, vector in vectors.items():
             cache = copy.deepcopy(prefix)
             cache.batch_repeat_interleave(reps)
             deltas = m.repeat(len(chunk))[:, None] * vector  # [rows, d_model], text-major
-            with steering(loaded.blocks, {layer: deltas}, None):  # every tail position is steered
+            skip = (
+                replaying(loaded.blocks, layer, repeat_rows(below[layer - 1], reps))
+                if layer
+                else nullcontext()
+            )
+            with skip, steering(loaded.blocks, {layer: deltas}, None):  # every tail position is steered
                 logits = loaded.model(
                     input_ids=tail_ids.repeat_interleave(reps, 0).to(device),
                     attention_mask=mask,
@@ -269,41 +295,57 @@ def _completion_logprob(
     return total
 
 
-def fluency_rows(
+def fluency_grid(
     loaded: LoadedModel,
     texts: Sequence[list[int]],
-    layer: int,
-    vector: torch.Tensor,
+    vectors: dict[int, torch.Tensor],
     multipliers: Sequence[float],
     batch_size: int = 32,
+    fast: bool = True,
     tick: Tick | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per multiplier: mean KL(unsteered || steered) per token, and perplexity; every position steered."""
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per layer and multiplier: mean KL(unsteered || steered) per token, and perplexity, with every
+    position steered.
+
+    ``fast`` runs each batch of texts once unsteered (the baseline distribution, and the input of
+    every grid layer's block) and then only blocks l..L-1 per layer; otherwise every row runs the
+    whole model and the baseline is the multiplier-0 row.
+    """
     m = torch.tensor(list(multipliers), dtype=torch.float32)
     zero = list(multipliers).index(0.0)
-    kl_sum, nll_sum, count = np.zeros(len(m)), np.zeros(len(m)), 0
+    sums = {layer: (np.zeros(len(m)), np.zeros(len(m))) for layer in vectors}
+    count = 0
     per_batch = max(1, batch_size // len(multipliers))
     for lo in range(0, len(texts), per_batch):
         chunk = texts[lo : lo + per_batch]
-        rows = [ScoreText(Encoded(ids, 0, [0]), 0, ()) for ids in chunk for _ in multipliers]
         width = max(len(ids) for ids in chunk)
-        logp = _steered_logits(loaded, rows, m.repeat(len(chunk))[:, None] * vector, layer, width, True)
-        logp = logp.view(len(chunk), len(m), width, -1)  # [texts, multipliers, seq, vocab]
-        mask = torch.zeros(len(chunk), width - 1, device=logp.device)
-        targets = torch.zeros(len(chunk), width - 1, dtype=torch.long, device=logp.device)
+        mask = torch.zeros(len(chunk), width - 1, device=loaded.device)
+        targets = torch.zeros(len(chunk), width - 1, dtype=torch.long, device=loaded.device)
         for i, ids in enumerate(chunk):  # left-padded: the text fills the last len(ids) positions
             mask[i, width - len(ids) :] = 1
             targets[i, width - len(ids) :] = torch.tensor(ids[1:])
-        pred = logp[:, :, :-1]  # position t predicts token t + 1
-        base = pred[:, zero : zero + 1]
-        kl = (base.exp() * (base - pred)).sum(-1)  # [texts, multipliers, seq - 1]
-        nll = -pred.gather(-1, targets[:, None, :, None].expand(-1, len(m), -1, 1)).squeeze(-1)
-        kl_sum += (kl * mask[:, None]).sum((0, 2)).double().cpu().numpy()
-        nll_sum += (nll * mask[:, None]).sum((0, 2)).double().cpu().numpy()
         count += int(mask.sum())
+        plain = [ScoreText(Encoded(ids, 0, [0]), 0, ()) for ids in chunk]
+        below: dict[int, Any] = {}
+        base = None
+        if fast:
+            with capturing(loaded.blocks, [layer - 1 for layer in vectors if layer > 0], stop=False) as below:
+                base = _steered_logits(loaded, plain, None, 0, width, True)[:, None, :-1]
+        rows = [t for t in plain for _ in multipliers]
+        for layer, vector in vectors.items():
+            skip = repeat_rows(below[layer - 1], len(m)) if fast and layer > 0 else None
+            logp = _steered_logits(
+                loaded, rows, m.repeat(len(chunk))[:, None] * vector, layer, width, True, skip
+            )
+            pred = logp.view(len(chunk), len(m), width, -1)[:, :, :-1]  # position t predicts token t + 1
+            ref = base if base is not None else pred[:, zero : zero + 1]  # [texts, 1, seq - 1, vocab]
+            kl = (ref.exp() * (ref - pred)).sum(-1)  # [texts, multipliers, seq - 1]
+            nll = -pred.gather(-1, targets[:, None, :, None].expand(-1, len(m), -1, 1)).squeeze(-1)
+            sums[layer][0][:] += (kl * mask[:, None]).sum((0, 2)).double().cpu().numpy()
+            sums[layer][1][:] += (nll * mask[:, None]).sum((0, 2)).double().cpu().numpy()
         if tick:
-            tick(len(chunk))
-    return kl_sum / count, np.exp(nll_sum / count)
+            tick(len(chunk) * len(vectors))
+    return {layer: (kl_sum / count, np.exp(nll_sum / count)) for layer, (kl_sum, nll_sum) in sums.items()}
 
 
 def read_neutral(path: Path, limit: int) -> list[str]:
@@ -362,6 +404,7 @@ def run_sweep(
     """
     if engine not in ENGINES:
         raise CaaError(f"--engine '{engine}': use one of {', '.join(ENGINES)}")
+    skip_layers = engine == "fast"  # skipping unsteered blocks needs no cache: exact for every model
     if engine == "fast" and steer_positions == "all":
         engine = "naive"  # every position steered: there is no unsteered prefix to reuse
     if engine == "fast" and not supports_prefix_cache(loaded):
@@ -397,11 +440,12 @@ def run_sweep(
                 layer: score_rows(loaded, texts, layer, v, multipliers, batch_size, steer_all, tick)
                 for layer, v in grid.items()
             }
-        for layer, v in grid.items():
+        fluency = fluency_grid(loaded, neutral_ids, grid, multipliers, batch_size, skip_layers, tick)
+        for layer in grid:
             scores = by_layer[layer]
             if not is_ab:
                 scores = scores[0::2] - scores[1::2]  # [pairs, multipliers]
-            kl, ppl = fluency_rows(loaded, neutral_ids, layer, v, multipliers, batch_size, tick)
+            kl, ppl = fluency[layer]
             rows += _summaries(
                 behavior, layer, multipliers, scores, "p_match" if is_ab else "logp_diff", kl, ppl
             )

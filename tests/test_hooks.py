@@ -100,3 +100,23 @@ def test_greedy_generation_with_kv_cache_equals_recomputing_without_cache(
             prompt, max_new_tokens=6, do_sample=False, pad_token_id=loaded.tokenizer.pad_token_id
         )
     assert not torch.equal(plain, cached)  # the steering did change the text
+
+
+def test_replaying_skips_blocks_exactly_and_restores_them(tiny_models: dict[str, Path]) -> None:
+    from caa.hooks import capturing, replaying, run_until_stop
+
+    loaded = load_model(str(tiny_models["llama"]), device="cpu")
+    ids = torch.randint(10, 200, (2, 6))
+    with torch.inference_mode():
+        full = loaded.model(ids).logits
+        with capturing(loaded.blocks, [1]) as rec:
+            run_until_stop(loaded.model, ids)
+        originals = list(loaded.blocks)
+        with replaying(loaded.blocks, 2, rec[1]):
+            assert loaded.blocks[0] is not originals[0]
+            skipped = loaded.model(ids).logits
+    torch.testing.assert_close(skipped, full, atol=1e-5, rtol=1e-5)
+    assert list(loaded.blocks) == originals
+    with pytest.raises(RuntimeError, match="boom"), replaying(loaded.blocks, 2, rec[1]):
+        raise RuntimeError("boom")
+    assert list(loaded.blocks) == originals

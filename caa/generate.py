@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,58 +9,20 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from caa.artifacts import GENERATIONS, make_meta, write_artifact
-from caa.errors import CaaError, InputError
+from caa.errors import CaaError
 from caa.hooks import steering
 from caa.models import LoadedModel
-from caa.prompts import Encoded, collate, prompt_format
+from caa.prompts import Encoded, collate, prompt_format, read_texts
 from caa.sweep import check_model
 from caa.vectors import VectorSet
 
 
 def read_prompts(path: Path) -> list[str]:
     """Prompts from a .txt (one per line), .jsonl ({"prompt": ...}) or .parquet (a prompt column)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "file not found")
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        try:
-            table = pq.read_table(path)
-        except (pa.ArrowException, OSError) as e:
-            raise InputError(path, f"not a readable Parquet file ({e})") from None
-        if "prompt" not in table.column_names:
-            raise InputError(path, "column missing", field="prompt")
-        prompts = [p for p in table.column("prompt").to_pylist() if isinstance(p, str) and p.strip()]
-    elif suffix in (".txt", ".jsonl"):
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            raise InputError(path, f"not valid UTF-8 (byte offset {e.start})") from None
-        prompts = []
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            if suffix == ".txt":
-                prompts.append(line.strip())
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(path, f"malformed JSON: {e.msg}", where=f"line {number}") from None
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise InputError(
-                    path, "expected an object with a prompt string", where=f"line {number}", field="prompt"
-                )
-            prompts.append(record["prompt"])
-    else:
-        raise InputError(path, f"unknown file type '{suffix}': prompts come from .txt, .jsonl or .parquet")
-    if not prompts:
-        raise InputError(path, "no prompts in file")
-    return prompts
+    return read_texts(path, "prompt")
 
 
 @dataclass

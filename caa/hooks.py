@@ -7,7 +7,7 @@ registered with ``prepend=True`` so they run before transformers' own output-cap
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import Any
 
 import torch
@@ -28,22 +28,17 @@ def _retuple(output: Any, hidden: Tensor) -> Any:
 
 
 @contextmanager
-def recording(
-    blocks: nn.ModuleList | Sequence[nn.Module], layers: Sequence[int], weights: Tensor, stop: bool = True
-) -> Iterator[dict[int, Tensor]]:
-    """Record, for each layer in ``layers``, the weighted sum over positions of block l's output.
-
-    ``weights`` is [batch, seq] (one-hot for a single read token, 1/n over n tokens for a mean).
-    The yielded dict fills with float32 tensors [batch, d_model]. With ``stop``, the forward pass
-    raises :class:`StopForward` after the deepest layer; wrap the call in :func:`run_until_stop`.
-    """
-    records: dict[int, Tensor] = {}
-    deepest = max(layers)
+def _recorder(
+    blocks: nn.ModuleList | Sequence[nn.Module], layers: Sequence[int], keep: Any, stop: bool
+) -> Iterator[dict[int, Any]]:
+    """Hooks that store ``keep(output)`` of each block in ``layers``; with ``stop``, the pass ends
+    (StopForward) after the deepest of them."""
+    records: dict[int, Any] = {}
+    deepest = max(layers, default=-1)
 
     def make_hook(layer: int) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            hidden = untuple(output)  # [batch, seq, d_model]
-            records[layer] = torch.einsum("btd,bt->bd", hidden.float(), weights.to(hidden.device))
+            records[layer] = keep(output)
             if stop and layer == deepest:
                 raise StopForward
 
@@ -55,6 +50,23 @@ def recording(
     finally:
         for h in handles:
             h.remove()
+
+
+def recording(
+    blocks: nn.ModuleList | Sequence[nn.Module], layers: Sequence[int], weights: Tensor, stop: bool = True
+) -> AbstractContextManager[dict[int, Tensor]]:
+    """Record, for each layer in ``layers``, the weighted sum over positions of block l's output.
+
+    ``weights`` is [batch, seq] (one-hot for a single read token, 1/n over n tokens for a mean).
+    The yielded dict fills with float32 tensors [batch, d_model]. With ``stop``, the forward pass
+    raises :class:`StopForward` after the deepest layer; wrap the call in :func:`run_until_stop`.
+    """
+
+    def weighted(output: Any) -> Tensor:
+        hidden = untuple(output)  # [batch, seq, d_model]
+        return torch.einsum("btd,bt->bd", hidden.float(), weights.to(hidden.device))
+
+    return _recorder(blocks, layers, weighted, stop)
 
 
 def run_until_stop(fn: Any, *args: Any, **kwargs: Any) -> None:
@@ -182,29 +194,12 @@ def replaying(blocks: nn.ModuleList, upto: int, output: Any) -> Iterator[None]:
             blocks[i] = block
 
 
-@contextmanager
 def capturing(
     blocks: nn.ModuleList | Sequence[nn.Module], layers: Sequence[int], stop: bool = True
-) -> Iterator[dict[int, Any]]:
+) -> AbstractContextManager[dict[int, Any]]:
     """Record the raw outputs (tensor or tuple, as the block returns them) of blocks ``layers``;
     with ``stop``, end the pass after the deepest (wrap the call in :func:`run_until_stop`)."""
-    records: dict[int, Any] = {}
-    deepest = max(layers, default=-1)
-
-    def make_hook(layer: int) -> Any:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            records[layer] = output
-            if stop and layer == deepest:
-                raise StopForward
-
-        return hook
-
-    handles = [blocks[layer].register_forward_hook(make_hook(layer)) for layer in layers]
-    try:
-        yield records
-    finally:
-        for h in handles:
-            h.remove()
+    return _recorder(blocks, layers, lambda output: output, stop)
 
 
 def repeat_rows(output: Any, reps: int) -> Any:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from caa.errors import CaaError
+from caa.errors import CaaError, InputError
 
 POSITIONS = ("last", "mean", "answer")
 TEMPLATES = ("auto", "on", "off")
@@ -134,3 +135,51 @@ def collate(items: Sequence[Encoded], pad_id: int, padding_side: str = "left") -
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     starts = offsets + torch.tensor([e.completion_start for e in items])
     return Batch(input_ids, mask, position_ids, offsets, weights, starts)
+
+
+def read_texts(path: Path, field: str) -> list[str]:
+    """Texts from a .txt (one per line), .jsonl (objects with ``field``) or .parquet (a ``field``
+    column), with errors that name the file, the line and the field."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    suffix = path.suffix.lower()
+    texts: list[str] = []
+    if suffix == ".parquet":
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as e:
+            raise InputError(path, f"not a readable Parquet file ({e})") from None
+        if field not in table.column_names:
+            raise InputError(path, "column missing", field=field)
+        texts = [t for t in table.column(field).to_pylist() if isinstance(t, str) and t.strip()]
+    elif suffix in (".txt", ".jsonl"):
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise InputError(path, f"not valid UTF-8 (byte offset {e.start})") from None
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            if suffix == ".txt":
+                texts.append(line.strip())
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(path, f"malformed JSON: {e.msg}", where=f"line {number}") from None
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise InputError(
+                    path, f"expected an object with a {field} string", where=f"line {number}", field=field
+                )
+            texts.append(record[field])
+    else:
+        raise InputError(path, f"unknown file type '{suffix}': use .txt, .jsonl or .parquet")
+    if not texts:
+        raise InputError(path, "no texts in file")
+    return texts

@@ -12,7 +12,6 @@ in the batch as per-row coefficients.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -25,10 +24,10 @@ import pandas as pd
 import torch
 
 from caa.artifacts import SWEEP, atomic_path, make_meta, write_artifact
-from caa.errors import CaaError, InputError, MismatchError
+from caa.errors import CaaError, MismatchError
 from caa.hooks import capturing, repeat_rows, replaying, run_until_stop, steering
 from caa.models import LoadedModel
-from caa.prompts import Encoded, PromptFormat, collate, encode, prompt_format
+from caa.prompts import Encoded, PromptFormat, collate, encode, prompt_format, read_texts
 from caa.vectors import VectorSet
 
 STEER_POSITIONS = ("answer", "all")
@@ -349,29 +348,8 @@ def fluency_grid(
 
 
 def read_neutral(path: Path, limit: int) -> list[str]:
-    """Neutral texts from a .jsonl of {"text": ...} or a .txt with one text per line."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "file not found (neutral texts for the fluency cost; see --neutral)")
-    texts: list[str] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(path, f"malformed JSON: {e.msg}", where=f"line {number}") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise InputError(
-                    path, "expected an object with a text string", where=f"line {number}", field="text"
-                )
-            texts.append(record["text"])
-        else:
-            texts.append(line)
-    if not texts:
-        raise InputError(path, "file is empty")
-    return texts[:limit]
+    """Neutral texts (.jsonl of {"text": ...}, .txt with one per line, or .parquet with a text column)."""
+    return read_texts(path, "text")[:limit]
 
 
 @dataclass

@@ -11,7 +11,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,16 +232,7 @@ class StreamWriter:
 
     def write(self, columns: Mapping[str, Any]) -> None:
         """Append one row group given as column arrays (vectors as a [rows, d_model] array)."""
-        assert self._writer is not None
-        arrays = []
-        for f in self.schema:
-            col = columns[f.name]
-            if pa.types.is_fixed_size_list(f.type):
-                flat = pa.array(np.ascontiguousarray(col, dtype=np.float32).reshape(-1))
-                arrays.append(pa.FixedSizeListArray.from_arrays(flat, f.type.list_size))
-            else:
-                arrays.append(pa.array(col, type=f.type))
-        self.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
+        self.write_table(columns_table(columns, self.schema))
 
     def write_table(self, table: pa.Table) -> None:
         """Append a table with this file's columns as one row group."""
@@ -254,6 +245,19 @@ class StreamWriter:
         self._ctx.__exit__(exc_type, exc, tb)
 
 
+def columns_table(columns: Mapping[str, Any], schema: pa.Schema) -> pa.Table:
+    """A table of ``schema`` from column arrays (a fixed-size-list column as a [rows, d] array)."""
+    arrays = []
+    for f in schema:
+        col = columns[f.name]
+        if pa.types.is_fixed_size_list(f.type):
+            flat = pa.array(np.ascontiguousarray(col, dtype=np.float32).reshape(-1))
+            arrays.append(pa.FixedSizeListArray.from_arrays(flat, f.type.list_size))
+        else:
+            arrays.append(pa.array(col, type=f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
 def _vector_size(schema: pa.Schema, kind: Kind) -> int | None:
     if kind.vector is None or kind.vector not in schema.names:
         return None
@@ -261,11 +265,19 @@ def _vector_size(schema: pa.Schema, kind: Kind) -> int | None:
     return t.list_size if pa.types.is_fixed_size_list(t) else None
 
 
+def require_file(path: Path) -> Path:
+    """``path``, if it is an existing file; else an error saying what it is instead."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(path, "is a directory, not a file")
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    return path
+
+
 def read_meta(path: Path) -> dict[str, Any]:
     """The parsed ``caa`` metadata of a Parquet file, with clear errors for anything else."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "file not found")
+    path = require_file(path)
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowException, OSError) as e:
@@ -282,8 +294,10 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def read_artifact(path: Path, kind: Kind) -> Artifact:
-    """Read and validate a ``kind`` artifact: its kind, schema version and every column's type."""
+def read_artifact(path: Path, kind: Kind, columns: Sequence[str] | None = None) -> Artifact:
+    """Read and validate a ``kind`` artifact: its kind, schema version and every column's type
+    (from the file's footer), then the values of ``columns`` (default: all), which must not be null
+    where the schema says so."""
     path = Path(path)
     meta = read_meta(path)
     actual = meta.get("kind")
@@ -301,25 +315,28 @@ def read_artifact(path: Path, kind: Kind) -> Artifact:
             f"schema version {version!r}, this caa reads version {SCHEMA_VERSION}",
             field="schema_version",
         )
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as e:
-        raise InputError(path, f"not a readable Parquet file ({e})") from None
+    schema = pq.read_schema(path)
     if kind.vector is not None:
-        if kind.vector not in table.schema.names:
+        if kind.vector not in schema.names:
             raise InputError(path, "column missing", field=kind.vector)
-        if _vector_size(table.schema, kind) is None:
+        if _vector_size(schema, kind) is None:
             raise InputError(path, "column is not a fixed-size float32 list", field=kind.vector)
-    expected = kind.schema(_vector_size(table.schema, kind))
+    expected = kind.schema(_vector_size(schema, kind))
     for f in expected:
-        if f.name not in table.schema.names:
+        if f.name not in schema.names:
             raise InputError(path, "column missing", field=f.name)
-        got = table.schema.field(f.name).type
+        got = schema.field(f.name).type
         if got != f.type:
             raise InputError(path, f"column has type {got}, expected {f.type}", field=f.name)
-        if not f.nullable and table.column(f.name).null_count:
-            raise InputError(path, "column has null values", field=f.name)
-    return Artifact(path=path, table=table.select(expected.names), meta=meta)
+    names = list(columns) if columns is not None else expected.names
+    try:
+        table = pq.read_table(path, columns=names)
+    except (pa.ArrowException, OSError) as e:
+        raise InputError(path, f"not a readable Parquet file ({e})") from None
+    for name in names:
+        if not expected.field(name).nullable and table.column(name).null_count:
+            raise InputError(path, "column has null values", field=name)
+    return Artifact(path=path, table=table.select(names), meta=meta)
 
 
 def vectors_of(table: pa.Table, column: str) -> np.ndarray:

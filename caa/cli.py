@@ -49,6 +49,12 @@ def fail(e: CaaError) -> NoReturn:
     raise typer.Exit(2)
 
 
+def _require(ok: bool, message: str) -> None:
+    """An option check: ``message`` (naming the option and the rule) unless ``ok``."""
+    if not ok:
+        raise CaaError(message)
+
+
 def warn(message: str) -> None:
     err.print(f"[yellow]warning:[/] {escape(message)}")
 
@@ -149,6 +155,15 @@ TemplateOpt = Annotated[
 ]
 
 
+TruncateOpt = Annotated[
+    bool,
+    typer.Option(
+        "--truncate",
+        help="Cut the start of prompts longer than the model's context (else they are an error).",
+    ),
+]
+
+
 def _load(
     model: str, dtype: str, device_map: str | None, trust_remote_code: bool, device: Any = None
 ) -> LoadedModel:
@@ -210,6 +225,15 @@ def extract(
     batch_size: Annotated[
         int, typer.Option(help="Texts per forward pass (halved on CUDA out-of-memory).")
     ] = 32,
+    truncate: TruncateOpt = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue an interrupted run from its finished batches (kept in OUT.partial/); "
+            "the inputs and options must be the same.",
+        ),
+    ] = False,
     dtype: DtypeOpt = "auto",
     device_map: DeviceMapOpt = None,
     trust_remote_code: RemoteOpt = False,
@@ -220,7 +244,8 @@ def extract(
     hidden_states[l + 1] in transformers except for the last block, where transformers applies the
     final norm; caa records the block's own output there too. The forward pass stops after the
     deepest requested layer. Under `accelerate launch -m caa extract ...` the pairs are sharded over
-    the processes and merged into one file.
+    the processes and merged into one file. Finished batches are kept in OUT.partial/ until the run
+    ends: after Ctrl-C or a crash, the same command with --resume continues where it stopped.
 
     Example: [bold]caa extract pairs.parquet --layers 8-20 -o activations.parquet[/]
     """
@@ -240,6 +265,7 @@ def extract(
         "position": position,
         "chat_template": chat_template,
         "batch_size": batch_size,
+        "truncate": truncate,
         "dtype": dtype,
         "device_map": device_map,
     }
@@ -266,6 +292,8 @@ def extract(
                 position=position,
                 chat_template=chat_template,
                 batch_size=batch_size,
+                resume=resume,
+                truncate=truncate,
                 options=options,
                 on_texts=advance,
                 notice=warn,
@@ -273,6 +301,16 @@ def extract(
             )
     except CaaError as e:
         fail(e)
+    except KeyboardInterrupt:
+        from caa.checkpoint import partial_dir
+
+        if accelerator.is_main_process:
+            kept = escape(str(partial_dir(out_path)))
+            err.print(
+                f"[yellow]interrupted:[/] the finished batches are kept in {kept}; "
+                "run the same command with --resume to continue"
+            )
+        raise typer.Exit(130) from None
     if accelerator.is_main_process:
         out.print(f"recorded {n} pairs x 2 sides at {escape(layers)} layers -> wrote {escape(str(out_path))}")
 
@@ -387,7 +425,17 @@ def sweep(
         ),
     ] = "fast",
     chat_template: TemplateOpt = "auto",
-    batch_size: Annotated[int, typer.Option(help="Rows (text x multiplier) per forward pass.")] = 32,
+    truncate: TruncateOpt = False,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="Memory for one batch, e.g. 8GiB; batches are sized to fit "
+            "(default: half the free GPU memory; on CPU a quarter of the RAM, at most 4 GiB)."
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="At most this many rows (text x multiplier) per forward pass.")
+    ] = None,
     dtype: DtypeOpt = "auto",
     device_map: DeviceMapOpt = None,
     trust_remote_code: RemoteOpt = False,
@@ -402,6 +450,7 @@ def sweep(
 
     Example: [bold]caa sweep vectors.parquet pairs.parquet --layers 10,14,18 --multipliers -4,-2,0,2,4[/]
     """
+    from caa.budget import parse_size, planner_for
     from caa.extract import parse_layers, read_pairs, select_pairs
     from caa.sweep import parse_multipliers, plot_sweep, read_neutral, run_sweep, write_sweep
     from caa.vectors import read_vectors
@@ -419,11 +468,18 @@ def sweep(
         "max_kl": max_kl,
         "steer_positions": steer_positions,
         "engine": engine,
+        "truncate": truncate,
         "chat_template": chat_template,
+        "max_memory": max_memory,
         "batch_size": batch_size,
         "dtype": dtype,
     }
     try:
+        budget = parse_size(max_memory) if max_memory is not None else None
+        _require(batch_size is None or batch_size >= 1, f"--batch-size {batch_size}: must be at least 1")
+        _require(max_pairs is None or max_pairs >= 1, f"--max-pairs {max_pairs}: must be at least 1")
+        _require(neutral_count >= 1, f"--neutral-count {neutral_count}: must be at least 1")
+        _require(max_kl >= 0, f"--max-kl {max_kl}: must be 0 or above")
         mults = parse_multipliers(multipliers)
         vecs = read_vectors(vectors)
         frame = read_pairs(pairs)[0]
@@ -459,9 +515,11 @@ def sweep(
                 multipliers=mults,
                 chat_template=chat_template,
                 steer_positions=steer_positions,
-                batch_size=batch_size,
+                planner=planner_for(loaded, budget, batch_size),
                 max_kl=max_kl,
                 engine=engine,
+                truncate=truncate,
+                pairs_path=pairs,
                 tick=tick,
                 notice=warn,
             )
@@ -573,10 +631,17 @@ def generate(
         "dtype": dtype,
     }
     try:
+        _require(limit is None or limit >= 1, f"--limit {limit}: must be at least 1")
+        _require(max_new_tokens >= 1, f"--max-new-tokens {max_new_tokens}: must be at least 1")
+        _require(temperature >= 0, f"--temperature {temperature}: must be 0 (greedy) or above")
+        _require(0 < top_p <= 1, f"--top-p {top_p}: must be above 0 and at most 1")
         mults = parse_multipliers(multipliers, include_zero=False)
         if steer_positions not in STEER_POSITIONS:
             raise CaaError(f"--steer-positions '{steer_positions}': use one of {', '.join(STEER_POSITIONS)}")
-        texts = list(prompt or []) + (read_prompts(prompts_file)[:limit] if prompts_file else [])
+        from_file = read_prompts(prompts_file)[:limit] if prompts_file else []
+        texts = list(prompt or []) + from_file
+        labels = [f"--prompt {i}" for i in range(1, len(prompt or []) + 1)]
+        labels += [f"{prompts_file}: prompt {i}" for i in range(1, len(from_file) + 1)]
         if not texts:
             raise CaaError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
         vecs = read_vectors(vectors)
@@ -595,6 +660,7 @@ def generate(
                 temperature=temperature,
                 top_p=top_p,
                 seed=seed,
+                labels=labels,
             )
         inputs = {"vectors": vectors, **({"prompts": prompts_file} if prompts_file else {})}
         write_generations(gens, out_path, options, inputs, loaded)
@@ -609,3 +675,123 @@ def generate(
         )
     out.print(table)
     out.print(f"wrote {escape(str(out_path))}")
+
+
+@app.command("inspect")
+def inspect_cmd(
+    file: Annotated[
+        Path,
+        typer.Argument(help="A caa artifact: pairs, activations, vectors, sweep or generations .parquet."),
+    ],
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print the full metadata and the summary as JSON on stdout instead."),
+    ] = False,
+    check_inputs: Annotated[
+        bool, typer.Option(help="Hash the recorded input files again to tell whether they changed.")
+    ] = True,
+) -> None:
+    """Print an artifact's metadata (command, options, model, inputs) and a summary of its contents.
+
+    The summary depends on the kind: pairs per behavior and split; the layers, pairs and d_model of
+    activations; the layers, norms and test AUC of vectors; the grid and recommendation of a sweep;
+    the prompts and multipliers of generations. Only the columns the summary needs are read (never
+    the activation vectors). An input file that changed or disappeared since the artifact was written
+    is noted (relative paths are looked up from the current directory).
+
+    Example: [bold]caa inspect vectors.parquet[/]   or   [bold]caa inspect sweep.parquet --json[/]
+    """
+    import json
+
+    from caa.inspect import inspect_artifact
+
+    try:
+        report = inspect_artifact(file, check_inputs=check_inputs)
+    except CaaError as e:
+        fail(e)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    out.print(
+        f"[bold]{escape(str(file))}[/]: {report.kind}, {_size(report.size_bytes)}, "
+        f"{report.rows} rows in {report.row_groups} row group(s)"
+    )
+    meta = report.meta
+    shown = ("kind", "command", "schema_version", "caa_version", "created", "options", "model", "prompt")
+    info = _key_value_table("metadata")
+    for key in shown:
+        if meta.get(key) is not None:
+            info.add_row(key, _shown(key, meta[key]))
+    for key, value in meta.items():
+        if key not in (*shown, "inputs"):
+            brief = (
+                f"{len(value)} items: {', '.join(map(str, value[:4]))}, ..."
+                if isinstance(value, list) and len(value) > 8
+                else json.dumps(value)
+            )  # e.g. the thousands of train_pair_ids of a vectors file
+            info.add_row(key, escape(brief))
+    out.print(info)
+    if report.inputs:
+        inputs = Table(
+            "input", "sha256", "status", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title="inputs"
+        )
+        colour = {"unchanged": "green", "changed": "yellow", "missing": "yellow", "unchecked": "dim"}
+        for i in report.inputs:
+            inputs.add_row(escape(i.path), i.sha256[:12], f"[{colour[i.status]}]{i.message}[/]")
+        out.print(inputs)
+    summary = _key_value_table(f"{report.kind} summary")
+    for key, value in report.summary.items():
+        summary.add_row(key, _shown(key, value))
+    out.print(summary)
+    if report.breakdown:
+        names = list(report.breakdown[0])
+        headers = [n.replace("_", " ") for n in names]  # lets a narrow terminal wrap the headers
+        rows = Table(
+            Column(headers[0], no_wrap=True),
+            *headers[1:],
+            box=box.SIMPLE_HEAD,
+            show_edge=False,
+            pad_edge=False,
+        )
+        for row in report.breakdown:
+            rows.add_row(*[_shown(k, row[k]) for k in names])
+        out.print(rows)
+    for i in report.inputs:
+        if i.status in ("changed", "missing"):
+            out.print(f"[yellow]note:[/] input {escape(i.path)} {i.message}")
+
+
+def _key_value_table(title: str) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, show_header=False, show_edge=False, pad_edge=False, title=title)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    return table
+
+
+def _shown(key: str, value: Any, inline: bool = False) -> str:
+    """One metadata or summary value as table text: layers as spans, ranges as a..b, dicts as lines."""
+    from caa.inspect import layer_spans
+
+    if value is None or value == [] or value == {}:
+        return "-"
+    if isinstance(value, dict):
+        sep, join = ("=", ", ") if inline else (": ", "\n")
+        return join.join(f"{escape(str(k))}{sep}{_shown(str(k), v, True)}" for k, v in value.items())
+    if isinstance(value, list) and key.endswith("layers") and all(isinstance(v, int) for v in value):
+        return layer_spans(value)
+    if isinstance(value, list) and key.endswith("_range") and len(value) == 2:
+        return f"{_shown(key, value[0])} .. {_shown(key, value[1])}"
+    if isinstance(value, list):
+        return ", ".join(_shown(key, v) for v in value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return escape(str(value))
+
+
+def _size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"

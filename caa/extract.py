@@ -7,7 +7,7 @@ always record the block's own output.
 
 from __future__ import annotations
 
-import os
+import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,16 +15,17 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import torch
 
-from caa.artifacts import ACTIVATIONS, PAIRS, StreamWriter, make_meta, read_artifact
-from caa.errors import CaaError
+from caa import checkpoint
+from caa.artifacts import ACTIVATIONS, PAIRS, StreamWriter, columns_table, make_meta, read_artifact
+from caa.errors import CaaError, InputError
 from caa.hooks import recording, run_until_stop
 from caa.models import LoadedModel
-from caa.prompts import Batch, Encoded, PromptFormat, collate, encode, prompt_format
+from caa.prompts import Batch, Encoded, PromptFormat, collate, encode, fit_context, prompt_format
 
 SIDES = ("positive", "negative")
+FORMATS = ("ab", "freeform")
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:
@@ -61,16 +62,41 @@ class TextItem:
 
 
 def encode_pairs(
-    pairs: pd.DataFrame, loaded: LoadedModel, style: PromptFormat, position: str
+    pairs: pd.DataFrame,
+    loaded: LoadedModel,
+    style: PromptFormat,
+    position: str,
+    truncate: bool = False,
+    notice: Callable[[str], None] | None = None,
+    pairs_path: Path | None = None,
 ) -> list[TextItem]:
-    """Both sides of every pair, encoded with their read positions (the answer letter for A/B)."""
+    """Both sides of every pair, encoded with their read positions (the answer letter for A/B).
+
+    A text longer than the model's context is an error naming its pair, or with ``truncate`` loses
+    the start of its prompt (``notice`` gets the count of pairs cut)."""
     items = []
+    cut: set[int] = set()
+    limit = loaded.context_length
     for index, row in enumerate(pairs.itertuples(index=False)):
         for side in SIDES:
             rule = "answer" if row.format == "ab" else position
             enc = encode(loaded.tokenizer, style, row.prompt, getattr(row, side), row.format, rule)
+            enc, was_cut = fit_context(enc, limit, truncate, describe_pair(row, side, pairs_path))
+            if was_cut:
+                cut.add(index)
             items.append(TextItem(index, side, enc))
+    if cut and notice:
+        notice(
+            f"--truncate: cut the start of {len(cut)} of {len(pairs)} pairs to the context of {limit} tokens"
+        )
     return items
+
+
+def describe_pair(row: Any, side: str | None = None, path: Path | None = None) -> str:
+    """``pairs.parquet: pair 'id' (behavior, source.jsonl line 3), positive side``, for messages."""
+    origin = f"{row.behavior}, {row.source} {row.source_row}" if hasattr(row, "source") else row.behavior
+    text = f"pair '{row.pair_id}' ({origin})" + (f", {side} side" if side else "")
+    return f"{path}: {text}" if path else text
 
 
 def batches_by_length(items: Sequence[TextItem], batch_size: int) -> list[list[TextItem]]:
@@ -108,18 +134,23 @@ def extract_activations(
     padding_side: str = "left",
     on_texts: Callable[[int], None] | None = None,
     notice: Callable[[str], None] | None = None,
+    skip: int = 0,
+    truncate: bool = False,
+    pairs_path: Path | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield row groups of the activations table (column arrays), one per batch.
 
-    Each text is one side of one pair; its rows are one per layer. On a CUDA out-of-memory error the
-    batch is retried in halves and the batch size stays halved.
+    Each text is one side of one pair; its rows are one per layer. Texts run in order of length
+    (ties in pair order), and each row group holds the next texts of that order; ``skip`` leaves
+    out its first texts (done before an interruption). On a CUDA out-of-memory error the batch is
+    retried in halves and the batch size stays halved. ``truncate``: see :func:`encode_pairs`.
     """
     if pairs.empty:
         raise CaaError("no pairs to extract")
     style = prompt_format(loaded.tokenizer, chat_template)
-    items = encode_pairs(pairs, loaded, style, position)
+    items = encode_pairs(pairs, loaded, style, position, truncate, notice, pairs_path)
     pad_id = loaded.tokenizer.pad_token_id
-    queue = batches_by_length(items, batch_size)
+    queue = batches_by_length(sorted(items, key=lambda it: len(it.encoded.input_ids))[skip:], batch_size)
     while queue:
         chunk = queue.pop(0)
         try:
@@ -160,6 +191,22 @@ def read_pairs(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     art = read_artifact(Path(path), PAIRS)
     frame = art.table.to_pandas()
     frame["split"] = frame["split"].astype(str)
+    for column, allowed in (("format", FORMATS), ("split", ("train", "test"))):
+        bad = ~frame[column].isin(allowed)
+        if bad.any():
+            row = int(bad.to_numpy().argmax())
+            raise InputError(
+                path,
+                f"{column} '{frame[column].iloc[row]}' is not one of {', '.join(allowed)}",
+                where=f"row {row}",
+                field=column,
+            )
+    repeated = frame.pair_id.duplicated()
+    if repeated.any():
+        row = int(repeated.to_numpy().argmax())
+        raise InputError(
+            path, f"duplicate pair_id '{frame.pair_id.iloc[row]}'", where=f"row {row}", field="pair_id"
+        )
     return frame, art.meta
 
 
@@ -195,6 +242,8 @@ def run_extract(
     position: str = "last",
     chat_template: str = "auto",
     batch_size: int = 16,
+    resume: bool = False,
+    truncate: bool = False,
     options: dict[str, Any] | None = None,
     on_texts: Callable[[int], None] | None = None,
     notice: Callable[[str], None] | None = None,
@@ -203,8 +252,9 @@ def run_extract(
     """Extract activations of ``pairs`` (read from ``pairs_path``, already filtered with
     :func:`select_pairs`) into ``out``; returns the number of pairs.
 
-    Under ``accelerate launch`` each process takes every n-th pair and writes its own part; the main
-    process merges the parts into ``out``.
+    Finished batches are kept in ``out.partial/`` until the whole run is done, so an interrupted
+    run continues with ``resume`` and gives the same file. Under ``accelerate launch`` each process
+    takes every n-th pair; the main process merges the pieces into ``out``.
     """
     layers = parse_layers(layers_spec, loaded.num_layers)
     style = prompt_format(loaded.tokenizer, chat_template)
@@ -217,10 +267,29 @@ def run_extract(
         layers=layers,
     )
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    identity = {
+        "pairs_sha256": meta["inputs"][str(pairs_path)],
+        "pair_ids_sha256": hashlib.sha256("\n".join(pairs.pair_id).encode()).hexdigest(),
+        "model": meta["model"],
+        "prompt": meta["prompt"],
+        "layers": layers,
+        "batch_size": batch_size,
+        "truncate": truncate,
+        "processes": world,
+    }
+    checkpoint.check_fresh(Path(out), resume)
+    if accelerator:
+        accelerator.wait_for_everyone()  # every rank has looked before any rank creates its pieces
+    pieces = checkpoint.Checkpoint(Path(out), identity, rank)
     shard = pairs.iloc[rank::world].reset_index(drop=True)
-    target = Path(out) if world == 1 else _part(Path(out), rank)
-    with StreamWriter(target, ACTIVATIONS, meta, d_model=loaded.hidden_size) as writer:
-        if not shard.empty:
+    schema = ACTIVATIONS.schema(loaded.hidden_size)
+    if pieces.done:
+        if notice:
+            notice(f"resuming: {pieces.done} of {2 * len(shard)} texts were done before the interruption")
+        if on_texts:
+            on_texts(pieces.done)
+    if pieces.done < 2 * len(shard):
+        try:
             for group in extract_activations(
                 shard,
                 loaded,
@@ -230,26 +299,22 @@ def run_extract(
                 batch_size=batch_size,
                 on_texts=on_texts,
                 notice=notice,
+                skip=pieces.done,
+                truncate=truncate,
+                pairs_path=Path(pairs_path),
             ):
-                writer.write(group)
-    if world > 1:
+                pieces.add(len(group["pair_id"]) // len(layers), columns_table(group, schema))
+        except CaaError:
+            if not pieces.done:  # an error in the inputs, before any work: nothing to resume
+                checkpoint.remove(Path(out))
+            raise
+    if accelerator:
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            merge_parts([_part(Path(out), r) for r in range(world)], Path(out), meta, loaded.hidden_size)
+    if rank == 0:
+        with StreamWriter(Path(out), ACTIVATIONS, meta, d_model=loaded.hidden_size) as writer:
+            for table in checkpoint.merged_pieces(Path(out), world):
+                writer.write_table(table)
+        checkpoint.remove(Path(out))
+    if accelerator:
         accelerator.wait_for_everyone()
     return len(pairs)
-
-
-def _part(out: Path, rank: int) -> Path:
-    return out.with_name(f"{out.name}.part{rank}")
-
-
-def merge_parts(parts: Sequence[Path], out: Path, meta: dict[str, Any], d_model: int) -> None:
-    """Concatenate the processes' parts row group by row group into ``out`` and delete them."""
-    with StreamWriter(out, ACTIVATIONS, meta, d_model=d_model) as writer:
-        for part in parts:
-            reader = pq.ParquetFile(part)
-            for i in range(reader.num_row_groups):
-                writer.write_table(reader.read_row_group(i))
-    for part in parts:
-        os.remove(part)

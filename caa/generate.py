@@ -16,7 +16,7 @@ from caa.errors import CaaError
 from caa.hooks import steering
 from caa.models import LoadedModel
 from caa.prompts import Encoded, collate, prompt_format, read_texts
-from caa.sweep import check_model
+from caa.sweep import check_model, check_template
 from caa.vectors import VectorSet
 
 
@@ -45,12 +45,13 @@ def generate_steered(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
+    labels: Sequence[str] | None = None,
 ) -> Generations:
     """Generate every prompt under every multiplier in one batch.
 
     Steering adds ``multiplier * vector`` to block ``layer``'s output from the last prompt token on
     (so every generated token is steered), or at every position with ``steer_all``. Greedy unless
-    ``temperature`` > 0.
+    ``temperature`` > 0. ``labels`` name the prompts in errors (default: ``prompt N``).
     """
     if not prompts:
         raise CaaError("no prompts given")
@@ -59,8 +60,15 @@ def generate_steered(
     style = prompt_format(loaded.tokenizer, chat_template)
     tok = loaded.tokenizer
     encoded = []
-    for prompt in prompts:
+    limit = loaded.context_length
+    for number, prompt in enumerate(prompts, start=1):
         ids = tok(style.prefix(tok, prompt), add_special_tokens=not style.chat)["input_ids"]
+        if limit is not None and len(ids) + max_new_tokens > limit:
+            label = labels[number - 1] if labels else f"prompt {number}"
+            raise CaaError(
+                f"{label} ({prompt[:40]!r}...) is {len(ids)} tokens: with --max-new-tokens "
+                f"{max_new_tokens} it exceeds the model's context of {limit} tokens"
+            )
         encoded.append(Encoded(ids, len(ids), [len(ids) - 1]))
     rows = [(i, m) for i in range(len(prompts)) for m in multipliers]
     batch = collate([encoded[i] for i, _ in rows], tok.pad_token_id).to(loaded.device)
@@ -109,6 +117,7 @@ def run_generate(
 ) -> Generations:
     """Check the vectors against the model, pick the behavior's vector, generate."""
     check_model(vectors, loaded)
+    check_template(vectors, prompt_format(loaded.tokenizer, kwargs.get("chat_template", "auto")))
     names = vectors.behaviors()
     if behavior is None:
         if len(names) != 1:

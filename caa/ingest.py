@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from caa.artifacts import PAIRS, make_meta, write_artifact
+from caa.artifacts import PAIRS, make_meta, require_file, write_artifact
 from caa.errors import CaaError, InputError
 
 AB_FIELDS = ("question", "answer_matching_behavior", "answer_not_matching_behavior")
@@ -127,8 +127,7 @@ def _records(path: Path, skip_invalid: bool, rejected: list[InputError]) -> Iter
         raise InputError(
             path, f"unknown file type '{suffix or path.name}': caa ingest reads {', '.join(EXTENSIONS)}"
         )
-    if not path.is_file():
-        raise InputError(path, "file not found")
+    require_file(path)
     if suffix == ".parquet":
         yield from _parquet_records(path)
         return
@@ -196,6 +195,11 @@ def _csv_records(path: Path, text: str) -> Iterator[tuple[str, Any]]:
     try:
         header = next(reader)
         width = len(header)
+        seen = set()
+        for name in header:
+            if name in seen:
+                raise InputError(path, f"duplicate column '{name}' in the header", where="line 1")
+            seen.add(name)
         for row in reader:
             where = f"line {reader.line_num}"
             if not any(cell.strip() for cell in row):
@@ -265,9 +269,7 @@ def _to_pair(
             where=where,
             field=_column(names[2], mapping),
         )
-    pair_id = hashlib.sha256("\x1f".join((behavior, fmt, prompt, positive, negative)).encode()).hexdigest()[
-        :16
-    ]
+    pair_id = make_pair_id((behavior, fmt, prompt, positive, negative))
     return Pair(
         pair_id,
         behavior,
@@ -334,6 +336,15 @@ def _answer(path: Path, where: str, answer: str, choices: list[str], column: str
             path, f"answer '({letter})' is not one of the choices {listed}", where=where, field=column
         )
     return f"({letter})"
+
+
+def make_pair_id(fields: tuple[str, ...]) -> str:
+    """A pair's id: a hash of its fields, joined by the unit separator \x1f.
+
+    Fields holding \x1f themselves are encoded as a JSON list instead (which holds no raw \x1f), so
+    different pairs never share an id and the ids of ordinary pairs stay as they were."""
+    text = json.dumps(list(fields)) if any("\x1f" in f for f in fields) else "\x1f".join(fields)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def assign_split(pair_id: str, test_fraction: float, seed: int) -> str:

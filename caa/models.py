@@ -99,6 +99,16 @@ class LoadedModel:
         return self.fingerprint.hidden_size
 
     @property
+    def context_length(self) -> int | None:
+        """The most positions the model takes (None when its config does not say)."""
+        config = self.model.config.get_text_config()
+        for name in ("max_position_embeddings", "n_positions"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -159,7 +169,8 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True, **kwargs)
     except (OSError, ValueError) as e:
-        where = "the Hugging Face Hub (not reachable and not cached?)" if directory == spec else directory
+        local = directory != spec or Path(spec).exists()
+        where = directory if local else "the Hugging Face Hub (not reachable and not cached?)"
         raise ModelError(f"could not load model '{spec}' from {where}: {_first_line(e)}") from None
     if device_map is None:
         model.to(torch.device(device) if device is not None else default_device())  # type: ignore[arg-type]

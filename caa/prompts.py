@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from caa.artifacts import require_file
 from caa.errors import CaaError, InputError
 
 POSITIONS = ("last", "mean", "answer")
@@ -53,6 +54,28 @@ class Encoded:
     input_ids: list[int]
     completion_start: int  # first token that overlaps the completion: steering starts here
     read: list[int]  # token positions whose block outputs are averaged (one for last/answer)
+
+
+def fit_context(enc: Encoded, limit: int | None, truncate: bool, what: str) -> tuple[Encoded, bool]:
+    """``enc`` if it fits ``limit`` tokens; with ``truncate``, its last ``limit`` tokens (the start
+    of the prompt is cut, the completion is kept); returns the text and whether it was cut.
+
+    ``what`` names the text in the error for one too long (or whose completion alone is too long)."""
+    n = len(enc.input_ids)
+    if limit is None or n <= limit:
+        return enc, False
+    cut = n - limit
+    if not truncate:
+        raise CaaError(
+            f"{what} is {n} tokens, longer than the model's context of {limit}: "
+            "shorten it, or pass --truncate to cut the start of long prompts"
+        )
+    if enc.completion_start - cut < 1:
+        raise CaaError(
+            f"{what}: its completion alone is {n - enc.completion_start} tokens, "
+            f"too long for the model's context of {limit} even with --truncate"
+        )
+    return Encoded(enc.input_ids[cut:], enc.completion_start - cut, [r - cut for r in enc.read]), True
 
 
 def completion_text(fmt: str, completion: str) -> str:
@@ -145,9 +168,7 @@ def read_texts(path: Path, field: str) -> list[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "file not found")
+    path = require_file(path)
     suffix = path.suffix.lower()
     texts: list[str] = []
     if suffix == ".parquet":
@@ -160,7 +181,7 @@ def read_texts(path: Path, field: str) -> list[str]:
         texts = [t for t in table.column(field).to_pylist() if isinstance(t, str) and t.strip()]
     elif suffix in (".txt", ".jsonl"):
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is dropped
         except UnicodeDecodeError as e:
             raise InputError(path, f"not valid UTF-8 (byte offset {e.start})") from None
         for number, line in enumerate(lines, start=1):

@@ -24,10 +24,12 @@ import pandas as pd
 import torch
 
 from caa.artifacts import SWEEP, atomic_path, make_meta, write_artifact
+from caa.budget import Planner, planner_for
 from caa.errors import CaaError, MismatchError
+from caa.extract import SIDES, describe_pair
 from caa.hooks import capturing, repeat_rows, replaying, run_until_stop, steering
 from caa.models import LoadedModel
-from caa.prompts import Encoded, PromptFormat, collate, encode, prompt_format, read_texts
+from caa.prompts import Encoded, PromptFormat, collate, encode, fit_context, prompt_format, read_texts
 from caa.vectors import VectorSet
 
 STEER_POSITIONS = ("answer", "all")
@@ -52,7 +54,8 @@ def parse_multipliers(spec: str, include_zero: bool = True) -> list[float]:
 
 
 def check_model(vectors: VectorSet, loaded: LoadedModel) -> None:
-    """Refuse vectors made with another model or hidden size, naming the file and the field."""
+    """Refuse vectors made with another model or hidden size, naming the file and the field; and
+    vectors whose width or layers do not fit the loaded model."""
     made = vectors.meta.get("model") or {}
     here = loaded.fingerprint.to_dict()
     for field in ("hidden_size", "weights_hash"):
@@ -61,6 +64,42 @@ def check_model(vectors: VectorSet, loaded: LoadedModel) -> None:
                 f"{vectors.path}: field 'model.{field}' is {made.get(field)!r} but the loaded model "
                 f"'{loaded.fingerprint.name}' has {here[field]!r}: these vectors were made with another model"
             )
+    if vectors.values.shape[1] != loaded.hidden_size:
+        raise MismatchError(
+            f"{vectors.path}: field 'vector' has width {vectors.values.shape[1]} but the model's "
+            f"hidden_size is {loaded.hidden_size}"
+        )
+    bad = vectors.frame.layer[(vectors.frame.layer < 0) | (vectors.frame.layer >= loaded.num_layers)]
+    if len(bad):
+        raise MismatchError(
+            f"{vectors.path}: field 'layer': layer {bad.iloc[0]} is out of range; the model has "
+            f"{loaded.num_layers} blocks (layers 0-{loaded.num_layers - 1})"
+        )
+
+
+def check_template(vectors: VectorSet, style: PromptFormat, option: str = "--chat-template") -> None:
+    """Refuse to use vectors read under one prompt format with the other (chat template or plain)."""
+    made = (vectors.meta.get("prompt") or {}).get("chat_template")
+    if made is not None and bool(made) != style.chat:
+
+        def name(chat: bool) -> str:
+            return "the chat template" if chat else "plain text (no chat template)"
+
+        raise MismatchError(
+            f"{vectors.path}: field 'prompt.chat_template': its activations were read with "
+            f"{name(bool(made))}, but this run uses {name(style.chat)}; set {option} to match"
+        )
+
+
+def check_held_out(vectors: VectorSet, pairs: pd.DataFrame, pairs_path: Path) -> None:
+    """Refuse to score pairs that trained the vectors (another pairs file, or another split)."""
+    trained = set(vectors.meta.get("train_pair_ids") or [])
+    leaked = pairs.pair_id[pairs.pair_id.isin(trained)]
+    if len(leaked):
+        raise MismatchError(
+            f"{pairs_path}: {len(leaked)} of its test pairs (e.g. '{leaked.iloc[0]}') trained the vectors "
+            f"in {vectors.path} (field 'train_pair_ids'): score held-out pairs only"
+        )
 
 
 @dataclass(frozen=True)
@@ -128,21 +167,21 @@ def score_rows(
     layer: int,
     vector: torch.Tensor,
     multipliers: Sequence[float],
-    batch_size: int = 32,
+    planner: Planner | None = None,
     steer_all: bool = False,
     tick: Tick | None = None,
 ) -> np.ndarray:
     """Each text's score under each multiplier: float64 [texts, multipliers].
 
     A/B texts score p(matching) / (p(matching) + p(other)); free-form texts score the summed
-    log-probability of their completion tokens.
+    log-probability of their completion tokens. Batches follow ``planner`` (default: the model's
+    memory budget).
     """
     m = torch.tensor(list(multipliers), dtype=torch.float32)
-    per_batch = max(1, batch_size // len(multipliers))
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i].encoded.input_ids))
+    planner = planner or planner_for(loaded)
     out = np.zeros((len(texts), len(multipliers)))
-    for lo in range(0, len(order), per_batch):
-        index = order[lo : lo + per_batch]
+    lengths = [len(t.encoded.input_ids) for t in texts]
+    for index in planner.batches(lengths, len(multipliers), keep_all=not (texts and texts[0].targets)):
         chunk = [texts[i] for i in index for _ in multipliers]  # rows: text-major, multiplier-minor
         deltas = m.repeat(len(index))[:, None] * vector  # [rows, d_model]
         if chunk[0].targets:
@@ -174,7 +213,7 @@ def score_grid_cached(
     texts: Sequence[ScoreText],
     vectors: dict[int, torch.Tensor],
     multipliers: Sequence[float],
-    batch_size: int = 32,
+    planner: Planner | None = None,
     tick: Tick | None = None,
 ) -> dict[int, np.ndarray]:
     """Like :func:`score_rows` for every layer, computing what steering cannot change once.
@@ -187,8 +226,8 @@ def score_grid_cached(
     import inspect
 
     m = torch.tensor(list(multipliers), dtype=torch.float32)
-    per_batch = max(1, batch_size // len(multipliers))
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i].encoded.input_ids))
+    planner = planner or planner_for(loaded)
+    lengths = [len(t.encoded.input_ids) for t in texts]
     out = {layer: np.zeros((len(texts), len(multipliers))) for layer in vectors}
     device = loaded.device
     pad = loaded.tokenizer.pad_token_id
@@ -196,8 +235,7 @@ def score_grid_cached(
     cache_kwarg = (
         "cache" if "cache" in inspect.signature(loaded.model.forward).parameters else "past_key_values"
     )
-    for lo in range(0, len(order), per_batch):
-        index = order[lo : lo + per_batch]
+    for index in planner.batches(lengths, len(multipliers), keep_all=not (texts and texts[0].targets)):
         chunk = [texts[i] for i in index]
         heads = [t.encoded.input_ids[: t.steer_start] for t in chunk]
         tails = [t.encoded.input_ids[t.steer_start :] for t in chunk]
@@ -299,7 +337,7 @@ def fluency_grid(
     texts: Sequence[list[int]],
     vectors: dict[int, torch.Tensor],
     multipliers: Sequence[float],
-    batch_size: int = 32,
+    planner: Planner | None = None,
     fast: bool = True,
     tick: Tick | None = None,
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -314,9 +352,9 @@ def fluency_grid(
     zero = list(multipliers).index(0.0)
     sums = {layer: (np.zeros(len(m)), np.zeros(len(m))) for layer in vectors}
     count = 0
-    per_batch = max(1, batch_size // len(multipliers))
-    for lo in range(0, len(texts), per_batch):
-        chunk = texts[lo : lo + per_batch]
+    planner = planner or planner_for(loaded)
+    for index in planner.batches([len(ids) for ids in texts], len(multipliers), keep_all=True):
+        chunk = [texts[i] for i in index]
         width = max(len(ids) for ids in chunk)
         mask = torch.zeros(len(chunk), width - 1, device=loaded.device)
         targets = torch.zeros(len(chunk), width - 1, dtype=torch.long, device=loaded.device)
@@ -369,17 +407,22 @@ def run_sweep(
     multipliers: Sequence[float],
     chat_template: str = "auto",
     steer_positions: str = "answer",
-    batch_size: int = 32,
+    planner: Planner | None = None,
     max_kl: float = 0.5,
     engine: str = "fast",
+    truncate: bool = False,
+    pairs_path: Path = Path("pairs"),
     tick: Tick | None = None,
     notice: Callable[[str], None] | None = None,
 ) -> SweepResult:
     """Score every held-out pair of each behavior at every (layer, multiplier), with the fluency cost.
 
     ``engine``: ``fast`` reuses each prompt's unsteered KV cache across the grid; ``naive`` runs one
-    batched forward pass per (texts, layer), the reference. Both give the same table.
+    batched forward pass per (texts, layer), the reference. Both give the same table. Batches follow
+    ``planner`` (default: the model's memory budget, :func:`caa.budget.planner_for`). Pairs that
+    trained the vectors are refused (``pairs_path`` names their file in the message).
     """
+    planner = planner or planner_for(loaded)
     if engine not in ENGINES:
         raise CaaError(f"--engine '{engine}': use one of {', '.join(ENGINES)}")
     skip_layers = engine == "fast"  # skipping unsteered blocks needs no cache: exact for every model
@@ -393,6 +436,8 @@ def run_sweep(
         raise CaaError(f"--steer-positions '{steer_positions}': use one of {', '.join(STEER_POSITIONS)}")
     check_model(vectors, loaded)
     style = prompt_format(loaded.tokenizer, chat_template)
+    check_template(vectors, style)
+    check_held_out(vectors, pairs, pairs_path)
     neutral_ids = [loaded.tokenizer(t)["input_ids"] for t in neutral]
     rows = []
     for behavior in behaviors:
@@ -400,25 +445,34 @@ def run_sweep(
         if subset.empty:
             raise CaaError(f"no held-out pairs of behavior '{behavior}'")
         is_ab = bool((subset.format == "ab").all())
-        if is_ab:
-            texts = [ab_text(loaded, style, r.prompt, r.positive, r.negative) for r in subset.itertuples()]
-        else:
-            texts = [
-                freeform_text(loaded, style, r.prompt, c)
-                for r in subset.itertuples()
-                for c in (r.positive, r.negative)
-            ]
+        texts, cut = [], set()
+        for r in subset.itertuples():
+            made = (
+                [(ab_text(loaded, style, r.prompt, r.positive, r.negative), None)]
+                if is_ab
+                else [(freeform_text(loaded, style, r.prompt, getattr(r, s)), s) for s in SIDES]
+            )
+            for text, side in made:
+                enc, was_cut = fit_context(
+                    text.encoded, loaded.context_length, truncate, describe_pair(r, side, pairs_path)
+                )
+                shift = len(text.encoded.input_ids) - len(enc.input_ids)
+                texts.append(ScoreText(enc, text.steer_start - shift, text.targets))
+                if was_cut:
+                    cut.add(r.pair_id)
+        if cut and notice:
+            notice(f"--truncate: cut the start of {len(cut)} of {len(subset)} '{behavior}' pairs")
         chosen = vectors.require(behavior, layers)
         grid = {layer: torch.from_numpy(vectors.vector(behavior, layer).copy()) for layer in chosen}
         if engine == "fast" and all(t.steer_start > 0 for t in texts):
-            by_layer = score_grid_cached(loaded, texts, grid, multipliers, batch_size, tick)
+            by_layer = score_grid_cached(loaded, texts, grid, multipliers, planner, tick)
         else:
             steer_all = steer_positions == "all"
             by_layer = {
-                layer: score_rows(loaded, texts, layer, v, multipliers, batch_size, steer_all, tick)
+                layer: score_rows(loaded, texts, layer, v, multipliers, planner, steer_all, tick)
                 for layer, v in grid.items()
             }
-        fluency = fluency_grid(loaded, neutral_ids, grid, multipliers, batch_size, skip_layers, tick)
+        fluency = fluency_grid(loaded, neutral_ids, grid, multipliers, planner, skip_layers, tick)
         for layer in grid:
             scores = by_layer[layer]
             if not is_ab:

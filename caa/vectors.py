@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 
 from caa.artifacts import ACTIVATIONS, VECTORS, Artifact, make_meta, read_artifact, vectors_of, write_artifact
-from caa.errors import CaaError, MismatchError
+from caa.errors import CaaError, InputError, MismatchError
 
 METHODS = ("mean", "pca")
 
@@ -32,14 +32,55 @@ def read_activations(paths: Sequence[Path]) -> Activations:
     """Read one or more activation files of the same model and hidden size."""
     if not paths:
         raise CaaError("no activation files given")
+    resolved = [Path(p).resolve() for p in paths]
+    for i, p in enumerate(resolved):
+        if p in resolved[:i]:
+            raise CaaError(f"{paths[i]}: given twice; each activations file counts once")
     arts = [read_artifact(Path(p), ACTIVATIONS) for p in paths]
     first = arts[0]
     for art in arts[1:]:
         check_same_model(first, art)
-    keys = pd.concat([a.table.drop_columns("activation").to_pandas() for a in arts], ignore_index=True)
+        for field in ("chat_template", "position"):
+            a, b = (first.meta.get("prompt") or {}).get(field), (art.meta.get("prompt") or {}).get(field)
+            if a != b:
+                raise MismatchError(
+                    f"{first.path} and {art.path} were read differently: field 'prompt.{field}' is "
+                    f"{a!r} in the first and {b!r} in the second"
+                )
+    for art in arts:
+        if art.table.num_rows == 0:
+            raise InputError(art.path, "has no activation rows")
+    keys = pd.concat(
+        [a.table.drop_columns("activation").to_pandas().assign(file=i) for i, a in enumerate(arts)],
+        ignore_index=True,
+    )
     keys["split"] = keys["split"].astype(str)
     values = np.concatenate([vectors_of(a.table, "activation") for a in arts])
-    return Activations(keys, values, first.meta, [a.path for a in arts])
+    bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+    if len(bad):
+        r = keys.iloc[int(bad[0])]
+        raise InputError(
+            arts[r.file].path,
+            f"the {r.side} activation of pair '{r.pair_id}' at layer {r.layer} has NaN or infinite values",
+            where=f"row {int(bad[0]) - int((keys.file < r.file).sum())}",
+            field="activation",
+        )
+    repeated = keys.duplicated(["pair_id", "side", "layer"])
+    if repeated.any():
+        r = keys[repeated].iloc[0]
+        first_file = keys[
+            (keys.pair_id == r.pair_id) & (keys.side == r.side) & (keys.layer == r.layer)
+        ].file.iloc[0]
+        where = (
+            f"{arts[first_file].path} and {arts[r.file].path}"
+            if first_file != r.file
+            else str(arts[r.file].path)
+        )
+        raise CaaError(
+            f"{where}: duplicate rows: the {r.side} activation of pair '{r.pair_id}' "
+            f"at layer {r.layer} appears twice"
+        )
+    return Activations(keys.drop(columns="file"), values, first.meta, [a.path for a in arts])
 
 
 def check_same_model(
@@ -67,7 +108,7 @@ def compute_vectors(acts: Activations, method: str = "mean") -> pd.DataFrame:
     rows = []
     keys = acts.keys
     for (behavior, layer), group in keys.groupby(["behavior", "layer"], sort=True):
-        pos, neg = _aligned(group)
+        pos, neg = _aligned(group, acts.paths[0], behavior, layer)
         train = (pos.split == "train").to_numpy()
         if not train.any():
             raise CaaError(f"{acts.paths[0]}: behavior '{behavior}' has no training pairs")
@@ -75,6 +116,11 @@ def compute_vectors(acts: Activations, method: str = "mean") -> pd.DataFrame:
         x_neg = acts.values[neg.row.to_numpy()].astype(np.float64)
         diffs = x_pos - x_neg
         vector = _direction(diffs[train], method)
+        if not np.linalg.norm(vector) > 0:
+            raise CaaError(
+                f"{acts.paths[0]}: the vector of '{behavior}' at layer {layer} has zero norm: the positive "
+                "and negative activations of its training pairs are identical"
+            )
         residual = np.linalg.norm(np.concatenate([x_pos[train], x_neg[train]]), axis=1).mean()
         test = ~train
         rows.append(
@@ -96,12 +142,21 @@ def compute_vectors(acts: Activations, method: str = "mean") -> pd.DataFrame:
     return frame
 
 
-def _aligned(group: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Positive and negative rows of one (behavior, layer), in the same pair order."""
+def _aligned(group: pd.DataFrame, path: Path, behavior: str, layer: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Positive and negative rows of one (behavior, layer), in the same pair order; every pair
+    must have both."""
     group = group.assign(row=group.index)
     pos = group[group.side == "positive"].set_index("pair_id")
     neg = group[group.side == "negative"].set_index("pair_id")
-    common = pos.index.intersection(neg.index).sort_values()
+    for have, lack in ((pos, neg), (neg, pos)):
+        alone = have.index.difference(lack.index)
+        if len(alone):
+            side = "negative" if have is pos else "positive"
+            raise CaaError(
+                f"{path}: '{behavior}' at layer {layer}: pair '{alone[0]}' has no {side} row "
+                f"({len(alone)} of {len(have)} pairs lack one)"
+            )
+    common = pos.index.sort_values()
     return pos.loc[common], neg.loc[common]
 
 
@@ -150,12 +205,16 @@ def write_vectors(frame: pd.DataFrame, out: Path, acts: Activations, options: di
     columns["vector"] = pa.FixedSizeListArray.from_arrays(
         pa.array(np.stack(frame.vector.to_list()).reshape(-1)), d_model
     )
+    trained = acts.keys.pair_id[acts.keys.split == "train"]
     meta = make_meta(
         VECTORS,
         options,
         inputs={str(p): p for p in acts.paths},
         model=acts.meta.get("model"),
         prompt=acts.meta.get("prompt"),
+        layers=sorted(int(x) for x in set(frame.layer)),
+        behaviors=sorted(set(frame.behavior)),
+        train_pair_ids=sorted(set(trained)),  # the sweep refuses to score these
     )
     write_artifact(pa.table(columns), out, VECTORS, meta)
 
@@ -205,9 +264,16 @@ def read_vectors(path: Path) -> VectorSet:
     """Read ``vectors.parquet``; refuses non-finite vectors."""
     art = read_artifact(Path(path), VECTORS)
     values = vectors_of(art.table, "vector")
-    bad = ~np.isfinite(values).all(axis=1)
     frame = art.table.drop_columns("vector").to_pandas()
-    if bad.any():
-        r = frame.iloc[int(np.flatnonzero(bad)[0])]
-        raise CaaError(f"{path}: the vector of '{r.behavior}' at layer {r.layer} has NaN or infinite values")
+    if not len(frame):
+        raise InputError(path, "has no vectors")
+    for bad, problem in (
+        (~np.isfinite(values).all(axis=1), "has NaN or infinite values"),
+        (~(np.abs(values).max(axis=1) > 0), "is all zeros (steering with it changes nothing)"),
+    ):
+        if bad.any():
+            r = frame.iloc[int(np.flatnonzero(bad)[0])]
+            raise InputError(
+                path, f"the vector of '{r.behavior}' at layer {r.layer} {problem}", field="vector"
+            )
     return VectorSet(frame, values, art.meta, Path(path))

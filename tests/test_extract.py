@@ -275,3 +275,32 @@ def test_two_process_accelerate_launch_equals_one_process(
     pd.testing.assert_frame_equal(fa.drop(columns="activation"), fb.drop(columns="activation"))
     np.testing.assert_allclose(np.stack(fa.activation), np.stack(fb.activation), atol=1e-5)
     assert not list(tmp_path.glob("two.parquet.part*"))
+
+
+def test_fit_context_cuts_the_prompt_start_only() -> None:
+    from caa.prompts import Encoded, fit_context
+
+    enc = Encoded(list(range(10)), 7, [8, 9])
+    assert fit_context(enc, 10, False, "x") == (enc, False)
+    assert fit_context(enc, 6, True, "x") == (Encoded([4, 5, 6, 7, 8, 9], 3, [4, 5]), True)
+    with pytest.raises(CaaError, match="x is 10 tokens, longer than the model's context of 6"):
+        fit_context(enc, 6, False, "x")
+    with pytest.raises(CaaError, match="x: its completion alone is 3 tokens"):
+        fit_context(enc, 3, True, "x")
+
+
+def test_truncate_counts_the_pairs_it_cut(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    long_prompt = "Tell me all about " + "the long and winding road, " * 60  # > 256 tokens
+    rows = [dict(r) for r in FREEFORM_ROWS]
+    rows[0]["prompt"] = long_prompt
+    pairs = write_pairs_file(tmp_path / "pairs.parquet", {"mood": rows})
+    out = tmp_path / "acts.parquet"
+    args = ["extract", str(pairs), "-m", str(tiny_models["llama"]), "--layers", "1", "-o", str(out)]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2 and "longer than the model's context of 256" in refused.output
+    assert not out.exists() and not (tmp_path / "acts.parquet.partial").exists()
+    result = runner.invoke(app, [*args, "--truncate"])
+    assert result.exit_code == 0, result.output
+    assert "--truncate: cut the start of 1 of 10 pairs to the context of 256 tokens" in result.output
+    table = read_artifact(out, ACTIVATIONS).table
+    assert table.num_rows == 20 and int(max(table.column("n_tokens").to_pylist())) == 256

@@ -143,3 +143,43 @@ def test_embedded_smollm2_loads_and_cache_skips_conversion(
         b = second.model(ids).logits
     assert torch.equal(a, b)
     assert first.tokenizer.decode(a[0, -1].argmax()).strip() == "Paris"
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the file named in ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (Path.touch, (self.marker,))
+
+
+def test_pickled_checkpoint_is_never_loaded(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """A model directory whose weights are a pickle (pytorch_model.bin) is refused, unopened."""
+    import pickle
+    import shutil
+
+    model = tmp_path / "pickled"
+    shutil.copytree(tiny_models["llama"], model)
+    for weights in model.glob("*.safetensors"):
+        weights.unlink()
+    marker = tmp_path / "code-ran"
+    (model / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(ModelError, match="could not load model"):
+        load_model(str(model), device="cpu")
+    assert not marker.exists()
+
+
+def test_paths_in_datasets_are_text(tmp_path: Path) -> None:
+    """A field that names a file is stored as text: ingest never opens it."""
+    import json
+
+    from caa.ingest import ingest
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not read")
+    src = tmp_path / "paths.jsonl"
+    src.write_text(json.dumps({"prompt": str(secret), "positive": "file://" + str(secret), "negative": "x"}))
+    pair = ingest([src]).pairs[0]
+    assert (pair.prompt, pair.positive) == (str(secret), "file://" + str(secret))

@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from caa.artifacts import GENERATIONS, SWEEP, read_artifact
+from caa.budget import Planner, parse_size, planner_for
 from caa.cli import app
 from caa.errors import CaaError
 from caa.extract import read_pairs
@@ -134,7 +135,7 @@ def test_sweep_equals_naive_loop(
         behaviors=["agree", "mood"],
         layers=layers,
         multipliers=MULTIPLIERS,
-        batch_size=5,  # small batches: padded, several per layer
+        planner=planner_for(loaded, max_rows=10),  # small batches: padded, several per layer
         engine=engine,
         notice=notices.append,
     )
@@ -151,6 +152,60 @@ def test_sweep_equals_naive_loop(
     zero = result.table[result.table.multiplier == 0]
     assert (zero.delta == 0).all() and (zero.kl_mean.abs() < 1e-6).all()
     assert (result.table[result.table.multiplier != 0].kl_mean > 0).all()
+
+
+def test_memory_budget_sets_batches_not_results(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    pairs_path, vectors_path = make_vectors(tiny_models["llama"], tmp_path)
+    loaded = load_model(str(tiny_models["llama"]), device="cpu")
+    test = read_pairs(pairs_path)[0]
+    test = test[test.split == "test"].reset_index(drop=True)
+    planners = {"roomy": planner_for(loaded, budget=2**30), "tight": planner_for(loaded, budget=1)}
+    lengths = [len(t) for t in NEUTRAL]
+    assert len(planners["roomy"].batches(lengths, 3, keep_all=True)) == 1
+    assert len(planners["tight"].batches(lengths, 3, keep_all=True)) == len(NEUTRAL)  # one text each
+    tables = {
+        name: run_sweep(
+            loaded,
+            read_vectors(vectors_path),
+            test,
+            NEUTRAL,
+            behaviors=["agree", "mood"],
+            layers=[1, 2],
+            multipliers=MULTIPLIERS,
+            planner=planner,
+        ).table
+        for name, planner in planners.items()
+    }
+    cols = ["score_mean", "score_sem", "kl_mean", "perplexity"]
+    np.testing.assert_allclose(tables["tight"][cols], tables["roomy"][cols], atol=1e-5, rtol=1e-5)
+
+
+def test_planner_fits_the_budget() -> None:
+    planner = Planner(budget=1000, row_bytes=lambda seq, keep: 10 * seq + keep, max_rows=8)
+    lengths = [5, 30, 10, 10, 50, 2]
+    batches = planner.batches(lengths, reps=2, keep_all=False)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for batch in batches:
+        rows = 2 * len(batch)
+        assert rows <= 8
+        assert len(batch) == 1 or rows * (10 * max(lengths[i] for i in batch) + 1) <= 1000
+        assert [lengths[i] for i in batch] == sorted(lengths[i] for i in batch)
+    assert batches[0] == [5, 0, 2, 3]  # shortest first: 2, 5, 10, 10 -> 8 rows x 101 bytes
+    huge = Planner(budget=10, row_bytes=lambda seq, keep: 100 * seq, max_rows=8)
+    assert huge.batches([3, 4], reps=1, keep_all=True) == [[0], [1]]  # too big alone: a batch of one
+
+
+@pytest.mark.parametrize(
+    ("spec", "size"), [("4GiB", 4 * 2**30), ("512MB", 512 * 10**6), ("1.5g", 1.5 * 10**9), ("1000", 1000)]
+)
+def test_parse_size(spec: str, size: float) -> None:
+    assert parse_size(spec) == int(size)
+
+
+@pytest.mark.parametrize("spec", ["", "four", "4XB", "-1GB", "0"])
+def test_parse_size_rejects(spec: str) -> None:
+    with pytest.raises(CaaError, match="--max-memory"):
+        parse_size(spec)
 
 
 def test_sweep_cli_writes_table_plot_and_recommendation(tiny_models: dict[str, Path], tmp_path: Path) -> None:

@@ -1,0 +1,108 @@
+"""Batch sizes from a memory budget: how many rows of a given length fit in ``--max-memory``.
+
+The estimate per row covers what a forward pass keeps alive at its peak: the KV cache of every
+layer, one block's activations (residual, attention, MLP), the attention scores, and the kept
+logits with the float32 log-probabilities and temporaries computed from them. It is an upper bound
+within a factor of about two, which is what a batch planner needs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from caa.errors import CaaError
+from caa.models import LoadedModel
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9}
+_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+CPU_DEFAULT = 4 * 2**30
+MAX_ROWS_DEFAULT = 256  # beyond this a CPU or GPU batch is no faster per row, and progress is coarse
+
+
+def parse_size(spec: str, option: str = "--max-memory") -> int:
+    """``4GiB``, ``512MB``, ``2g`` or a byte count -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", spec)
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in _UNITS:
+        raise CaaError(f"{option} '{spec}': use a size such as 4GiB, 512MB or 2G")
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise CaaError(f"{option} '{spec}': must be above zero")
+    return size
+
+
+def default_budget(device: torch.device) -> int:
+    """Half the free memory of a CUDA device; on CPU a quarter of the RAM, at most 4 GiB."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free // 2
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return CPU_DEFAULT
+    return min(CPU_DEFAULT, ram // 4)
+
+
+@dataclass(frozen=True)
+class Planner:
+    """Groups texts (sorted by length) into batches whose estimated peak memory fits ``budget`` bytes."""
+
+    budget: int
+    row_bytes: Callable[[int, int], int]  # (sequence length, kept logit positions) -> bytes
+    max_rows: int = MAX_ROWS_DEFAULT
+
+    def batches(
+        self, lengths: Sequence[int], reps: int, keep_all: bool, order: Sequence[int] | None = None
+    ) -> list[list[int]]:
+        """Indices of ``lengths`` in batches, each text taking ``reps`` rows (one per multiplier).
+
+        ``keep_all``: logits are kept at every position (else at one). A text too long for the
+        budget on its own still gets a batch of one.
+        """
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i]) if order is None else order
+        batches: list[list[int]] = []
+        current: list[int] = []
+        longest = 0
+        for i in order:
+            n = max(longest, lengths[i])
+            rows = (len(current) + 1) * reps
+            cost = rows * self.row_bytes(n, n if keep_all else 1)
+            if current and (cost > self.budget or rows > self.max_rows):
+                batches.append(current)
+                current, n = [], lengths[i]
+            current.append(i)
+            longest = n
+        if current:
+            batches.append(current)
+        return batches
+
+
+def planner_for(loaded: LoadedModel, budget: int | None = None, max_rows: int | None = None) -> Planner:
+    """A planner with this model's per-row cost; ``budget`` None: :func:`default_budget`."""
+    config = loaded.model.config.get_text_config()
+    d = config.hidden_size
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d
+    layers = loaded.num_layers
+    vocab = config.vocab_size
+    elem = loaded.model.dtype.itemsize
+
+    def row_bytes(seq: int, keep: int) -> int:
+        kv = 2 * layers * kv_heads * head_dim * seq * elem
+        block = seq * (6 * d + 3 * inter) * elem
+        scores = heads * seq * seq * 4
+        logits = keep * vocab * (elem + 4 * 4)  # logits, float log-probs, and KL temporaries
+        return kv + block + scores + logits
+
+    return Planner(
+        budget if budget is not None else default_budget(loaded.device),
+        row_bytes,
+        max_rows or MAX_ROWS_DEFAULT,
+    )

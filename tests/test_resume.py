@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
@@ -155,3 +156,43 @@ def test_ctrl_c_says_how_to_resume(tiny_models: dict[str, Path], tmp_path: Path)
     assert f"the finished batches are kept in {partial_dir(out)}" in message
     assert "run the same command with --resume to continue" in message
     assert not out.exists() and not list(tmp_path.glob("out.parquet.tmp"))
+
+
+class FakeAccelerator:
+    """One rank of a run over ``world`` processes, run here one rank after the other."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.process_index, self.num_processes = rank, world
+        self.is_main_process = rank == 0
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def test_each_process_resumes_its_own_shard(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    pairs_path = many_pairs(tmp_path / "pairs.parquet", 20)
+    pairs = read_pairs(pairs_path)[0]
+    loaded = load_model(str(tiny_models["llama"]), device="cpu")
+    one, out = tmp_path / "one.parquet", tmp_path / "out.parquet"
+    run_extract(pairs, pairs_path, one, loaded, "1,2", batch_size=2)
+
+    def rank(r: int, **kw: object) -> None:
+        run_extract(
+            pairs, pairs_path, out, loaded, "1,2", batch_size=2, accelerator=FakeAccelerator(r, 2), **kw
+        )  # type: ignore[arg-type]
+
+    rank(1)  # finishes its shard; only rank 0 merges
+    assert not out.exists() and len(list((partial_dir(out) / "rank1").glob("items-*"))) == 10
+    with pytest.raises(KeyboardInterrupt):  # (in a real run rank 0 looked before rank 1 started)
+        rank(0, resume=True, on_texts=Interrupt(8))
+    with pytest.raises(MismatchError, match="field 'processes' was 2 in the interrupted run and is 1 now"):
+        run_extract(pairs, pairs_path, out, loaded, "1,2", batch_size=2, resume=True)
+    counted: list[int] = []
+    rank(0, resume=True, on_texts=counted.append)
+    assert counted[0] == 8 and sum(counted) == 20
+    order = ["pair_id", "side", "layer"]
+    merged = table_of(out).to_pandas().sort_values(order).reset_index(drop=True)
+    single = table_of(one).to_pandas().sort_values(order).reset_index(drop=True)
+    assert merged.drop(columns="activation").equals(single.drop(columns="activation"))
+    np.testing.assert_allclose(np.stack(merged.activation), np.stack(single.activation), atol=1e-5)
+    assert not partial_dir(out).exists()

@@ -62,7 +62,10 @@ def steered_logits(loaded, ids: list[int], layer: int, delta: torch.Tensor, star
         handle.remove()
 
 
-def naive_table(loaded, vectors, pairs: pd.DataFrame, layers: list[int]) -> pd.DataFrame:  # type: ignore[no-untyped-def]
+def naive_table(
+    loaded, vectors, pairs: pd.DataFrame, layers: list[int], steer_all: bool = False
+) -> pd.DataFrame:  # type: ignore[no-untyped-def]
+    """The sweep table, one unbatched forward per text and cell; ``steer_all`` steers from position 0."""
     style = prompt_format(loaded.tokenizer)
     rows = []
     for behavior in ("agree", "mood"):
@@ -76,16 +79,16 @@ def naive_table(loaded, vectors, pairs: pd.DataFrame, layers: list[int]) -> pd.D
                         pos = encode(loaded.tokenizer, style, r.prompt, r.positive, "ab", "answer")
                         neg = encode(loaded.tokenizer, style, r.prompt, r.negative, "ab", "answer")
                         k = pos.read[0]
-                        logp = steered_logits(
-                            loaded, pos.input_ids[:k], layer, m * v, pos.completion_start - 1
-                        )[-1]
+                        start = 0 if steer_all else pos.completion_start - 1
+                        logp = steered_logits(loaded, pos.input_ids[:k], layer, m * v, start)[-1]
                         p_pos, p_neg = logp[pos.input_ids[k]].exp(), logp[neg.input_ids[neg.read[0]]].exp()
                         scores.append(float(p_pos / (p_pos + p_neg)))
                     else:
                         total = []
                         for text in (r.positive, r.negative):
                             e = encode(loaded.tokenizer, style, r.prompt, text, "freeform", "mean")
-                            logp = steered_logits(loaded, e.input_ids, layer, m * v, e.completion_start - 1)
+                            start = 0 if steer_all else e.completion_start - 1
+                            logp = steered_logits(loaded, e.input_ids, layer, m * v, start)
                             s = e.completion_start
                             total.append(
                                 float(
@@ -115,10 +118,11 @@ def naive_table(loaded, vectors, pairs: pd.DataFrame, layers: list[int]) -> pd.D
     return pd.DataFrame(rows)
 
 
+@pytest.mark.parametrize("positions", ["answer", "all"])
 @pytest.mark.parametrize("engine", ["fast", "naive"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "gpt2"])
 def test_sweep_equals_naive_loop(
-    tiny_models: dict[str, Path], tmp_path: Path, arch: str, engine: str
+    tiny_models: dict[str, Path], tmp_path: Path, arch: str, engine: str, positions: str
 ) -> None:
     pairs_path, vectors_path = make_vectors(tiny_models[arch], tmp_path)
     loaded = load_model(str(tiny_models[arch]), device="cpu")
@@ -137,14 +141,15 @@ def test_sweep_equals_naive_loop(
         multipliers=MULTIPLIERS,
         planner=planner_for(loaded, max_rows=10),  # small batches: padded, several per layer
         engine=engine,
+        steer_positions=positions,
         notice=notices.append,
     )
     # sliding-window models fall back to the reference engine, and say so
-    fell_back = arch == "gemma3" and engine == "fast"
+    fell_back = arch == "gemma3" and engine == "fast" and positions == "answer"
     assert notices == (
         ["gemma3_text has sliding-window layers: using the reference engine"] if fell_back else []
     )
-    naive = naive_table(loaded, vectors, test, layers)
+    naive = naive_table(loaded, vectors, test, layers, steer_all=positions == "all")
     merged = result.table.merge(naive, on=["behavior", "layer", "multiplier"], suffixes=("", "_naive"))
     assert len(merged) == len(naive) == 2 * len(layers) * len(MULTIPLIERS)
     for col in ("score_mean", "score_sem", "kl_mean", "perplexity"):

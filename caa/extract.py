@@ -99,9 +99,10 @@ def describe_pair(row: Any, side: str | None = None, path: Path | None = None) -
     return f"{path}: {text}" if path else text
 
 
-def batches_by_length(items: Sequence[TextItem], batch_size: int) -> list[list[TextItem]]:
-    """Sort by length (least padding) and cut into batches."""
-    ordered = sorted(items, key=lambda it: len(it.encoded.input_ids))
+def batches_by_length(items: Sequence[TextItem], batch_size: int, skip: int = 0) -> list[list[TextItem]]:
+    """Sort by length (least padding; ties keep their order), leave out the first ``skip``, and cut
+    into batches."""
+    ordered = sorted(items, key=lambda it: len(it.encoded.input_ids))[skip:]
     return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
@@ -150,7 +151,7 @@ def extract_activations(
     style = prompt_format(loaded.tokenizer, chat_template)
     items = encode_pairs(pairs, loaded, style, position, truncate, notice, pairs_path)
     pad_id = loaded.tokenizer.pad_token_id
-    queue = batches_by_length(sorted(items, key=lambda it: len(it.encoded.input_ids))[skip:], batch_size)
+    queue = batches_by_length(items, batch_size, skip)
     while queue:
         chunk = queue.pop(0)
         try:

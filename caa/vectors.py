@@ -40,13 +40,6 @@ def read_activations(paths: Sequence[Path]) -> Activations:
     first = arts[0]
     for art in arts[1:]:
         check_same_model(first, art)
-        for field in ("chat_template", "position"):
-            a, b = (first.meta.get("prompt") or {}).get(field), (art.meta.get("prompt") or {}).get(field)
-            if a != b:
-                raise MismatchError(
-                    f"{first.path} and {art.path} were read differently: field 'prompt.{field}' is "
-                    f"{a!r} in the first and {b!r} in the second"
-                )
     for art in arts:
         if art.table.num_rows == 0:
             raise InputError(art.path, "has no activation rows")
@@ -65,17 +58,12 @@ def read_activations(paths: Sequence[Path]) -> Activations:
             where=f"row {int(bad[0]) - int((keys.file < r.file).sum())}",
             field="activation",
         )
-    repeated = keys.duplicated(["pair_id", "side", "layer"])
+    key = ["pair_id", "side", "layer"]
+    repeated = keys.duplicated(key, keep=False)
     if repeated.any():
         r = keys[repeated].iloc[0]
-        first_file = keys[
-            (keys.pair_id == r.pair_id) & (keys.side == r.side) & (keys.layer == r.layer)
-        ].file.iloc[0]
-        where = (
-            f"{arts[first_file].path} and {arts[r.file].path}"
-            if first_file != r.file
-            else str(arts[r.file].path)
-        )
+        twins = keys[repeated & (keys[key] == r[key]).all(axis=1)]
+        where = " and ".join(dict.fromkeys(str(arts[i].path) for i in twins.file))
         raise CaaError(
             f"{where}: duplicate rows: the {r.side} activation of pair '{r.pair_id}' "
             f"at layer {r.layer} appears twice"
@@ -83,16 +71,22 @@ def read_activations(paths: Sequence[Path]) -> Activations:
     return Activations(keys.drop(columns="file"), values, first.meta, [a.path for a in arts])
 
 
-def check_same_model(
-    a: Artifact, b: Artifact, fields: Sequence[str] = ("hidden_size", "weights_hash")
-) -> None:
-    """Refuse artifacts of different models, naming both files and the differing field."""
-    ma, mb = a.meta.get("model") or {}, b.meta.get("model") or {}
-    for f in fields:
-        if ma.get(f) != mb.get(f):
+SAME_MODEL = (
+    ("model", "hidden_size", "come from different models"),
+    ("model", "weights_hash", "come from different models"),
+    ("prompt", "chat_template", "were read differently"),
+    ("prompt", "position", "were read differently"),
+)
+
+
+def check_same_model(a: Artifact, b: Artifact) -> None:
+    """Refuse artifacts of different models or prompt formats, naming both files and the field."""
+    for section, f, problem in SAME_MODEL:
+        va, vb = (a.meta.get(section) or {}).get(f), (b.meta.get(section) or {}).get(f)
+        if va != vb:
             raise MismatchError(
-                f"{a.path} and {b.path} come from different models: field 'model.{f}' is "
-                f"{ma.get(f)!r} in the first and {mb.get(f)!r} in the second"
+                f"{a.path} and {b.path} {problem}: field '{section}.{f}' is "
+                f"{va!r} in the first and {vb!r} in the second"
             )
 
 

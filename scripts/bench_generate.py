@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -42,17 +43,12 @@ def main() -> None:
     def run(steered: bool) -> float:
         start = time.perf_counter()
         with torch.inference_mode():
-            if steered:
-                with steering(loaded.blocks, {args.layer: coef * vector}, batch.completion_start - 1):
-                    out = loaded.model.generate(
-                        input_ids=batch.input_ids,
-                        attention_mask=batch.attention_mask,
-                        max_new_tokens=args.new_tokens,
-                        min_new_tokens=args.new_tokens,
-                        do_sample=False,
-                        pad_token_id=tok.pad_token_id,
-                    )
-            else:
+            steer = (
+                steering(loaded.blocks, {args.layer: coef * vector}, batch.completion_start - 1)
+                if steered
+                else nullcontext()
+            )
+            with steer:
                 out = loaded.model.generate(
                     input_ids=batch.input_ids,
                     attention_mask=batch.attention_mask,

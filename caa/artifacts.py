@@ -8,20 +8,25 @@ version, the producing command and its options, the package version, the hashes 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import tempfile
+import types
+import typing
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from caa.errors import InputError
+from caa.errors import CaaError, InputError
+from caa.text import json_type, load_json
 
 SCHEMA_VERSION = 1
 META_KEY = b"caa"
@@ -95,6 +100,7 @@ VECTORS = Kind(
         _f("n_test", pa.int32()),
         _f("vector_norm", pa.float64()),
         _f("mean_residual_norm", pa.float64()),
+        _f("pair_consistency", pa.float64(), nullable=True),  # mean cos(pair difference, mean difference)
         _f("cos_prev_layer", pa.float64(), nullable=True),
         _f("cos_next_layer", pa.float64(), nullable=True),
         _f("test_accuracy", pa.float64(), nullable=True),
@@ -112,12 +118,34 @@ SWEEP = Kind(
         _f("multiplier", pa.float64()),
         _f("score_kind", pa.string()),  # "p_match" (A/B) or "logp_diff" (free-form)
         _f("score_mean", pa.float64()),
-        _f("score_sem", pa.float64()),
+        _f("score_sem", pa.float64(), nullable=True),  # null with one item
         _f("n", pa.int32()),
         _f("delta", pa.float64()),  # score_mean minus the unsteered score_mean
-        _f("kl_mean", pa.float64()),  # mean KL(unsteered || steered) over neutral-text tokens
+        _f("delta_low", pa.float64(), nullable=True),  # paired 95% interval of delta over the items
+        _f("delta_high", pa.float64(), nullable=True),
+        _f("kl_mean", pa.float64()),  # mean KL(unsteered || steered) per token (metadata: over what)
         _f("perplexity", pa.float64()),
         _f("perplexity_delta", pa.float64()),
+        # per (behavior, layer), repeated on its rows: items' slopes of score against multiplier
+        _f("slope_mean", pa.float64(), nullable=True),
+        _f("slope_median", pa.float64(), nullable=True),
+        _f("anti_fraction", pa.float64(), nullable=True),  # share of items with a negative slope
+        _f("anti_low", pa.float64(), nullable=True),  # its seeded bootstrap 95% interval
+        _f("anti_high", pa.float64(), nullable=True),
+        _f("backward_items", pa.list_(pa.string())),  # ids steering most strongly backwards
+    ),
+)
+
+SWEEP_ITEMS = Kind(
+    "sweep_items",
+    "caa sweep",
+    (
+        _f("behavior", pa.string()),
+        _f("layer", pa.int16()),
+        _f("multiplier", pa.float64()),
+        _f("pair_id", pa.string()),
+        _f("score", pa.float64()),
+        _f("slope", pa.float64(), nullable=True),  # the item's slope at this layer, on each of its rows
     ),
 )
 
@@ -135,7 +163,71 @@ GENERATIONS = Kind(
     ),
 )
 
-KINDS = {k.name: k for k in (PAIRS, ACTIVATIONS, VECTORS, SWEEP, GENERATIONS)}
+KINDS = {k.name: k for k in (PAIRS, ACTIVATIONS, VECTORS, SWEEP, SWEEP_ITEMS, GENERATIONS)}
+
+
+class ModelMeta(TypedDict, total=False):
+    """The ``model`` entry: the fingerprint of the model an artifact was made with."""
+
+    name: str
+    source: str
+    weights_hash: str
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    dtype: str
+
+
+class PromptMeta(TypedDict, total=False):
+    """The ``prompt`` entry: how the texts were put to the model."""
+
+    chat_template: bool
+    position: str
+    ab_position: str
+
+
+class FluencyMeta(TypedDict, total=False):
+    """The sweep's ``fluency`` entry: what its KL and perplexity were measured on."""
+
+    kind: str  # "continuation" (greedy continuations of neutral prompts) or "text" (every position)
+    texts: int
+    tokens: int
+    continuation_tokens: int | None
+    source: str
+
+
+# The 'caa' metadata entry, declared once: field -> the type of its JSON value (float: any number;
+# a TypedDict: an object whose fields, where present, have those types). Readers use .get(), so a
+# field is checked where present; fields not declared here are left alone.
+META_FIELDS: dict[str, Any] = {
+    "kind": str,
+    "schema_version": int,
+    "command": str,
+    "options": dict[str, Any],
+    "caa_version": str,
+    "created": str,
+    "inputs": dict[str, str],  # path -> SHA-256
+}
+META_FIELDS_OF_KIND: dict[str, dict[str, Any]] = {
+    "pairs": {"counts": dict[str, dict[str, int]]},
+    "activations": {"model": ModelMeta, "prompt": PromptMeta, "layers": list[int]},
+    "vectors": {
+        "model": ModelMeta | None,
+        "prompt": PromptMeta | None,
+        "layers": list[int],
+        "behaviors": list[str],
+        "train_pair_ids": list[str],
+    },
+    "sweep": {
+        "model": ModelMeta,
+        "prompt": PromptMeta | None,
+        "recommended": dict[str, tuple[int, float] | None],  # behavior -> [layer, multiplier]
+        "best_unreliable": dict[str, tuple[int, float] | None],  # the best gain, reliable or not
+        "fluency": FluencyMeta,
+    },
+    "generations": {"model": ModelMeta},
+}
+META_FIELDS_OF_KIND["sweep_items"] = META_FIELDS_OF_KIND["sweep"]  # written by the same run
 
 
 @dataclass
@@ -191,29 +283,222 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")
+@contextmanager
+def atomic_paths(paths: Sequence[Path]) -> Iterator[list[Path]]:
+    """Yield one new temporary beside each of ``paths``; rename them all onto ``paths`` only once the
+    block succeeds, so the outputs of one run are replaced together or not at all.
+
+    Each temporary has a unique name (``.NAME.XXXX.tmp``), so concurrent writers of one output never
+    share one; it is synced to disk before the renames, and each directory after them. Every
+    temporary is removed when the block fails, Ctrl-C included.
+    """
+    paths = [Path(p) for p in paths]
+    _check_distinct(paths)
+    tmps: list[Path] = []
+    try:
+        for path in paths:
+            tmps.append(_new_temporary(path))
+        yield list(tmps)
+        for path in paths:
+            _require_replaceable(path)  # e.g. a directory made there while the block ran
+        for tmp, path in zip(tmps, paths, strict=True):
+            _sync(tmp, path)
+        for tmp, path in zip(tmps, paths, strict=True):
+            _rename(tmp, path)
+        for directory in dict.fromkeys(p.parent for p in paths):
+            _sync_directory(directory)
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
 
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
+    with atomic_paths([path]) as (tmp,):
         yield tmp
-        os.replace(tmp, path)
+
+
+def _check_distinct(paths: Sequence[Path]) -> None:
+    for i, path in enumerate(paths):
+        for other in paths[:i]:
+            if _same_file(other, path):
+                raise CaaError(f"{other} and {path}: two outputs of one run are the same file")
+
+
+def _new_temporary(path: Path) -> Path:
+    """An empty file with a unique name beside ``path``, readable as a file written the usual way."""
+    _require_replaceable(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise CaaError(f"{path}: cannot write there ({e.strerror or e})") from None
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open() would not
     finally:
-        tmp.unlink(missing_ok=True)
+        os.close(fd)
+    return Path(name)
+
+
+def _require_replaceable(path: Path) -> None:
+    if path.is_dir():
+        raise CaaError(f"{path}: is a directory; give a file name to write")
+    if path.exists() and not path.is_file():
+        raise CaaError(f"{path}: is not a regular file; give a file name to write")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CaaError(f"{path}: cannot be created: {parent} is a file, not a directory")
+            break
+
+
+def _sync(tmp: Path, path: Path) -> None:
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise CaaError(f"{path}: cannot write there ({e.strerror or e})") from None
+
+
+def _rename(tmp: Path, path: Path) -> None:
+    try:
+        os.replace(tmp, path)
+    except OSError as e:
+        raise CaaError(f"{path}: cannot write there ({e.strerror or e})") from None
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make the renames in ``directory`` durable (a no-op where directories cannot be synced)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _umask() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_parquet(table: pa.Table, file: Path, kind: Kind, meta: Mapping[str, Any]) -> None:
+    """Write ``table`` as a ``kind`` artifact into ``file`` as it is, not atomically: ``file`` is a
+    temporary of :func:`atomic_paths`, committed with the other outputs of its run."""
+    d_model = _vector_size(table.schema, kind)
+    table = table.cast(kind.schema(d_model)).replace_schema_metadata({META_KEY: json.dumps(meta)})
+    pq.write_table(table, file)
 
 
 def write_artifact(table: pa.Table, path: Path, kind: Kind, meta: Mapping[str, Any]) -> None:
-    """Write ``table`` as a ``kind`` artifact, atomically (``path.tmp``, then rename)."""
-    d_model = _vector_size(table.schema, kind)
-    table = table.cast(kind.schema(d_model)).replace_schema_metadata({META_KEY: json.dumps(meta)})
+    """Write ``table`` as a ``kind`` artifact, atomically (a unique temporary beside it, then rename)."""
     with atomic_path(Path(path)) as tmp:
-        pq.write_table(table, tmp)
+        write_parquet(table, tmp, kind, meta)
+
+
+# --- outputs, checked before any work ---------------------------------------------------------------
+
+PLOT = Kind("plot", "caa sweep", ())
+"""The sweep's PNG plot: not Parquet; declared so that it is checked like the other outputs."""
+PNG_SOFTWARE = "caa sweep"  # the plot's PNG `Software` entry, by which a rerun knows its own plot
+
+
+def sweep_paths(out: Path) -> tuple[Path, Path, Path]:
+    """The files of ``caa sweep -o OUT``, all beside OUT and distinct: the table (OUT), the per-item
+    table (``STEM.items.parquet``) and the plot (``STEM.png``; ``STEM.plot.png`` if OUT is a .png)."""
+    table = Path(out)
+    if not table.name:
+        raise CaaError(f"--out '{out}': give a file name to write")
+    plot_suffix = ".plot.png" if table.suffix.lower() == ".png" else ".png"
+    return table, table.with_name(table.stem + ".items.parquet"), table.with_name(table.stem + plot_suffix)
+
+
+def check_outputs(
+    inputs: Iterable[Path | None], outputs: Sequence[tuple[Path, Kind]], force: bool = False
+) -> list[str]:
+    """Refuse, before any work, outputs that would destroy data; the notices of files to be replaced.
+
+    Refused: an output that is one of ``inputs`` (through a symlink, ``..`` or a hard link); two
+    outputs that are one file; an output that is a directory or no regular file, or below a file;
+    and an existing file that is not a caa artifact of the kind to be written there (a dataset,
+    another stage's artifact) unless ``force``. A file of that kind (a rerun) is replaced.
+    """
+    outs = [(Path(path), kind) for path, kind in outputs]
+    _check_distinct([path for path, _ in outs])
+    for given in inputs:
+        for path, _ in outs:
+            if given is not None and _same_file(Path(given), path):
+                raise CaaError(
+                    f"{path}: is the input {given}; writing it would destroy that input: "
+                    "choose another output"
+                )
+    notices = []
+    for path, kind in outs:
+        _require_replaceable(path)
+        if not path.exists():
+            continue
+        found, what = _identify(path)
+        if found == kind.name:
+            notices.append(f"{path} exists ({what}): replacing it")
+        elif force:
+            notices.append(f"{path} exists ({what}): replacing it, as --force asks")
+        else:
+            raise CaaError(
+                f"{path}: exists and is {what}, not a '{kind.name}' file; "
+                "add --force to replace it, or choose another output"
+            )
+    return notices
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same path once symlinks and ``..`` are resolved,
+    or (both existing) the same inode, as hard links are."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False  # one of them does not exist yet
+
+
+def _identify(path: Path) -> tuple[str | None, str]:
+    """The caa kind of an existing file (None if it is none) and how to call it in a message."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as e:
+        raise CaaError(f"{path}: exists and cannot be read to tell what it is ({e.strerror or e})") from None
+    if head.startswith(b"PAR1"):
+        try:
+            kind = read_meta(path).get("kind")
+        except InputError:
+            return None, "a Parquet file that is not a caa artifact"
+        if kind in KINDS:
+            return kind, f"a '{kind}' file from `{KINDS[kind].command}`"
+        return None, f"a Parquet file of unknown kind {kind!r}"
+    if head.startswith(b"\x89PNG"):
+        if f"Software\0{PNG_SOFTWARE}".encode() in head:
+            return PLOT.name, "a plot from `caa sweep`"
+        if b"Software\0Matplotlib" in head:  # untagged: a plot from before caa tagged them
+            return PLOT.name, "a Matplotlib plot, as an earlier `caa sweep` made it"
+        return None, "a PNG image not made by caa"
+    return None, "an empty file" if not head else "a file that is not a caa artifact"
 
 
 class StreamWriter:
@@ -285,13 +570,79 @@ def read_meta(path: Path) -> dict[str, Any]:
     raw = (schema.metadata or {}).get(META_KEY)
     if raw is None:
         raise InputError(path, "not a caa artifact: its Parquet metadata has no 'caa' entry")
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError:
-        raise InputError(path, "the 'caa' metadata entry is not valid JSON", field="caa") from None
+    meta = load_json(raw, path, field="caa", what="the 'caa' metadata entry is not valid JSON")
     if not isinstance(meta, dict):
         raise InputError(path, "the 'caa' metadata entry is not a JSON object", field="caa")
+    _check_meta(path, meta, META_FIELDS, "caa")  # the kind is a string from here on
+    _check_meta(path, meta, META_FIELDS_OF_KIND.get(str(meta.get("kind")), {}), "caa")
     return meta
+
+
+def _check_meta(path: Path, value: Any, spec: Any, name: str) -> None:
+    """Raise naming the file and the field (``model.hidden_size``, ``layers[2]``) unless ``value``
+    has the type ``spec`` (see META_FIELDS)."""
+    origin, args = typing.get_origin(spec), typing.get_args(spec)
+    if origin in (typing.Union, types.UnionType):  # the problem inside the option that fits is named
+        inside = None
+        for option in args:
+            try:
+                return _check_meta(path, value, option, name)
+            except InputError as e:
+                inside = inside or (e if e.field != name else None)
+        if inside is not None:
+            raise inside
+    elif (isinstance(spec, dict) or typing.is_typeddict(spec)) and isinstance(value, dict):
+        fields = spec if isinstance(spec, dict) else typing.get_type_hints(spec)
+        for key, inner in fields.items():
+            if key in value:
+                _check_meta(path, value[key], inner, f"{name}.{key}".removeprefix("caa."))
+        return
+    elif origin is list and isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_meta(path, item, args[0], f"{name}[{i}]")
+        return
+    elif origin is tuple and isinstance(value, list) and len(value) == len(args):
+        for i, (item, inner) in enumerate(zip(value, args, strict=True)):
+            _check_meta(path, item, inner, f"{name}[{i}]")
+        return
+    elif origin is dict and isinstance(value, dict):
+        for key, item in value.items():
+            _check_meta(path, item, args[1], f"{name}.{key}")
+        return
+    elif origin is None and _is_a(value, spec):
+        return
+    problem = f"expected {_describe(spec)} in the 'caa' metadata, found a JSON {json_type(value)}"
+    raise InputError(path, problem, field=name)
+
+
+def _is_a(value: Any, spec: Any) -> bool:
+    if spec is Any:
+        return True
+    if typing.is_typeddict(spec):
+        return False  # not a dict, or it would have been checked field by field
+    if spec is None or spec is type(None):
+        return value is None
+    if spec is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if spec is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, spec)
+
+
+def _describe(spec: Any) -> str:
+    """A type in words: ``a list of integers``, ``an object or null``."""
+    plural = {str: "strings", int: "integers", float: "numbers", bool: "booleans"}
+    single = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", type(None): "null"}
+    origin, args = typing.get_origin(spec), typing.get_args(spec)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is list:
+        return f"a list of {plural.get(args[0], 'values')}"
+    if origin is tuple:
+        return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
+    if origin is dict or typing.is_typeddict(spec):
+        return "an object"
+    return single.get(spec, str(spec))
 
 
 def read_artifact(path: Path, kind: Kind, columns: Sequence[str] | None = None) -> Artifact:
@@ -329,14 +680,41 @@ def read_artifact(path: Path, kind: Kind, columns: Sequence[str] | None = None) 
         if got != f.type:
             raise InputError(path, f"column has type {got}, expected {f.type}", field=f.name)
     names = list(columns) if columns is not None else expected.names
-    try:
-        table = pq.read_table(path, columns=names)
-    except (pa.ArrowException, OSError) as e:
-        raise InputError(path, f"not a readable Parquet file ({e})") from None
+    table = read_table(path, columns=names)
     for name in names:
         if not expected.field(name).nullable and table.column(name).null_count:
             raise InputError(path, "column has null values", field=name)
     return Artifact(path=path, table=table.select(names), meta=meta)
+
+
+def read_table(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
+    """A Parquet file's table (or ``columns`` of it), with its text checked: Arrow does not check
+    the UTF-8 of string columns on read, and converting a bad one to Python raises."""
+    try:
+        table = pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as e:
+        raise InputError(path, f"not a readable Parquet file ({e})") from None
+    for name in table.column_names:
+        try:
+            table.column(name).validate(full=True)
+        except pa.ArrowInvalid as e:
+            row = _bad_text_row(table.column(name))
+            problem = "not valid UTF-8" if row else f"column is not valid ({e})"
+            raise InputError(path, problem, where=row, field=name) from None
+    return table
+
+
+def _bad_text_row(column: pa.ChunkedArray) -> str | None:
+    """``row N`` of the first value of a string column that is not UTF-8 (None if not found)."""
+    if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+        return None
+    for row, value in enumerate(column.cast(pa.large_binary()).to_pylist()):
+        try:
+            if value is not None:
+                value.decode("utf-8")
+        except UnicodeDecodeError:
+            return f"row {row}"
+    return None
 
 
 def vectors_of(table: pa.Table, column: str) -> np.ndarray:

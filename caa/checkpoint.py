@@ -2,16 +2,16 @@
 
 A run writing ``out.parquet`` keeps its pieces in ``out.parquet.partial/rank<R>/``, one Parquet file
 per finished batch, named by the range of work items it covers (``items-000000480-000000512``).
-Every piece is written to a temporary name and renamed, so a killed process leaves no piece that
-looks finished. Each rank's ``run.json`` holds what the results depend on (inputs, model, options);
-a resume with anything different is refused, naming the field. When every rank has finished, the
-main process merges the pieces in order into ``out.parquet`` and removes the directory.
+Every piece is written to a unique temporary name, synced to disk and renamed, so a killed process
+leaves no piece that looks finished; a piece that cannot be read on resume (a disk that lost it) is
+deleted and its batch done again. Each rank's ``run.json`` holds what the results depend on (inputs,
+model, options); a resume with anything different is refused, naming the field. When every rank has
+finished, the main process merges the pieces in order into ``out.parquet`` and removes the directory.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from collections.abc import Iterator, Mapping
@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from caa.artifacts import atomic_path
 from caa.errors import CaaError, MismatchError
 
 _PIECE = re.compile(r"items-(\d{9})-(\d{9})\.parquet")
@@ -37,6 +38,8 @@ def check_fresh(out: Path, resume: bool) -> None:
 
     Under several processes, every rank calls this before any rank creates a :class:`Checkpoint`."""
     root = partial_dir(out)
+    if root.exists() and not root.is_dir():
+        raise CaaError(f"{root}: is a file; caa extract keeps its unfinished batches there: move it away")
     if root.exists() and not resume:
         raise CaaError(
             f"{root} holds an interrupted run: add --resume to continue it, "
@@ -57,6 +60,7 @@ class Checkpoint:
         self.dir = self.root / f"rank{rank}"
         self.identity = json.loads(json.dumps(identity))  # as it will read back from run.json
         self.done = 0  # items finished, from the start of the rank's work list
+        self.discarded: list[str] = []  # why pieces found on disk were deleted, to be redone
         run_file = self.dir / "run.json"
         if run_file.exists():
             self._check(run_file)
@@ -79,13 +83,19 @@ class Checkpoint:
                 )
 
     def _finished(self) -> int:
-        """Items covered by the finished pieces, which must run without a gap from item 0."""
+        """Items covered by the finished pieces that run without a gap from item 0 and can be read;
+        the first piece that breaks the run, and every piece after it, is deleted to be redone."""
         for stray in self.dir.glob("*.tmp"):
             stray.unlink()  # a piece being written when the run was killed
         end = 0
-        for start, stop, path in self.pieces():
-            if start != end:
-                raise CaaError(f"{path}: pieces do not follow each other (expected one starting at {end})")
+        pieces = list(self.pieces())
+        for i, (start, stop, path) in enumerate(pieces):
+            problem = f"expected a piece starting at item {end}" if start != end else _unreadable(path)
+            if problem:
+                for _, _, later in pieces[i:]:
+                    later.unlink()
+                self.discarded.append(f"{path.name}: {problem}; deleted, with the pieces after it, to redo")
+                break
             end = stop
         return end
 
@@ -101,9 +111,8 @@ class Checkpoint:
     def add(self, items: int, table: pa.Table) -> None:
         """Keep a finished piece covering the next ``items`` work items."""
         path = self.dir / f"items-{self.done:09d}-{self.done + items:09d}.parquet"
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
         self.done += items
 
 
@@ -116,7 +125,15 @@ def merged_pieces(out: Path, ranks: int) -> Iterator[pa.Table]:
             raise CaaError(f"{directory}: missing; the run of rank {rank} did not start")
         pieces = sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := _PIECE.fullmatch(p.name)))
         for _, path in pieces:
-            yield pq.read_table(path)
+            try:
+                table = pq.read_table(path)
+            except (pa.ArrowException, OSError) as e:
+                path.unlink()
+                raise CaaError(
+                    f"{path}: unreadable ({_one_line(e)}); deleted: "
+                    "run the same command with --resume to redo its batch"
+                ) from None
+            yield table
 
 
 def remove(out: Path) -> None:
@@ -125,11 +142,23 @@ def remove(out: Path) -> None:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why a finished piece cannot be used (no Parquet footer, no rows), or None."""
+    try:
+        rows = pq.read_metadata(path).num_rows
+    except (pa.ArrowException, OSError) as e:
+        return f"not readable Parquet ({_one_line(e)})"
+    return None if rows else "no rows"
 
 
 def _short(value: Any) -> str:
     text = json.dumps(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())

@@ -8,13 +8,41 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 from rich import box
 from rich.console import Console
-from rich.markup import escape
+from rich.markup import escape as escape_markup
 from rich.table import Column, Table
+from typer.core import TyperGroup
 
 from caa.errors import CaaError
+from caa.text import clean, text_problem
 
 if TYPE_CHECKING:
     from caa.models import LoadedModel
+
+
+class _CheckedGroup(TyperGroup):
+    """The command group: every command-line argument is checked as text (see caa.text) before
+    any command runs; Python hands over argv bytes that are not UTF-8 as surrogates."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        for i, arg in enumerate(args):
+            if text_problem(arg):
+                name, value = self._argument(ctx, args, i)
+                fail(CaaError(f"{name}: {text_problem(value)}"))
+        return super().parse_args(ctx, args)
+
+    def _argument(self, ctx: Any, args: list[str], i: int) -> tuple[str, str]:
+        """(the option whose value ``args[i]`` is, or the argument itself escaped; the value)."""
+        option, eq, value = args[i].partition("=")
+        if eq and option.startswith("--") and not text_problem(option):
+            return option, value
+        command = self.get_command(ctx, args[0]) if args and not text_problem(args[0]) else None
+        valued = {
+            o for p in getattr(command, "params", []) if not getattr(p, "is_flag", True) for o in p.opts
+        }
+        if i > 0 and args[i - 1] in valued:
+            return args[i - 1], args[i]
+        return f"argument '{clean(args[i])}'", args[i]
+
 
 app = typer.Typer(
     name="caa",
@@ -22,29 +50,43 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="rich",
+    cls=_CheckedGroup,
 )
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 
-@app.callback()
-def main(
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
-) -> None:
-    """Contrastive Activation Addition: ingest -> extract -> compute-vectors -> sweep -> generate.
+def escape(text: str, keep: str = "") -> str:
+    """Text from data or the user, ready for a rich markup string: control characters (ANSI
+    escapes, carriage returns, bells; line breaks too unless ``keep`` holds them) shown as escapes
+    (caa.text.clean), and markup brackets escaped. Every message and table cell goes through it."""
+    return escape_markup(clean(text, keep))
 
-    Layer l is the output of decoder block l (0-based): the residual stream after block l, which is
-    hidden_states[l + 1] in transformers' terms.
-    """
-    if version:
+
+def _print_version(value: bool) -> None:
+    if value:
         from caa import __version__
 
         out.print(f"caa {__version__}")
         raise typer.Exit(0)
 
 
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_print_version),
+    ] = False,
+) -> None:
+    """Contrastive Activation Addition: ingest -> extract -> compute-vectors -> sweep -> generate.
+
+    Layer l is the output of decoder block l (0-based): the residual stream after block l, which is
+    hidden_states[l + 1] in transformers' terms.
+    """
+
+
 def fail(e: CaaError) -> NoReturn:
-    """The one place a domain error becomes a red message and exit code 2."""
+    """The one place a domain error becomes a red message (one line) and exit code 2."""
     err.print(f"[bold red]error:[/] {escape(str(e))}")
     raise typer.Exit(2)
 
@@ -57,6 +99,34 @@ def _require(ok: bool, message: str) -> None:
 
 def warn(message: str) -> None:
     err.print(f"[yellow]warning:[/] {escape(message)}")
+
+
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Replace an existing output file that is not a caa file of the kind written (e.g. a dataset).",
+    ),
+]
+
+
+def _check_outputs(
+    inputs: list[Any], outputs: list[tuple[Path, Any]], force: bool, show: bool = True
+) -> None:
+    """Before any work: refuse outputs that would destroy an input or other data; warn of replacements."""
+    from caa.artifacts import check_outputs
+
+    try:
+        notices = check_outputs(inputs, outputs, force)
+    except CaaError as e:
+        fail(e)
+    for message in notices if show else []:
+        warn(message)
+
+
+def _model_file(model: str) -> Path | None:
+    """--model as an input to protect, where it names a file (a .gguf)."""
+    return Path(model) if Path(model).is_file() else None
 
 
 @app.command()
@@ -84,15 +154,19 @@ def ingest(
             help="Keep the valid rows and list the rejected ones, instead of stopping at the first bad row."
         ),
     ] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Read contrastive pairs into pairs.parquet, validated, with a stable train/test split.
 
     A/B files hold `question`, `answer_matching_behavior`, `answer_not_matching_behavior` (the paper's
     format); free-form files hold `prompt`, `positive`, `negative`. A pair keeps its split when other
-    pairs are added.
+    pairs are added; a pairs.parquet of caa ingest among the files keeps its behaviors, ids and splits.
 
     Example: [bold]caa ingest data/sycophancy.json data/sentiment.jsonl -o pairs.parquet[/]
     """
+    from caa.artifacts import PAIRS
+
+    _check_outputs(list(files), [(out_path, PAIRS)], force)
     from caa.ingest import ingest as run_ingest
     from caa.ingest import parse_mapping, write_pairs
 
@@ -105,6 +179,7 @@ def ingest(
         "skip_invalid": skip_invalid,
     }
     try:
+        _require(0 <= seed < 2**63, f"--seed {seed}: must be at least 0 and below 2**63")  # as generate's
         result = run_ingest(
             files,
             behavior=behavior,
@@ -123,7 +198,7 @@ def ingest(
     table = Table("behavior", "format", "train", "test", title=f"{len(result.pairs)} pairs")
     formats = {p.behavior: p.format for p in result.pairs}
     for name, counts in result.counts().items():
-        table.add_row(name, formats[name], str(counts["train"]), str(counts["test"]))
+        table.add_row(escape(name), escape(formats[name]), str(counts["train"]), str(counts["test"]))
     out.print(table)
     if result.rejected:
         out.print(f"{len(result.rejected)} rows rejected (listed above)")
@@ -162,6 +237,26 @@ TruncateOpt = Annotated[
         help="Cut the start of prompts longer than the model's context (else they are an error).",
     ),
 ]
+
+
+def _before_load(
+    model: str, chat_template: str, layers: str | None, position: str = "last"
+) -> list[int] | None:
+    """The option checks that need no model, run before it loads: --chat-template, --position and
+    --layers (its range too where the model's config gives the layer count without loading it;
+    then the layers, else None)."""
+    from caa.extract import parse_layers
+    from caa.models import config_num_layers
+    from caa.prompts import POSITIONS, TEMPLATES
+
+    templates = ", ".join(TEMPLATES)
+    _require(chat_template in TEMPLATES, f"--chat-template '{chat_template}': use one of {templates}")
+    _require(position in POSITIONS, f"--position '{position}': use one of {', '.join(POSITIONS)}")
+    if layers is None:
+        return None
+    count = config_num_layers(model)
+    chosen = parse_layers(layers, count)
+    return chosen if count is not None else None
 
 
 def _load(
@@ -234,6 +329,7 @@ def extract(
             "the inputs and options must be the same.",
         ),
     ] = False,
+    force: ForceOpt = False,
     dtype: DtypeOpt = "auto",
     device_map: DeviceMapOpt = None,
     trust_remote_code: RemoteOpt = False,
@@ -251,11 +347,18 @@ def extract(
     """
     from accelerate import Accelerator
 
+    from caa.artifacts import ACTIVATIONS
+    from caa.checkpoint import check_fresh
     from caa.extract import read_pairs, run_extract, select_pairs
 
+    accelerator = Accelerator()
+    _check_outputs([pairs, _model_file(model)], [(out_path, ACTIVATIONS)], force, accelerator.is_main_process)
+    try:
+        check_fresh(out_path, resume)  # OUT.partial/: an interrupted run, or a file in its way
+    except CaaError as e:
+        fail(e)
     if batch_size < 1:
         fail(CaaError(f"--batch-size {batch_size}: must be at least 1"))
-    accelerator = Accelerator()
     options = {
         "pairs": str(pairs),
         "model": model,
@@ -271,6 +374,7 @@ def extract(
     }
     try:
         frame = select_pairs(read_pairs(pairs)[0], pairs, split, behavior)  # fail fast, before the model
+        _before_load(model, chat_template, layers, position)
         loaded = _load(
             model, dtype, device_map, trust_remote_code, device=None if device_map else accelerator.device
         )
@@ -325,6 +429,7 @@ def compute_vectors_cmd(
             help="mean (mean difference, the paper's) or pca (first principal component of the differences)."
         ),
     ] = "mean",
+    force: ForceOpt = False,
 ) -> None:
     """Mean-difference steering vectors per behavior and layer, with diagnostics to pick layers.
 
@@ -334,8 +439,10 @@ def compute_vectors_cmd(
 
     Example: [bold]caa compute-vectors activations.parquet -o vectors.parquet[/]
     """
+    from caa.artifacts import VECTORS
     from caa.vectors import compute_vectors, read_activations, write_vectors
 
+    _check_outputs(list(activations), [(out_path, VECTORS)], force)
     try:
         acts = read_activations(activations)
         frame = compute_vectors(acts, method)
@@ -351,13 +458,15 @@ def compute_vectors_cmd(
         "v/h",
         "cos-1",
         "cos+1",
+        "cons",
         "acc",
         "AUC",
         box=box.SIMPLE_HEAD,
         show_edge=False,
         pad_edge=False,
         title=f"{method} vectors (|h|: mean residual norm; v/h: |v| / |h|; "
-        "cos±1: with the adjacent layers' vectors; acc, AUC: separability on the test split)",
+        "cos±1: with the adjacent layers' vectors; cons: mean cosine of the training pairs' differences "
+        "with their mean; acc, AUC: separability on the test split)",
     )
 
     def num(x: object, fmt: str = "{:.3f}") -> str:
@@ -365,7 +474,7 @@ def compute_vectors_cmd(
 
     for r in frame.itertuples():
         table.add_row(
-            r.behavior,
+            escape(r.behavior),
             str(r.layer),
             str(r.n_train),
             num(r.vector_norm, "{:.2f}"),
@@ -373,6 +482,7 @@ def compute_vectors_cmd(
             num(r.vector_norm / r.mean_residual_norm),
             num(r.cos_prev_layer),
             num(r.cos_next_layer),
+            num(r.pair_consistency),
             num(r.test_accuracy),
             num(r.test_auc),
         )
@@ -380,7 +490,18 @@ def compute_vectors_cmd(
     out.print(f"wrote {escape(str(out_path))}")
 
 
-NEUTRAL_DEFAULT = Path("data/neutral_text.jsonl")
+NEUTRAL_TEXT = Path("data/neutral_text.jsonl")
+NEUTRAL_PROMPTS = Path("data/neutral_prompts.txt")
+SteerOpt = Annotated[
+    str,
+    typer.Option(
+        "--steer-positions",
+        help="Which positions are steered. answer (the paper's): every position after the prompt, so "
+        "the answer and every generated token, but not the prompt's last token; prompt-end: that last "
+        "prompt token too, so the first generated token is steered as well; all: every position, "
+        "prompt included (llama.cpp's control vectors).",
+    ),
+]
 
 
 @app.command()
@@ -388,7 +509,12 @@ def sweep(
     vectors: Annotated[Path, typer.Argument(help="vectors.parquet from `caa compute-vectors`.")],
     pairs: Annotated[Path, typer.Argument(help="pairs.parquet from `caa ingest`; its test split is scored.")],
     out_path: Annotated[
-        Path, typer.Option("--out", "-o", help="Output table; the plot goes beside it (.png).")
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output table; the plot goes beside it as STEM.png (STEM.plot.png when OUT is a .png).",
+        ),
     ] = Path("sweep.parquet"),
     model: ModelOpt = "smollm2-135m",
     behavior: Annotated[
@@ -408,15 +534,27 @@ def sweep(
         int | None, typer.Option(help="Score at most this many test pairs per behavior.")
     ] = None,
     neutral: Annotated[
-        Path, typer.Option(help='Neutral texts (.jsonl of {"text"} or .txt) for the fluency cost.')
-    ] = NEUTRAL_DEFAULT,
+        Path | None,
+        typer.Option(
+            help="Neutral texts for the fluency cost: prompts (.txt, one per line; .jsonl of "
+            '{"prompt"}) whose greedy continuations are read, or with --steer-positions all texts '
+            '(.jsonl of {"text"}) read at every position. Default: data/neutral_prompts.txt, '
+            "or data/neutral_text.jsonl with all."
+        ),
+    ] = None,
     neutral_count: Annotated[int, typer.Option(help="How many neutral texts to use.")] = 16,
     max_kl: Annotated[
         float, typer.Option(help="Fluency budget for the recommendation: mean KL per token.")
     ] = 0.5,
-    steer_positions: Annotated[
-        str, typer.Option(help="answer: from the end of the prompt on (the paper's); all: every position.")
-    ] = "answer",
+    max_anti: Annotated[
+        float | None,
+        typer.Option(
+            help="Recommend only layers where at most this share of items steers backwards "
+            "(a negative slope), e.g. 0.2. Default: off."
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap intervals.")] = 0,
+    steer_positions: SteerOpt = "answer",
     engine: Annotated[
         str,
         typer.Option(
@@ -436,24 +574,40 @@ def sweep(
     batch_size: Annotated[
         int | None, typer.Option(help="At most this many rows (text x multiplier) per forward pass.")
     ] = None,
+    force: ForceOpt = False,
     dtype: DtypeOpt = "auto",
     device_map: DeviceMapOpt = None,
     trust_remote_code: RemoteOpt = False,
 ) -> None:
-    """Evaluate steering per layer x multiplier on held-out pairs, with its fluency cost.
+    """Evaluate steering per layer x multiplier on held-out pairs, with its fluency cost and reliability.
 
     Score per A/B question: p(matching letter) / (p(A) + p(B)) at the answer position (the paper's);
     per free-form pair: log p(positive) - log p(negative). The fluency cost is the mean KL divergence
-    from the unsteered to the steered next-token distribution over neutral text, and the perplexity
-    change. Prints the table and the recommended (layer, multiplier): the largest gain whose KL stays
-    under --max-kl. Writes the table and a plot.
+    from the unsteered to the steered next-token distribution where the steering acts: over the
+    unsteered model's 32-token greedy continuations of neutral prompts (prompt unsteered), or with
+    --steer-positions all over neutral text. Reliability: each gain's paired 95% interval, and per
+    layer the items' slopes of score against multiplier, with the share that steers backwards.
+    The recommended (layer, multiplier) is the largest gain whose interval lies above 0 and whose KL
+    stays under --max-kl. Writes the table, the per-item table (STEM.items.parquet) and the plot
+    together: all of them or none are replaced.
 
     Example: [bold]caa sweep vectors.parquet pairs.parquet --layers 10,14,18 --multipliers -4,-2,0,2,4[/]
     """
+    from caa.artifacts import PLOT, SWEEP, SWEEP_ITEMS, atomic_paths, sweep_paths
     from caa.budget import parse_size, planner_for
     from caa.extract import parse_layers, read_pairs, select_pairs
+    from caa.hooks import steer_start
     from caa.sweep import parse_multipliers, plot_sweep, read_neutral, run_sweep, write_sweep
     from caa.vectors import read_vectors
+
+    try:
+        table_path, items_path, plot = sweep_paths(out_path)
+    except CaaError as e:
+        fail(e)
+    if neutral is None:
+        neutral = NEUTRAL_TEXT if steer_positions == "all" else NEUTRAL_PROMPTS
+    inputs = [vectors, pairs, neutral, _model_file(model)]
+    _check_outputs(inputs, [(table_path, SWEEP), (items_path, SWEEP_ITEMS), (plot, PLOT)], force)
 
     options = {
         "vectors": str(vectors),
@@ -466,6 +620,8 @@ def sweep(
         "neutral": str(neutral),
         "neutral_count": neutral_count,
         "max_kl": max_kl,
+        "max_anti": max_anti,
+        "seed": seed,
         "steer_positions": steer_positions,
         "engine": engine,
         "truncate": truncate,
@@ -480,18 +636,24 @@ def sweep(
         _require(max_pairs is None or max_pairs >= 1, f"--max-pairs {max_pairs}: must be at least 1")
         _require(neutral_count >= 1, f"--neutral-count {neutral_count}: must be at least 1")
         _require(max_kl >= 0, f"--max-kl {max_kl}: must be 0 or above")
+        _require(max_anti is None or 0 <= max_anti <= 1, f"--max-anti {max_anti}: must be between 0 and 1")
+        _require(0 <= seed < 2**32, f"--seed {seed}: must be between 0 and 2**32 - 1")
+        steer_start(steer_positions, 0)  # an unknown policy is refused before the model loads
         mults = parse_multipliers(multipliers)
         vecs = read_vectors(vectors)
         frame = read_pairs(pairs)[0]
         names = behavior or sorted(set(vecs.behaviors()) & set(frame.behavior))
         if not names:
             raise CaaError(f"{vectors} and {pairs} have no behavior in common")
+        early = _before_load(model, chat_template, layers)  # --layers against the model's config
         for name in names:
-            vecs.require(name)
+            vecs.require(name, early)
+        for line in vecs.absurd_norms(names):
+            warn(line)
         test = select_pairs(frame, pairs, "test", names)
         if max_pairs is not None:
             test = test.groupby("behavior", sort=False).head(max_pairs).reset_index(drop=True)
-        texts = read_neutral(neutral, neutral_count)
+        texts = read_neutral(neutral, neutral_count, steer_positions)
         loaded = _load(model, dtype, device_map, trust_remote_code)
         chosen = parse_layers(layers, loaded.num_layers) if layers else None
         total = 0  # texts scored per layer (a free-form pair is two texts), neutral texts included
@@ -517,58 +679,126 @@ def sweep(
                 steer_positions=steer_positions,
                 planner=planner_for(loaded, budget, batch_size),
                 max_kl=max_kl,
+                max_anti=max_anti,
                 engine=engine,
                 truncate=truncate,
+                seed=seed,
                 pairs_path=pairs,
+                neutral_source=str(neutral),
                 tick=tick,
                 notice=warn,
             )
-        write_sweep(result, out_path, options, {"vectors": vectors, "pairs": pairs}, loaded, vecs)
-        plot = out_path.with_suffix(".png")
-        plot_sweep(result, plot, max_kl)
+        inputs_used = {"vectors": vectors, "pairs": pairs, "neutral": neutral}
+        with atomic_paths([table_path, items_path, plot]) as (table_tmp, items_tmp, plot_tmp):  # all or none
+            write_sweep(result, table_tmp, items_tmp, options, inputs_used, loaded, vecs)
+            plot_sweep(result, plot_tmp, max_kl)
     except CaaError as e:
         fail(e)
-    _print_sweep(result, max_kl)
-    out.print(f"wrote {escape(str(out_path))} and {escape(str(plot))}")
+    _print_sweep(result, max_kl, max_anti)
+    out.print(f"wrote {escape(str(table_path))}, {escape(str(items_path))} and {escape(str(plot))}")
 
 
-def _print_sweep(result: Any, max_kl: float) -> None:
+def _print_sweep(result: Any, max_kl: float, max_anti: float | None) -> None:
+    from caa.sweep import fluency_label
+
+    def num(x: float, fmt: str) -> str:
+        return "-" if x != x else fmt.format(x)
+
     for name, part in result.table.groupby("behavior", sort=False):
-        kind = "p(match)" if part.score_kind.iloc[0] == "p_match" else "logp(pos)-logp(neg)"
+        kind = "p(match)" if part.score_kind.iloc[0] == "p_match" else "log p(pos) - log p(neg)"
         table = Table(
             "layer",
             "mult",
-            kind,
+            "score",
             "± sem",
             "delta",
+            "95% CI",
             "KL",
             "ppl",
             "Δppl",
             box=box.SIMPLE_HEAD,
             show_edge=False,
             pad_edge=False,
-            title=f"{name} (n={part.n.iloc[0]} held-out pairs)",
+            title=f"{escape(name)}: score = {kind} on {part.n.iloc[0]} held-out pairs; "
+            f"delta's paired 95% CI; KL {fluency_label(result.fluency)}",
         )
         for r in part.itertuples():
+            digits = 3 if r.score_kind == "p_match" else 2
+            ci = (
+                ""
+                if r.multiplier == 0
+                else "-"
+                if r.delta_low != r.delta_low
+                else f"{r.delta_low:+.{digits}f}..{r.delta_high:+.{digits}f}"
+            )
             table.add_row(
                 str(r.layer),
                 f"{r.multiplier:g}",
                 f"{r.score_mean:.3f}",
-                f"{r.score_sem:.3f}",
+                num(r.score_sem, "{:.3f}"),
                 f"{r.delta:+.3f}",
+                ci,
                 f"{r.kl_mean:.3f}",
                 f"{r.perplexity:.2f}",
                 f"{r.perplexity_delta:+.2f}",
             )
         out.print(table)
-        pick = result.recommended.get(name)
-        if pick:
-            out.print(
-                f"[bold]recommended for {escape(name)}: layer {pick[0]}, multiplier {pick[1]:g}[/] "
-                f"(largest gain with KL <= {max_kl:g})"
-            )
-        else:
-            out.print(f"no (layer, multiplier) raises the {escape(name)} score with KL <= {max_kl:g}")
+        _print_steerability(part)
+        _print_recommendation(result, name, part, max_kl, max_anti)
+
+
+def _print_steerability(part: Any) -> None:
+    """Per layer: the items' slopes, and the share (with its interval) that steers backwards."""
+    table = Table(
+        "layer",
+        "mean slope",
+        "median",
+        "anti-steerable",
+        "95% CI",
+        "most backwards",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        title="per-item steerability (slope of each item's score against the multiplier)",
+    )
+    for _, r in part.drop_duplicates("layer").iterrows():
+        if r.anti_fraction != r.anti_fraction:
+            table.add_row(str(r.layer), "-", "-", "-", "-", "")
+            continue
+        table.add_row(
+            str(r.layer),
+            f"{r.slope_mean:+.4f}",
+            f"{r.slope_median:+.4f}",
+            f"{r.anti_fraction:.0%}",
+            f"[{r.anti_low:.0%}, {r.anti_high:.0%}]",
+            escape(", ".join(i[:8] for i in r.backward_items[:2])),
+        )
+    out.print(table)
+
+
+def _print_recommendation(result: Any, name: str, part: Any, max_kl: float, max_anti: float | None) -> None:
+    budget = f"KL <= {max_kl:g}" + (f", anti-steerable <= {max_anti:.0%}" if max_anti is not None else "")
+
+    def anti(layer: int) -> str:
+        value = part[part.layer == layer].anti_fraction.iloc[0]
+        return "" if value != value else f"; {value:.0%} of items steer backwards at this layer"
+
+    pick, best = result.recommended.get(name), result.best.get(name)
+    if pick:
+        out.print(
+            f"[bold]recommended for {escape(name)}: layer {pick[0]}, multiplier {pick[1]:g}[/] "
+            f"(largest gain whose 95% interval is above 0, with {budget}{anti(pick[0])})"
+        )
+    elif best:
+        out.print(
+            f"[yellow]no cell steers {escape(name)} reliably[/] with {budget}: the best, layer {best[0]} "
+            f"x{best[1]:g}, has a gain whose 95% interval includes 0{anti(best[0])}"
+        )
+    else:
+        out.print(f"no (layer, multiplier) raises the {escape(name)} score with {budget}")
+
+
+MIN_TEMPERATURE = 1e-3  # logits / 1e-300 overflow to inf and the sampling probabilities to NaN
 
 
 @app.command()
@@ -592,16 +822,14 @@ def generate(
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Output file.")] = Path("generations.parquet"),
     model: ModelOpt = "smollm2-135m",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per completion.")] = 48,
-    temperature: Annotated[float, typer.Option(help="0: greedy; above 0: sampling.")] = 0.0,
+    temperature: Annotated[
+        float, typer.Option(help=f"0: greedy; from {MIN_TEMPERATURE} up: sampling at that temperature.")
+    ] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling (with --temperature).")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
-    steer_positions: Annotated[
-        str,
-        typer.Option(
-            help="answer: the last prompt token and every generated token (the paper's); all: the prompt too."
-        ),
-    ] = "answer",
+    steer_positions: SteerOpt = "answer",
     chat_template: TemplateOpt = "auto",
+    force: ForceOpt = False,
     dtype: DtypeOpt = "auto",
     device_map: DeviceMapOpt = None,
     trust_remote_code: RemoteOpt = False,
@@ -611,9 +839,13 @@ def generate(
     Example: [bold]caa generate -v vectors.parquet --behavior sentiment --layer 14 --multipliers -4,0,4
     -p "Describe your morning."[/]
     """
+    from caa.artifacts import GENERATIONS
     from caa.generate import read_prompts, run_generate, write_generations
-    from caa.sweep import STEER_POSITIONS, parse_multipliers
+    from caa.hooks import steer_start
+    from caa.sweep import parse_multipliers
     from caa.vectors import read_vectors
+
+    _check_outputs([vectors, prompts_file, _model_file(model)], [(out_path, GENERATIONS)], force)
 
     options = {
         "vectors": str(vectors),
@@ -633,11 +865,15 @@ def generate(
     try:
         _require(limit is None or limit >= 1, f"--limit {limit}: must be at least 1")
         _require(max_new_tokens >= 1, f"--max-new-tokens {max_new_tokens}: must be at least 1")
-        _require(temperature >= 0, f"--temperature {temperature}: must be 0 (greedy) or above")
+        _require(
+            temperature == 0 or MIN_TEMPERATURE <= temperature < float("inf"),
+            f"--temperature {temperature}: must be 0 (greedy) or a finite number from {MIN_TEMPERATURE} "
+            "(below, the logits divided by it overflow and sampling breaks)",
+        )
         _require(0 < top_p <= 1, f"--top-p {top_p}: must be above 0 and at most 1")
+        _require(0 <= seed < 2**63, f"--seed {seed}: must be at least 0 and below 2**63")
         mults = parse_multipliers(multipliers, include_zero=False)
-        if steer_positions not in STEER_POSITIONS:
-            raise CaaError(f"--steer-positions '{steer_positions}': use one of {', '.join(STEER_POSITIONS)}")
+        steer_start(steer_positions, 0)  # an unknown policy is refused before the model loads
         from_file = read_prompts(prompts_file)[:limit] if prompts_file else []
         texts = list(prompt or []) + from_file
         labels = [f"--prompt {i}" for i in range(1, len(prompt or []) + 1)]
@@ -645,6 +881,11 @@ def generate(
         if not texts:
             raise CaaError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
         vecs = read_vectors(vectors)
+        picked = vecs.pick(behavior)
+        vecs.require(picked, [layer])  # the vectors and options are checked before the model loads
+        for line in vecs.absurd_norms([picked], [layer]):
+            warn(line)
+        _before_load(model, chat_template, None)
         loaded = _load(model, dtype, device_map, trust_remote_code)
         with err.status(f"generating {len(texts)} prompts x {len(mults)} multipliers"):
             gens = run_generate(
@@ -655,7 +896,7 @@ def generate(
                 texts,
                 mults,
                 chat_template=chat_template,
-                steer_all=steer_positions == "all",
+                positions=steer_positions,
                 max_new_tokens=max_new_tokens,
                 temperature=temperature,
                 top_p=top_p,
@@ -667,11 +908,12 @@ def generate(
     except CaaError as e:
         fail(e)
     frame = gens.frame
-    title = f"{frame.behavior.iloc[0]} at layer {layer}"
+    title = f"{escape(frame.behavior.iloc[0])} at layer {layer}"
     table = Table("prompt", *[f"x{m:g}" for m in mults], title=title, show_lines=True)
     for _, group in frame.groupby("prompt_index", sort=True):
         table.add_row(
-            escape(group.prompt.iloc[0]), *[escape(t) for t in group.sort_values("multiplier").text]
+            escape(group.prompt.iloc[0], "\n"),
+            *[escape(t, "\n") for t in group.sort_values("multiplier").text],
         )
     out.print(table)
     out.print(f"wrote {escape(str(out_path))}")
@@ -729,7 +971,7 @@ def inspect_cmd(
                 if isinstance(value, list) and len(value) > 8
                 else json.dumps(value)
             )  # e.g. the thousands of train_pair_ids of a vectors file
-            info.add_row(key, escape(brief))
+            info.add_row(escape(key), escape(brief))
     out.print(info)
     if report.inputs:
         inputs = Table(
@@ -737,7 +979,8 @@ def inspect_cmd(
         )
         colour = {"unchanged": "green", "changed": "yellow", "missing": "yellow", "unchecked": "dim"}
         for i in report.inputs:
-            inputs.add_row(escape(i.path), i.sha256[:12], f"[{colour[i.status]}]{i.message}[/]")
+            shade = colour.get(i.status, "yellow")  # special files and unreadable ones: not hashed
+            inputs.add_row(escape(i.path), escape(str(i.sha256)[:12]), f"[{shade}]{i.message}[/]")
         out.print(inputs)
     summary = _key_value_table(f"{report.kind} summary")
     for key, value in report.summary.items():
@@ -757,7 +1000,7 @@ def inspect_cmd(
             rows.add_row(*[_shown(k, row[k]) for k in names])
         out.print(rows)
     for i in report.inputs:
-        if i.status in ("changed", "missing"):
+        if i.status not in ("unchanged", "unchecked"):
             out.print(f"[yellow]note:[/] input {escape(i.path)} {i.message}")
 
 

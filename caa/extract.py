@@ -18,37 +18,43 @@ import pandas as pd
 import torch
 
 from caa import checkpoint
-from caa.artifacts import ACTIVATIONS, PAIRS, StreamWriter, columns_table, make_meta, read_artifact
-from caa.errors import CaaError, InputError
+from caa.artifacts import ACTIVATIONS, StreamWriter, columns_table, make_meta
+from caa.errors import CaaError
 from caa.hooks import recording, run_until_stop
+from caa.ingest import read_pairs as read_pairs  # the reader lives beside its writer
 from caa.models import LoadedModel
 from caa.prompts import Batch, Encoded, PromptFormat, collate, encode, fit_context, prompt_format
 
 SIDES = ("positive", "negative")
-FORMATS = ("ab", "freeform")
 
 
-def parse_layers(spec: str, num_layers: int) -> list[int]:
-    """``all``, ``12``, ``8,12,16``, ``4-20`` or a mix (``4-8,12``), checked against the model."""
-    valid = f"valid layers are 0-{num_layers - 1} (this model has {num_layers} blocks)"
+def parse_layers(spec: str, num_layers: int | None) -> list[int]:
+    """``all``, ``12``, ``8,12,16``, ``4-20`` or a mix (``4-8,12``), checked against the model.
+
+    With ``num_layers`` None (the model is not known yet) only the syntax is checked, and the
+    result is empty."""
     if spec.strip() == "all":
-        return list(range(num_layers))
+        return list(range(num_layers or 0))
     layers: set[int] = set()
     for part in spec.split(","):
         part = part.strip()
         lo, sep, hi = part.partition("-")
         try:
-            chosen = range(int(lo), int(hi) + 1) if sep else [int(part)]
+            first, last = (int(lo), int(hi)) if sep else (int(part), int(part))
         except ValueError:
             raise CaaError(
                 f"--layers '{spec}': '{part}' is not a layer, a range like 4-20, or 'all'"
             ) from None
-        if sep and int(lo) > int(hi):
+        if first > last:
             raise CaaError(f"--layers '{spec}': empty range {part}")
-        for layer in chosen:
-            if not 0 <= layer < num_layers:
-                raise CaaError(f"--layers '{spec}': layer {layer} is out of range; {valid}")
-            layers.add(layer)
+        if num_layers is None:
+            continue
+        if last >= num_layers:  # the first layer of the part that the model lacks
+            raise CaaError(
+                f"--layers '{spec}': layer {max(first, num_layers)} is out of range; valid layers are "
+                f"0-{num_layers - 1} (this model has {num_layers} blocks)"
+            )
+        layers.update(range(first, last + 1))
     return sorted(layers)
 
 
@@ -187,30 +193,6 @@ def _rows(
     }
 
 
-def read_pairs(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The pairs table as a DataFrame, with its metadata."""
-    art = read_artifact(Path(path), PAIRS)
-    frame = art.table.to_pandas()
-    frame["split"] = frame["split"].astype(str)
-    for column, allowed in (("format", FORMATS), ("split", ("train", "test"))):
-        bad = ~frame[column].isin(allowed)
-        if bad.any():
-            row = int(bad.to_numpy().argmax())
-            raise InputError(
-                path,
-                f"{column} '{frame[column].iloc[row]}' is not one of {', '.join(allowed)}",
-                where=f"row {row}",
-                field=column,
-            )
-    repeated = frame.pair_id.duplicated()
-    if repeated.any():
-        row = int(repeated.to_numpy().argmax())
-        raise InputError(
-            path, f"duplicate pair_id '{frame.pair_id.iloc[row]}'", where=f"row {row}", field="pair_id"
-        )
-    return frame, art.meta
-
-
 def select_pairs(
     pairs: pd.DataFrame, path: Path, split: str, behaviors: Sequence[str] | None
 ) -> pd.DataFrame:
@@ -284,6 +266,9 @@ def run_extract(
     pieces = checkpoint.Checkpoint(Path(out), identity, rank)
     shard = pairs.iloc[rank::world].reset_index(drop=True)
     schema = ACTIVATIONS.schema(loaded.hidden_size)
+    for message in pieces.discarded:
+        if notice:
+            notice(message)
     if pieces.done:
         if notice:
             notice(f"resuming: {pieces.done} of {2 * len(shard)} texts were done before the interruption")

@@ -13,7 +13,7 @@ import torch
 
 from caa.artifacts import GENERATIONS, make_meta, write_artifact
 from caa.errors import CaaError
-from caa.hooks import steering
+from caa.hooks import steer_start, steering
 from caa.models import LoadedModel
 from caa.prompts import Encoded, collate, prompt_format, read_texts
 from caa.sweep import check_model, check_template
@@ -40,7 +40,7 @@ def generate_steered(
     *,
     behavior: str = "",
     chat_template: str = "auto",
-    steer_all: bool = False,
+    positions: str = "answer",
     max_new_tokens: int = 48,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -49,8 +49,9 @@ def generate_steered(
 ) -> Generations:
     """Generate every prompt under every multiplier in one batch.
 
-    Steering adds ``multiplier * vector`` to block ``layer``'s output from the last prompt token on
-    (so every generated token is steered), or at every position with ``steer_all``. Greedy unless
+    Steering adds ``multiplier * vector`` to block ``layer``'s output at the positions ``positions``
+    names (:func:`caa.hooks.steer_start`): by default the paper's, every generated token but not the
+    prompt, so the first new token is predicted from the unsteered last prompt position. Greedy unless
     ``temperature`` > 0. ``labels`` name the prompts in errors (default: ``prompt N``).
     """
     if not prompts:
@@ -73,7 +74,7 @@ def generate_steered(
     rows = [(i, m) for i in range(len(prompts)) for m in multipliers]
     batch = collate([encoded[i] for i, _ in rows], tok.pad_token_id).to(loaded.device)
     coef = torch.tensor([m for _, m in rows], dtype=torch.float32)
-    start = None if steer_all else batch.completion_start - 1  # the last prompt token of each row
+    start = steer_start(positions, torch.tensor([len(encoded[i].input_ids) for i, _ in rows]))
     sampling: dict[str, Any] = {"do_sample": False}
     if temperature > 0:
         torch.manual_seed(seed)

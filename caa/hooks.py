@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from caa.errors import CaaError
+
 
 class StopForward(Exception):
     """Raised by a recording hook after the deepest requested block: the rest of the pass is skipped."""
@@ -75,27 +77,62 @@ def run_until_stop(fn: Any, *args: Any, **kwargs: Any) -> None:
         fn(*args, **kwargs)
 
 
+STEER_POSITIONS = ("answer", "prompt-end", "all")
+
+
+def steer_start(positions: str, prompt_length: Tensor | int) -> Tensor | None:
+    """The first steered position of each row under a ``--steer-positions`` policy.
+
+    ``prompt_length`` is the number of prompt tokens of each row (an int, or [batch]); positions
+    are the model's own ``position_ids`` (real tokens only, so padding does not shift them).
+
+    - ``answer`` (the paper's): positions after the prompt's last token, ``position > prompt_end``;
+    - ``prompt-end``: the prompt's last token too, so the first generated token is steered;
+    - ``all``: every position (``None``), prompt included, as llama.cpp's control vectors do.
+    """
+    if positions not in STEER_POSITIONS:
+        raise CaaError(f"--steer-positions '{positions}': use one of {', '.join(STEER_POSITIONS)}")
+    if positions == "all":
+        return None
+    length = torch.as_tensor(prompt_length, dtype=torch.long).reshape(-1)  # [batch] or [1]
+    return length if positions == "answer" else length - 1
+
+
+def _position_ids(kwargs: Mapping[str, Any], seq: int) -> Tensor:
+    """The positions of this call's tokens, as the model numbers them: [batch or 1, seq]."""
+    positions = kwargs.get("position_ids")
+    if positions is None:
+        positions = kwargs.get("cache_position")
+    if positions is None:
+        raise CaaError(
+            "this model's decoder blocks receive no position_ids: steer every position (start=None)"
+        )
+    if positions.dim() == 3:  # multimodal rotary models stack [3, batch, seq]; the text axis comes first
+        positions = positions[0]
+    return positions.view(-1, seq) if positions.dim() == 1 else positions
+
+
 class _Adder:
-    """Adds ``delta`` to a block's output at positions >= ``start`` (per row), tracking how many
-    positions earlier calls covered, so it keeps working token by token under a KV cache."""
+    """Adds ``delta`` to a block's output at the positions >= ``start`` (per row).
+
+    Stateless: the positions are the ``position_ids`` the model hands the block in this call, so any
+    number of passes (prefill, token-by-token decoding under a KV cache, another ``generate``) are
+    steered alike, and left padding does not shift them (the paper's ``position_ids > end`` mask)."""
 
     def __init__(self, delta: Tensor, start: Tensor | None):
         self.delta = delta  # [d_model] or [batch, d_model]
-        self.start = start  # [batch] first steered position (padded coordinates), None = all
-        self.seen = 0
+        self.start = start  # [batch] or [1] first steered position, None = all
 
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+    def __call__(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
         hidden = untuple(output)  # [batch, seq, d_model]
-        seq = hidden.shape[1]
         delta = self.delta.to(device=hidden.device, dtype=hidden.dtype)
         delta = delta.view(1, 1, -1) if delta.dim() == 1 else delta[:, None, :]
         if self.start is None:
             steered = hidden + delta
         else:
-            positions = torch.arange(self.seen, self.seen + seq, device=hidden.device)
-            mask = positions[None, :] >= self.start.to(hidden.device)[:, None]  # [batch, seq]
+            positions = _position_ids(kwargs, hidden.shape[1]).to(hidden.device)  # [batch or 1, seq]
+            mask = positions >= self.start.to(hidden.device)[:, None]  # [batch, seq]
             steered = hidden + mask[..., None].to(hidden.dtype) * delta
-        self.seen += seq
         return _retuple(output, steered)
 
 
@@ -106,15 +143,17 @@ def steering(
     """Add ``deltas[l]`` to the output of block l while the context is open.
 
     ``deltas[l]`` is [d_model] (the same for every row) or [batch, d_model] (e.g. a different
-    multiplier per row). ``start`` is [batch]: the first steered position of each row, counted over
-    all positions the model has seen since the context opened (so generation with a KV cache keeps
-    steering every new token); ``None`` steers every position.
+    multiplier per row). ``start`` is [batch] (or [1]): the first steered position of each row, in
+    the model's ``position_ids`` (real tokens, from 0), compared in every call, so generation with a
+    KV cache keeps steering every new token and a second pass starts over; ``None`` steers every
+    position. See :func:`steer_start` for the ``--steer-positions`` policies.
     """
-    handles = [
-        blocks[layer].register_forward_hook(_Adder(delta, start), prepend=True)
-        for layer, delta in deltas.items()
-    ]
+    handles = []
     try:
+        for layer, delta in deltas.items():
+            handles.append(
+                blocks[layer].register_forward_hook(_Adder(delta, start), prepend=True, with_kwargs=True)
+            )
         yield
     finally:
         for h in handles:
@@ -129,6 +168,8 @@ def steer(
     multiplier: float | Sequence[float] = 1.0,
     *,
     behavior: str | None = None,
+    positions: str = "answer",
+    prompt_length: Tensor | Sequence[int] | int | None = None,
     start: Tensor | int | None = None,
 ) -> Iterator[None]:
     """Steer ``model`` while the context is open: add ``multiplier * vector`` to block ``layer``'s output.
@@ -136,13 +177,18 @@ def steer(
     ``model`` is a :class:`caa.LoadedModel` or a transformers model; ``vector`` is a [d_model] array or
     tensor, or a :class:`caa.vectors.VectorSet` (then ``behavior`` picks its vector, and may be left
     out when the file holds one behavior). ``multiplier`` is one number, or one per batch row.
-    ``start`` is the first steered position (an int, or a [batch] tensor); ``None`` steers every
-    position. Example::
 
-        with caa.steer(loaded, read_vectors("vectors.parquet"), layer=12, multiplier=1.5):
+    Which positions: give ``prompt_length`` (the prompt's token count, per row or for all) and
+    ``positions`` = ``answer`` (the paper's: every position after the prompt), ``prompt-end`` (the
+    prompt's last token too) or ``all``; or give ``start``, the first steered position (an int or a
+    [batch] tensor); with neither, every position is steered. Positions are the model's own
+    ``position_ids``, so two ``generate`` calls in one context are steered alike. Example::
+
+        inputs = loaded.tokenizer(["Tell me about your day."], return_tensors="pt")
+        with caa.steer(loaded, read_vectors("vectors.parquet"), layer=12, multiplier=1.5,
+                       prompt_length=inputs["attention_mask"].sum(-1)):
             out = loaded.model.generate(**inputs)
     """
-    from caa.errors import CaaError
     from caa.models import decoder_blocks
     from caa.vectors import VectorSet
 
@@ -159,10 +205,13 @@ def steer(
         delta = float(multiplier) * v
     else:
         delta = torch.as_tensor(list(multiplier), dtype=torch.float32)[:, None] * v  # [batch, d_model]
-    if isinstance(start, int):
-        rows = delta.shape[0] if delta.dim() == 2 else 1
-        start = torch.full((rows,), start, dtype=torch.long)
-    with steering(blocks, {layer: delta}, start):
+    if prompt_length is not None:
+        if start is not None:
+            raise CaaError("give prompt_length= (with positions=) or start=, not both")
+        first = steer_start(positions, torch.as_tensor(prompt_length))
+    else:
+        first = None if start is None else torch.as_tensor(start, dtype=torch.long).reshape(-1)
+    with steering(blocks, {layer: delta}, first):
         yield
 
 

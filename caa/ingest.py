@@ -10,19 +10,25 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from caa.artifacts import PAIRS, make_meta, require_file, write_artifact
+from caa.artifacts import META_KEY, PAIRS, make_meta, read_artifact, read_table, require_file, write_artifact
 from caa.errors import CaaError, InputError
+from caa.text import check_text, json_type, load_json, text_problem
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 AB_FIELDS = ("question", "answer_matching_behavior", "answer_not_matching_behavior")
 FREEFORM_FIELDS = ("prompt", "positive", "negative")
 EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
 _CHOICE = re.compile(r"(?m)^[ \t]*\(([A-Z])\)")
 _ANSWER = re.compile(r"\s*\(([A-Z])\)(?:\s.*)?|\s*([A-Z])\s*", re.S)
+SPLITS = ("train", "test")
+FORMATS = ("ab", "freeform")
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,10 @@ def ingest(
     A bad row raises an :class:`InputError` naming the file, row and field, unless ``skip_invalid``
     is set: then it is recorded in ``result.rejected`` and the valid rows are kept. Problems with a
     whole file (unreadable, empty, malformed JSON array) always raise.
+
+    A ``pairs.parquet`` of caa ingest among ``paths`` keeps its pairs as they are: their behaviors,
+    formats, ids and splits (its sources are other files; ``behavior`` would rename its pairs and
+    is refused with it).
     """
     if not paths:
         raise CaaError("no input files given")
@@ -96,19 +106,13 @@ def ingest(
         raise CaaError(f"--test-fraction {test_fraction}: must be at least 0 and below 1")
     if behavior is not None and not behavior.strip():
         raise CaaError("--behavior must not be empty")
+    if behavior is not None and (problem := text_problem(behavior)):
+        raise CaaError(f"--behavior: {problem}")
     result = IngestResult()
     seen: dict[str, str] = {}
     for path in paths:
         path = Path(path)
-        name = behavior or path.stem
-        for where, record in _records(path, skip_invalid, result.rejected):
-            try:
-                pair = _to_pair(path, where, record, name, mapping or {}, test_fraction, seed)
-            except InputError as e:
-                if not skip_invalid:
-                    raise
-                result.rejected.append(e)
-                continue
+        for where, pair in _pairs(path, behavior, mapping or {}, test_fraction, seed, skip_invalid, result):
             first = seen.get(pair.pair_id)
             if first is not None:
                 result.duplicates.append(f"{path}: {where}: exact duplicate of {first} (dropped)")
@@ -118,6 +122,46 @@ def ingest(
     if not result.pairs:
         raise CaaError("no valid pairs in " + ", ".join(str(p) for p in paths))
     return result
+
+
+def _pairs(
+    path: Path,
+    behavior: str | None,
+    mapping: Mapping[str, str],
+    test_fraction: float,
+    seed: int,
+    skip_invalid: bool,
+    result: IngestResult,
+) -> Iterator[tuple[str, Pair]]:
+    """(where, pair) for every valid row of one file; invalid rows go to ``result.rejected`` with
+    ``skip_invalid``, else raise."""
+    if _is_caa_artifact(path):
+        if behavior is not None:
+            raise CaaError(
+                f"--behavior {behavior}: {path} is a caa pairs file whose pairs keep their behaviors"
+            )
+        frame, _ = read_pairs(path)
+        for i, row in enumerate(frame.itertuples(index=False)):
+            yield f"row {i}", Pair(*(str(getattr(row, f.name)) for f in PAIRS.fields))
+        return
+    for where, record in _records(path, skip_invalid, result.rejected):
+        try:
+            yield where, _to_pair(path, where, record, behavior or path.stem, mapping, test_fraction, seed)
+        except InputError as e:
+            if not skip_invalid:
+                raise
+            result.rejected.append(e)
+
+
+def _is_caa_artifact(path: Path) -> bool:
+    """Whether ``path`` is a Parquet file with caa metadata (a file that fails to open is left to
+    the reader of datasets, which says why)."""
+    if path.suffix.lower() != ".parquet" or not path.is_file():
+        return False
+    try:
+        return META_KEY in (pq.read_schema(path).metadata or {})
+    except (pa.ArrowException, OSError):
+        return False
 
 
 def _records(path: Path, skip_invalid: bool, rejected: list[InputError]) -> Iterator[tuple[str, Any]]:
@@ -155,14 +199,9 @@ def _decode(path: Path, data: bytes, where: str | None = None) -> str:
 
 
 def _json_records(path: Path, text: str) -> Iterator[tuple[str, Any]]:
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(
-            path, f"malformed JSON: {e.msg} (column {e.colno})", where=f"line {e.lineno}"
-        ) from None
+    doc = load_json(text, path, rows=True)
     if not isinstance(doc, list):
-        raise InputError(path, f"expected a JSON array of objects, found a JSON {_json_type(doc)}")
+        raise InputError(path, f"expected a JSON array of objects, found a JSON {json_type(doc)}")
     if not doc:
         raise InputError(path, "the JSON array is empty: no pairs")
     for i, record in enumerate(doc):
@@ -177,11 +216,7 @@ def _jsonl_records(
             continue
         where = f"line {number}"
         try:
-            line = _decode(path, raw, where)
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(path, f"malformed JSON: {e.msg} (column {e.colno})", where=where) from None
+            record = load_json(_decode(path, raw, where), path, where=where)
         except InputError as e:
             if not skip_invalid:
                 raise
@@ -213,10 +248,7 @@ def _csv_records(path: Path, text: str) -> Iterator[tuple[str, Any]]:
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[str, Any]]:
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as e:
-        raise InputError(path, f"not a readable Parquet file ({e})") from None
+    table = read_table(path)
     if table.num_rows == 0:
         raise InputError(path, "file is empty: the table has no rows")
     for i, record in enumerate(table.to_pylist()):
@@ -226,12 +258,6 @@ def _parquet_records(path: Path) -> Iterator[tuple[str, Any]]:
 @dataclass(frozen=True)
 class _BadRow:
     problem: str
-
-
-def _json_type(value: Any) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(value), "number"
-    )
 
 
 def _to_pair(
@@ -246,7 +272,7 @@ def _to_pair(
     if isinstance(record, _BadRow):
         raise InputError(path, record.problem, where=where)
     if not isinstance(record, dict):
-        raise InputError(path, f"expected an object, found a JSON {_json_type(record)}", where=where)
+        raise InputError(path, f"expected an object, found a JSON {json_type(record)}", where=where)
     record = {**record, **{ours: record[theirs] for ours, theirs in mapping.items() if theirs in record}}
     fmt, names = _format_of(path, where, record, mapping)
     texts = [_text(path, where, record, n, mapping) for n in names]
@@ -312,12 +338,11 @@ def _text(path: Path, where: str, record: dict[str, Any], name: str, mapping: Ma
     if value is None:
         raise InputError(path, "missing value (null)", where=where, field=column)
     if not isinstance(value, str):
-        raise InputError(
-            path, f"expected text, found {_json_type(value)} {value!r:.40}", where=where, field=column
-        )
+        shown = f" {value!r:.40}" if isinstance(value, (int, float)) else ""
+        raise InputError(path, f"expected text, found {json_type(value)}{shown}", where=where, field=column)
     if not value.strip():
         raise InputError(path, "empty text", where=where, field=column)
-    return value
+    return check_text(value, path, where, column)
 
 
 def _answer(path: Path, where: str, answer: str, choices: list[str], column: str) -> str:
@@ -363,3 +388,45 @@ def write_pairs(result: IngestResult, out: Path, paths: Sequence[Path], options:
     """Write ``pairs.parquet`` atomically with provenance (options, input hashes, counts)."""
     meta = make_meta(PAIRS, options, inputs={str(p): Path(p) for p in paths}, counts=result.counts())
     write_artifact(pairs_table(result.pairs), out, PAIRS, meta)
+
+
+def read_pairs(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """``pairs.parquet`` as a DataFrame, with its metadata; a hand-edited file is checked as
+    ingest checks its sources: known formats and splits, unique ids, non-empty texts, A/B answers
+    that are letters and differ."""
+
+    art = read_artifact(Path(path), PAIRS)
+    frame = art.table.to_pandas()
+    frame["split"] = frame["split"].astype(str)
+    for column, allowed in (("format", FORMATS), ("split", SPLITS)):
+        bad = ~frame[column].isin(allowed)
+        if bad.any():
+            row = int(bad.to_numpy().argmax())
+            raise InputError(
+                path,
+                f"{column} '{frame[column].iloc[row]}' is not one of {', '.join(allowed)}",
+                where=f"row {row}",
+                field=column,
+            )
+    for column in ("behavior", "prompt", "positive", "negative"):
+        blank = frame[column].str.strip() == ""
+        if blank.any():
+            raise InputError(path, "empty text", where=f"row {int(blank.to_numpy().argmax())}", field=column)
+    ab = frame.format == "ab"
+    for column in ("positive", "negative"):
+        bad = ab & ~frame[column].str.fullmatch(r"\([A-Z]\)")
+        if bad.any():
+            row = int(bad.to_numpy().argmax())
+            problem = f"'{frame[column].iloc[row]:.40}' is not an A/B answer like '(A)'"
+            raise InputError(path, problem, where=f"row {row}", field=column)
+    same = frame.positive == frame.negative
+    if same.any():
+        problem = "the positive and negative completions are identical"
+        raise InputError(path, problem, where=f"row {int(same.to_numpy().argmax())}", field="negative")
+    repeated = frame.pair_id.duplicated()
+    if repeated.any():
+        row = int(repeated.to_numpy().argmax())
+        raise InputError(
+            path, f"duplicate pair_id '{frame.pair_id.iloc[row]}'", where=f"row {row}", field="pair_id"
+        )
+    return frame, art.meta

@@ -6,7 +6,10 @@ is validated from its Parquet footer and only its key columns are read, never th
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from itertools import groupby
@@ -18,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from caa.artifacts import ACTIVATIONS, KINDS, file_sha256, read_artifact, read_meta
+from caa.artifacts import ACTIVATIONS, KINDS, read_artifact, read_meta
 from caa.errors import InputError
 
 # What the status of an input file means, for people.
@@ -27,6 +30,8 @@ INPUT_STATUS = {
     "changed": "changed since this file was written",
     "missing": "not found",
     "unchecked": "not checked",
+    "special": "not a regular file (a device, pipe or directory): not read",
+    "unreadable": "cannot be read",
 }
 
 
@@ -111,18 +116,45 @@ def inspect_artifact(path: Path | str, check_inputs: bool = True) -> Inspection:
 
 
 def check_input_files(recorded: Mapping[str, str], check: bool = True) -> list[InputCheck]:
-    """Compare each recorded input's SHA-256 with the file on disk now."""
+    """Compare each recorded input's SHA-256 with the file on disk now.
+
+    The paths come from the artifact, which anyone can write: only regular files are read (a
+    device, a pipe or a /proc file could block or never end), and never past the size they had
+    when opened."""
     checks = []
     for name, digest in recorded.items():
-        p = Path(name)
         if not check:
             checks.append(InputCheck(name, digest, "unchecked"))
-        elif not p.is_file():
-            checks.append(InputCheck(name, digest, "missing"))
-        else:
-            now = file_sha256(p)
-            checks.append(InputCheck(name, digest, "unchanged" if now == digest else "changed", now))
+            continue
+        status, now = _hash_regular_file(Path(name))
+        if status is None:
+            status = "unchanged" if now == digest else "changed"
+        checks.append(InputCheck(name, digest, status, now))
     return checks
+
+
+def _hash_regular_file(path: Path) -> tuple[str | None, str | None]:
+    """(None, SHA-256) of a regular file, or (the status that says why not, None)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError:
+        return "missing", None
+    except OSError:
+        return ("special" if path.exists() and not path.is_file() else "unreadable"), None
+    try:
+        info = os.fstat(fd)  # of what was opened, not of what the name points to by now
+        if not stat.S_ISREG(info.st_mode):
+            return "special", None
+        h = hashlib.sha256()
+        left = info.st_size
+        while left > 0 and (block := os.read(fd, min(left, 1 << 20))):
+            h.update(block)
+            left -= len(block)
+        return None, h.hexdigest()
+    except OSError:
+        return "unreadable", None
+    finally:
+        os.close(fd)
 
 
 def layer_spans(layers: Iterable[int]) -> str:
@@ -229,7 +261,8 @@ def _vectors(table: pa.Table, schema: pa.Schema, meta: Mapping[str, Any]) -> Sum
 
 
 def _sweep(table: pa.Table, schema: pa.Schema, meta: Mapping[str, Any]) -> Summary:
-    frame = _frame(table, ["behavior", "layer", "multiplier", "score_kind", "n", "delta", "kl_mean"])
+    columns = ["behavior", "layer", "multiplier", "score_kind", "n", "delta", "kl_mean", "delta_low"]
+    frame = _frame(table, [*columns, "anti_fraction"])
     per = (
         frame.groupby("behavior")
         .agg(
@@ -241,11 +274,18 @@ def _sweep(table: pa.Table, schema: pa.Schema, meta: Mapping[str, Any]) -> Summa
         .reset_index()
     )
     recommended = dict(meta.get("recommended") or {})
-    picks = pd.DataFrame(
-        [(b, r[0], r[1]) for b, r in recommended.items() if r], columns=["behavior", "layer", "multiplier"]
-    ).astype({"behavior": frame.behavior.dtype, "layer": frame.layer.dtype, "multiplier": "float64"})
-    there = picks.merge(frame, how="left")[["behavior", "layer", "multiplier", "delta", "kl_mean"]]
-    at = {row.pop("behavior"): row for row in _records(there)}  # the recommended cell per behavior
+    shown = ["delta", "delta_low", "kl_mean", "anti_fraction"]
+    cells = {
+        (r.behavior, int(r.layer), float(r.multiplier)): {k: _plain(getattr(r, k)) for k in shown}
+        for r in frame.itertuples()
+    }
+    # the recommended cell per behavior, looked up in Python: the metadata's numbers may not fit
+    # the table's column types
+    at = {
+        b: {"layer": r[0], "multiplier": r[1], **cells.get((b, r[0], r[1]), dict.fromkeys(shown))}
+        for b, r in recommended.items()
+        if r
+    }
     per["recommended"] = [at.get(b) for b in per.behavior]
     summary = {
         "behaviors": _sorted(frame.behavior),
@@ -257,6 +297,30 @@ def _sweep(table: pa.Table, schema: pa.Schema, meta: Mapping[str, Any]) -> Summa
             b: {"layer": r[0], "multiplier": r[1]} if r else None for b, r in recommended.items()
         },
         "max_kl": (meta.get("options") or {}).get("max_kl"),
+        "steer_positions": (meta.get("options") or {}).get("steer_positions"),
+        "fluency": (meta.get("fluency") or {}).get("kind"),
+    }
+    return summary, _records(per)
+
+
+def _sweep_items(table: pa.Table, schema: pa.Schema, meta: Mapping[str, Any]) -> Summary:
+    frame = _frame(table, ["behavior", "layer", "multiplier", "pair_id", "slope"])
+    items = frame.drop_duplicates(["behavior", "layer", "pair_id"])
+    per = (
+        items.groupby(["behavior", "layer"])
+        .agg(
+            items=("pair_id", "size"),
+            mean_slope=("slope", "mean"),
+            anti_steerable=("slope", lambda s: float((s < 0).mean()) if s.notna().all() else None),
+        )
+        .reset_index()
+    )
+    summary = {
+        "behaviors": _sorted(frame.behavior),
+        "layers": _sorted(frame.layer),
+        "multipliers": _sorted(frame.multiplier),
+        "items": int(frame.pair_id.nunique()),
+        "rows": len(frame),
     }
     return summary, _records(per)
 
@@ -284,6 +348,7 @@ _SUMMARIES: dict[str, Callable[[pa.Table, pa.Schema, Mapping[str, Any]], Summary
     "activations": _activations,
     "vectors": _vectors,
     "sweep": _sweep,
+    "sweep_items": _sweep_items,
     "generations": _generations,
 }
 

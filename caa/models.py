@@ -11,7 +11,8 @@ import importlib.metadata
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from caa.errors import ModelError
+from caa.errors import CaaError, InputError, ModelError
+from caa.text import json_type, load_json
 
 DEFAULT_MODEL = "smollm2-135m"
 Progress = Callable[[str], None]
@@ -158,17 +160,19 @@ def load_model(
     file, or a hub id (works when its files are reachable or already cached). The model is put in
     eval mode on ``device`` (default: the GPU if there is one), or placed by ``device_map``.
     """
+    torch_dtype = resolve_dtype(dtype, device)  # an option error before any slow step
+    directory, name, source, weights_hash = _resolve(spec, progress)
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    directory, name, source, weights_hash = _resolve(spec, progress)
-    torch_dtype = resolve_dtype(dtype, device)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True, **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
+        # transformers reports a malformed config or weights file with any of these
         local = directory != spec or Path(spec).exists()
         where = directory if local else "the Hugging Face Hub (not reachable and not cached?)"
         raise ModelError(f"could not load model '{spec}' from {where}: {_first_line(e)}") from None
@@ -229,15 +233,111 @@ def _resolve(spec: str, progress: Progress | None) -> tuple[str, str, str, str |
         digest = _gguf_hash(path)
         return _gguf_directory(path, digest, progress), path.stem, str(path.resolve()), digest
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{path} is a directory but has no config.json: not a transformers model")
+        read_config(path)
         return str(path), path.name, str(path.resolve()), _directory_hash(path)
-    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+    if path.exists():
+        raise ModelError(f"unknown model '{spec}': a file, but not a .gguf file or a model directory")
+    if looks_like_path(spec):
+        raise ModelError(f"no such model directory or file: '{spec}'")
+    if spec.count("/") == 1:
+        _require_reachable(spec)
         return spec, spec, f"hub:{spec}", None
     raise ModelError(
         f"unknown model '{spec}': not an embedded alias ({', '.join(EMBEDDED)}), "
         "an existing directory, a .gguf file, or a hub id of the form org/name"
     )
+
+
+# Endings of files that people pass for a model (weights, configs, datasets): never a hub id.
+FILE_SUFFIXES = frozenset(
+    {".bin", ".ckpt", ".csv", ".gguf", ".ggml", ".gz", ".h5", ".json", ".jsonl", ".model", ".msgpack"}
+    | {".npy", ".npz", ".onnx", ".parquet", ".pt", ".pth", ".safetensors", ".tar", ".txt", ".zip"}
+)
+
+
+def looks_like_path(spec: str) -> bool:
+    """Whether ``spec`` can only be meant as a local path: it starts with ``.``, ``/`` or ``~``, has
+    more than one separator (a hub id has exactly one) or ends in a file suffix."""
+    seps = spec.count("/") + (spec.count(os.sep) if os.sep != "/" else 0)
+    return spec.startswith((".", "/", "~", os.sep)) or seps > 1 or Path(spec).suffix.lower() in FILE_SUFFIXES
+
+
+def hub_offline() -> bool:
+    """Whether the user has switched the Hugging Face Hub off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)."""
+    flags = (os.environ.get(v, "").strip().upper() for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(f in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+def _hub_cached_config(repo_id: str) -> Path | None:
+    """The cached config.json of a hub model, if the local hub cache has it (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except (ValueError, OSError):  # an id the hub would refuse, an unreadable cache
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def _require_reachable(repo_id: str) -> None:
+    """With the hub switched off, a hub id that is not cached fails now, not after retries."""
+    if hub_offline() and _hub_cached_config(repo_id) is None:
+        raise ModelError(
+            f"could not load model '{repo_id}' from the Hugging Face Hub: the hub is offline "
+            "(HF_HUB_OFFLINE is set) and the model is not in the local cache"
+        )
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    """A model directory's config.json, which must be a JSON object."""
+    config = directory / "config.json"
+    if not config.is_file():
+        raise ModelError(f"{directory} is a directory but has no config.json: not a transformers model")
+    try:
+        data = config.read_bytes()
+    except OSError as e:
+        raise ModelError(f"{config}: cannot be read ({e.strerror or e})") from None
+    doc = load_json(data, config, what="is not a valid JSON file")
+    if not isinstance(doc, dict):
+        raise InputError(
+            config, f"is not a model config: expected a JSON object, found a JSON {json_type(doc)}"
+        )
+    if not isinstance(doc.get("model_type", ""), str):
+        raise InputError(config, "expected a string", field="model_type")
+    return doc
+
+
+MAX_LAYERS = 10_000  # a config claiming more is not believed (``--layers all`` would list them)
+
+
+def config_num_layers(spec: str) -> int | None:
+    """The number of decoder blocks that ``spec``'s config declares, read without loading the model
+    or the network (None when the config is not at hand: a GGUF not converted yet, a hub model not
+    cached), so that --layers is checked before the model loads."""
+    path = Path(spec).expanduser()
+    try:
+        if spec in EMBEDDED or path.suffix.lower() == ".gguf":
+            gguf = embedded_gguf(spec) if spec in EMBEDDED else path
+            digest = _known_gguf_hash(gguf) if gguf.is_file() else None
+            directory = cache_dir() / "models" / digest[:32] if digest else None
+            config = read_config(directory) if directory and (directory / "config.json").is_file() else None
+        elif path.is_dir():
+            config = read_config(path)
+        elif spec.count("/") == 1 and not looks_like_path(spec):
+            cached = _hub_cached_config(spec)
+            config = read_config(cached.parent) if cached else None
+        else:
+            config = None
+    except CaaError:
+        return None  # loading the model reports it
+    if config is None:
+        return None
+    for section in (config, config.get("text_config")):
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            value = section.get(key) if isinstance(section, dict) else None
+            if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_LAYERS:
+                return value
+    return None
 
 
 def embedded_gguf(alias: str) -> Path:
@@ -256,28 +356,69 @@ def embedded_gguf(alias: str) -> Path:
     return path
 
 
-def _gguf_hash(path: Path) -> str:
-    """SHA-256 of a GGUF file, remembered per (path, size, mtime) so large files are hashed once."""
+def _gguf_memo(path: Path) -> Path:
+    """Where the SHA-256 of a GGUF file is remembered, per (path, size, mtime)."""
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:32]
-    memo = cache_dir() / "hashes" / f"{key}.txt"
-    if memo.is_file():
-        return memo.read_text().strip()
+    return cache_dir() / "hashes" / f"{key}.txt"
+
+
+def _known_gguf_hash(path: Path) -> str | None:
+    """The remembered SHA-256 of a GGUF file, if it was hashed before."""
+    memo = _gguf_memo(path)
+    try:
+        return memo.read_text().strip() if memo.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _gguf_hash(path: Path) -> str:
+    """SHA-256 of a GGUF file, remembered per (path, size, mtime) so large files are hashed once."""
+    known = _known_gguf_hash(path)
+    if known:
+        return known
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 22):
             h.update(block)
     digest = h.hexdigest()
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(digest)
-    os.replace(tmp, memo)
+    memo = _gguf_memo(path)
+    with _writing_cache():
+        _cache_subdir("hashes")
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(digest)
+        os.replace(tmp, memo)
     return digest
+
+
+def _cache_subdir(name: str) -> Path:
+    """``cache_dir() / name``, created, with an error naming CAA_CACHE if that is impossible."""
+    root = cache_dir()
+    if root.exists() and not root.is_dir():
+        raise ModelError(f"cache directory {root} (CAA_CACHE): is a file, not a directory")
+    with _writing_cache():
+        (root / name).mkdir(parents=True, exist_ok=True)
+    if not os.access(root / name, os.W_OK | os.X_OK):
+        raise ModelError(f"cache directory {root / name} (CAA_CACHE): not writable")
+    return root / name
+
+
+@contextmanager
+def _writing_cache() -> Iterator[None]:
+    """Turn a failed write in the cache (a file in the way, no permission, a full disk) into an
+    error naming the cache and CAA_CACHE, which moves it."""
+    try:
+        yield
+    except OSError as e:
+        where = e.filename or cache_dir()
+        raise ModelError(
+            f"cache directory {cache_dir()} (CAA_CACHE): cannot write {where} ({e.strerror or e})"
+        ) from None
 
 
 def _gguf_directory(path: Path, digest: str, progress: Progress | None) -> str:
     """A transformers directory (safetensors) holding the de-quantised GGUF, converted once."""
-    target = cache_dir() / "models" / digest[:32]
+    target = _cache_subdir("models") / digest[:32]
     if (target / "config.json").is_file():
         return str(target)
     if progress:
@@ -298,17 +439,18 @@ def _gguf_directory(path: Path, digest: str, progress: Progress | None) -> str:
     model.is_quantized = False  # type: ignore[assignment]
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "caa_source.json").write_text(json.dumps({"gguf": str(path), "sha256": digest}))
+    with _writing_cache():
         try:
-            os.rename(tmp, target)
-        except OSError:  # another process converted it first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "caa_source.json").write_text(json.dumps({"gguf": str(path), "sha256": digest}))
+            try:
+                os.rename(tmp, target)
+            except OSError:  # another process converted it first
+                if not (target / "config.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
 
 

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from caa.artifacts import require_file
+from caa.artifacts import read_table, require_file
 from caa.errors import CaaError, InputError
+from caa.text import check_text, load_json
 
 POSITIONS = ("last", "mean", "answer")
 TEMPLATES = ("auto", "on", "off")
@@ -163,37 +164,28 @@ def collate(items: Sequence[Encoded], pad_id: int, padding_side: str = "left") -
 def read_texts(path: Path, field: str) -> list[str]:
     """Texts from a .txt (one per line), .jsonl (objects with ``field``) or .parquet (a ``field``
     column), with errors that name the file, the line and the field."""
-    import json
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     path = require_file(path)
     suffix = path.suffix.lower()
     texts: list[str] = []
     if suffix == ".parquet":
-        try:
-            table = pq.read_table(path)
-        except (pa.ArrowException, OSError) as e:
-            raise InputError(path, f"not a readable Parquet file ({e})") from None
+        table = read_table(path)
         if field not in table.column_names:
             raise InputError(path, "column missing", field=field)
         texts = [t for t in table.column(field).to_pylist() if isinstance(t, str) and t.strip()]
     elif suffix in (".txt", ".jsonl"):
         try:
-            lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is dropped
+            # a byte-order mark is dropped; lines end at \n only (str.splitlines also splits at
+            # U+2028 and other characters that a JSON string may hold)
+            lines = path.read_text(encoding="utf-8-sig").split("\n")
         except UnicodeDecodeError as e:
             raise InputError(path, f"not valid UTF-8 (byte offset {e.start})") from None
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             if suffix == ".txt":
-                texts.append(line.strip())
+                texts.append(check_text(line.strip(), path, f"line {number}"))
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(path, f"malformed JSON: {e.msg}", where=f"line {number}") from None
+            record = load_json(line, path, where=f"line {number}")
             if not isinstance(record, dict) or not isinstance(record.get(field), str):
                 raise InputError(
                     path, f"expected an object with a {field} string", where=f"line {number}", field=field

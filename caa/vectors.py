@@ -16,6 +16,7 @@ from caa.artifacts import ACTIVATIONS, VECTORS, Artifact, make_meta, read_artifa
 from caa.errors import CaaError, InputError, MismatchError
 
 METHODS = ("mean", "pca")
+ABSURD_RATIO = 100.0  # a vector this many times its layer's mean residual norm is an error, not a choice
 
 
 @dataclass
@@ -109,7 +110,14 @@ def compute_vectors(acts: Activations, method: str = "mean") -> pd.DataFrame:
         x_pos = acts.values[pos.row.to_numpy()].astype(np.float64)  # [pairs, d_model]
         x_neg = acts.values[neg.row.to_numpy()].astype(np.float64)
         diffs = x_pos - x_neg
-        vector = _direction(diffs[train], method)
+        if method == "pca" and train.sum() < 2:
+            raise CaaError(
+                f"{acts.paths[0]}: --method pca: '{behavior}' has {int(train.sum())} training pair; the "
+                "principal component of one difference is any direction: use --method mean, or more pairs"
+            )
+        vector = _direction(
+            diffs[train], method, f"{acts.paths[0]}: --method pca: '{behavior}' at layer {layer}"
+        )
         if not np.linalg.norm(vector) > 0:
             raise CaaError(
                 f"{acts.paths[0]}: the vector of '{behavior}' at layer {layer} has zero norm: the positive "
@@ -126,6 +134,7 @@ def compute_vectors(acts: Activations, method: str = "mean") -> pd.DataFrame:
                 "n_test": int(test.sum()),
                 "vector_norm": float(np.linalg.norm(vector)),
                 "mean_residual_norm": float(residual),
+                "pair_consistency": consistency(diffs[train]),
                 "test_accuracy": float((diffs[test] @ vector > 0).mean()) if test.any() else None,
                 "test_auc": auc(x_pos[test] @ vector, x_neg[test] @ vector) if test.any() else None,
                 "vector": vector.astype(np.float32),
@@ -154,17 +163,32 @@ def _aligned(group: pd.DataFrame, path: Path, behavior: str, layer: int) -> tupl
     return pos.loc[common], neg.loc[common]
 
 
-def _direction(diffs: np.ndarray, method: str) -> np.ndarray:
+def _direction(diffs: np.ndarray, method: str, what: str) -> np.ndarray:
     mean = diffs.mean(axis=0)  # [d_model], float64
     if method == "mean":
         return mean
     centred = diffs - mean
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    _, spread, vt = np.linalg.svd(centred, full_matrices=False)
+    if not spread[0] > 1e-9 * max(float(np.abs(diffs).max()), 1e-30):
+        raise CaaError(
+            f"{what}: the training differences are all equal, so they have no principal component "
+            "(any direction would do): use --method mean"
+        )
     unit = vt[0]
     along = float(mean @ unit)
     if along < 0:
         unit, along = -unit, -along
     return along * unit
+
+
+def consistency(diffs: np.ndarray) -> float | None:
+    """Mean cosine between each pair's difference and the mean difference: how consistently the pairs
+    point one way (Braun et al. 2025 found it predicts whether steering works). None when no pair has
+    a non-zero difference."""
+    mean = diffs.mean(0)
+    norms = np.linalg.norm(diffs, axis=1) * np.linalg.norm(mean)
+    ok = norms > 0
+    return float((diffs[ok] @ mean / norms[ok]).mean()) if ok.any() else None
 
 
 def auc(pos_scores: np.ndarray, neg_scores: np.ndarray) -> float:
@@ -241,6 +265,41 @@ class VectorSet:
             )
         return list(layers) if layers else have
 
+    def pick(self, behavior: str | None) -> str:
+        """``behavior`` if the file has it; without one, the file's only behavior."""
+        names = self.behaviors()
+        if behavior is None:
+            if len(names) != 1:
+                raise CaaError(
+                    f"{self.path} holds several behaviors ({', '.join(names)}): pick one with --behavior"
+                )
+            return names[0]
+        self.require(behavior)
+        return behavior
+
+    def absurd_norms(
+        self, behaviors: Sequence[str] | None = None, layers: Sequence[int] | None = None
+    ) -> list[str]:
+        """One warning line per vector (of ``behaviors`` at ``layers``, default all) whose norm is
+        more than ABSURD_RATIO times its layer's mean residual norm: steering with it drowns the
+        residual stream, and every output is noise rather than the behavior."""
+        frame = self.frame
+        norms = np.linalg.norm(self.values.astype(np.float64), axis=1)
+        residual = frame.mean_residual_norm.to_numpy(dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = norms / residual
+        bad = ~(ratio <= ABSURD_RATIO)  # NaN (no usable residual norm) counts as absurd
+        if behaviors is not None:
+            bad &= frame.behavior.isin(list(behaviors)).to_numpy()
+        if layers is not None:
+            bad &= frame.layer.isin(list(layers)).to_numpy()
+        return [
+            f"{self.path}: the vector of '{frame.behavior.iloc[i]}' at layer {frame.layer.iloc[i]} has norm "
+            f"{norms[i]:.3g}, {ratio[i]:.3g} times the layer's mean residual norm ({residual[i]:.3g}): "
+            "steering with it swamps the model"
+            for i in np.flatnonzero(bad)
+        ]
+
     def vector(self, behavior: str, layer: int) -> np.ndarray:
         """The vector of one behavior at one layer, with an error naming what the file has."""
         if behavior not in set(self.frame.behavior):
@@ -255,7 +314,8 @@ class VectorSet:
 
 
 def read_vectors(path: Path) -> VectorSet:
-    """Read ``vectors.parquet``; refuses non-finite vectors."""
+    """Read ``vectors.parquet``; refuses non-finite or zero vectors, and two vectors of one behavior
+    at one layer."""
     art = read_artifact(Path(path), VECTORS)
     values = vectors_of(art.table, "vector")
     frame = art.table.drop_columns("vector").to_pandas()
@@ -270,4 +330,14 @@ def read_vectors(path: Path) -> VectorSet:
             raise InputError(
                 path, f"the vector of '{r.behavior}' at layer {r.layer} {problem}", field="vector"
             )
+    repeated = frame.duplicated(["behavior", "layer"]).to_numpy()
+    if repeated.any():
+        row = int(repeated.argmax())
+        r = frame.iloc[row]
+        raise InputError(
+            path,
+            f"a second vector of '{r.behavior}' at layer {r.layer}: which one to use is ambiguous",
+            where=f"row {row}",
+            field="layer",
+        )
     return VectorSet(frame, values, art.meta, Path(path))

@@ -16,7 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from caa.hooks import steering  # noqa: E402
+from caa.hooks import steer_start, steering  # noqa: E402
 from caa.models import load_model  # noqa: E402
 from caa.prompts import Encoded, collate, prompt_format  # noqa: E402
 
@@ -37,6 +37,7 @@ def main() -> None:
         ids = tok(style.prefix(tok, p), add_special_tokens=False)["input_ids"]
         encoded.append(Encoded(ids, len(ids), [len(ids) - 1]))
     batch = collate(encoded, tok.pad_token_id)
+    lengths = torch.tensor([len(e.input_ids) for e in encoded])  # the paper's positions: after the prompt
     vector = torch.randn(loaded.hidden_size)
     coef = torch.linspace(-1, 1, len(prompts))[:, None]
 
@@ -44,7 +45,7 @@ def main() -> None:
         start = time.perf_counter()
         with torch.inference_mode():
             steer = (
-                steering(loaded.blocks, {args.layer: coef * vector}, batch.completion_start - 1)
+                steering(loaded.blocks, {args.layer: coef * vector}, steer_start("answer", lengths))
                 if steered
                 else nullcontext()
             )

@@ -7,7 +7,7 @@ unbatched forward pass per question, layer and multiplier), and optionally the b
 engine (`--engine naive`). The questions are timed in interleaved chunks, so a change in machine
 load hits every engine alike. Usage:
     python scripts/bench_sweep.py [--behavior sycophancy] [--questions 100] [--layers 4-20]
-        [--multipliers -4,-2,0,2,4] [--chunk 25] [--with-batched]
+        [--multipliers -4,-2,0,2,4] [--chunk 25] [--with-batched] [--positions answer]
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from caa.budget import planner_for  # noqa: E402
+from caa.engine import ab_scores, completion_logprobs, reference_grid, run_grid  # noqa: E402
 from caa.extract import encode_pairs, forward_layers, parse_layers  # noqa: E402
 from caa.ingest import ingest, pairs_table  # noqa: E402
 from caa.models import load_model  # noqa: E402
 from caa.prompts import collate, prompt_format  # noqa: E402
-from caa.sweep import ab_text, freeform_text, score_grid_cached, score_rows  # noqa: E402
+from caa.sweep import ab_text, freeform_text  # noqa: E402
 
 
 def main() -> None:
@@ -41,6 +42,7 @@ def main() -> None:
     parser.add_argument("--multipliers", default="-4,-2,0,2,4")
     parser.add_argument("--chunk", type=int, default=25, help="questions per interleaved timing chunk")
     parser.add_argument("--with-batched", action="store_true", help="also time the batched reference")
+    parser.add_argument("--positions", default="answer", choices=["answer", "prompt-end"])
     args = parser.parse_args()
     multipliers = [float(x) for x in args.multipliers.split(",")]
     loaded = load_model("smollm2-135m", device="cpu")
@@ -62,6 +64,7 @@ def main() -> None:
     )
     sign = torch.tensor([1.0 if it.side == "positive" else -1.0 for it in items])[:, None, None]
     vectors = {layer: (acts * sign).sum(0)[i] / len(train) for i, layer in enumerate(layers)}
+    reduce = ab_scores if (test.format == "ab").all() else completion_logprobs
     if (test.format == "ab").all():
         texts = [ab_text(loaded, style, r.prompt, r.positive, r.negative) for r in test.itertuples()]
         per_pair = 1
@@ -80,16 +83,31 @@ def main() -> None:
         flush=True,
     )
     single = planner_for(loaded, max_rows=1)
-    engines = {
-        "fast": lambda chunk: score_grid_cached(loaded, chunk, vectors, multipliers),
-        "per-cell": lambda chunk: {
-            layer: np.concatenate([score_rows(loaded, chunk, layer, v, [m], single) for m in multipliers], 1)
+    where = args.positions
+
+    def per_cell(chunk: list) -> dict[int, np.ndarray]:  # type: ignore[type-arg]
+        return {
+            layer: np.concatenate(
+                [
+                    reference_grid(loaded, chunk, {layer: v}, [m], reduce, where, single)[layer]
+                    for m in multipliers
+                ],
+                1,
+            )[..., 0]
             for layer, v in vectors.items()
+        }
+
+    engines = {
+        "fast": lambda chunk: {
+            la: s[..., 0]
+            for la, s in run_grid("fast", loaded, chunk, vectors, multipliers, reduce, where).items()
         },
+        "per-cell": per_cell,
     }
     if args.with_batched:
         engines["batched"] = lambda chunk: {
-            layer: score_rows(loaded, chunk, layer, v, multipliers) for layer, v in vectors.items()
+            la: s[..., 0]
+            for la, s in run_grid("naive", loaded, chunk, vectors, multipliers, reduce, where).items()
         }
     seconds = dict.fromkeys(engines, 0.0)
     scores: dict[str, list[dict[int, np.ndarray]]] = {name: [] for name in engines}

@@ -23,15 +23,16 @@ $CAA extract "$OUT/pairs.parquet" --model smollm2-135m --behavior sentiment --la
 step "3/5 compute-vectors -> $OUT/vectors.parquet"
 $CAA compute-vectors "$OUT/activations.parquet" -o "$OUT/vectors.parquet"
 
-step "4/5 sweep: layers $LAYERS x multipliers $MULTIPLIERS on 16 held-out pairs -> $OUT/sweep.parquet, sweep.png"
+step "4/5 sweep: layers $LAYERS x multipliers $MULTIPLIERS on 16 held-out pairs -> $OUT/sweep.parquet, sweep.items.parquet, sweep.png"
 $CAA sweep "$OUT/vectors.parquet" "$OUT/pairs.parquet" --behavior sentiment --layers "$LAYERS" \
-  --multipliers "$MULTIPLIERS" --max-pairs 16 --neutral data/neutral_text.jsonl --neutral-count 8 \
-  --max-kl 0.5 -o "$OUT/sweep.parquet"
+  --multipliers "$MULTIPLIERS" --max-pairs 16 --neutral-count 8 --max-kl 0.5 -o "$OUT/sweep.parquet"
 
 # The recommendation is in the sweep file's metadata: any Parquet reader gets it.
+# (When no cell steers reliably, the demo still shows the best one, as the sweep said.)
 read -r LAYER MULT < <($PY -c "
 import json, pyarrow.parquet as pq
-layer, mult = json.loads(pq.read_schema('$OUT/sweep.parquet').metadata[b'caa'])['recommended']['sentiment']
+meta = json.loads(pq.read_schema('$OUT/sweep.parquet').metadata[b'caa'])
+layer, mult = meta['recommended']['sentiment'] or meta['best_unreliable']['sentiment']
 print(layer, f'{mult:g}')")
 
 step "5/5 generate: layer $LAYER, multipliers -$MULT, 0, +$MULT on three neutral prompts -> $OUT/generations.parquet"
@@ -42,5 +43,6 @@ $CAA generate --vectors "$OUT/vectors.parquet" --behavior sentiment --layer "$LA
 step "done"
 echo "artifacts:"
 ls -l "$OUT"
-echo "Read the plot: $OUT/sweep.png (score vs multiplier per layer, and the KL cost beside it)."
+echo "Read the plot: $OUT/sweep.png (score vs multiplier per layer, the KL cost beside it, and each"
+echo "held-out pair's slope per layer: the ones below 0 steer backwards)."
 echo "Left column: steered towards negative sentiment; right column: towards positive."

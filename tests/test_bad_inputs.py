@@ -2,7 +2,7 @@
 
 Each case runs one real command (typer's CliRunner on ``caa.cli.app``) on one bad input and asserts
 the contract of the reliability issue: exit code 2; one message that names the bad file (or, for a
-bad option, the option) and says what is wrong; no output file, and no ``.tmp`` beside it.
+bad option, the option) and says what is wrong; no output file, and no temporary (``*.tmp``) beside it.
 
 Small static inputs live in ``tests/bad_inputs/`` (listed in its README.md). Large or binary ones,
 and artifacts derived from valid ones, are made at test time by the ``MAKERS`` below, from valid
@@ -876,7 +876,9 @@ def test_bad_input(case: Case, valid: Valid, tmp_path: Path, request: pytest.Fix
         wrong.append(f"the message does not name {named!r}")
     if len(result.output) > 5000:
         wrong.append(f"{len(result.output)} characters of output")
-    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out."))
+    leftovers = sorted(
+        p.name for p in tmp_path.iterdir() if p.name.startswith("out.") or p.name.endswith(".tmp")
+    )  # the output, or a temporary (`.out.parquet.XXXX.tmp`) of any writer
     if leftovers:
         wrong.append(f"left {', '.join(leftovers)}")
     assert not wrong, "; ".join(wrong) + "\n" + _describe(result)

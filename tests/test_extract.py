@@ -144,6 +144,9 @@ def test_vectors_equal_naive_mean_and_pca_sign(
             np.testing.assert_allclose(row.vector, naive, atol=1e-6, rtol=1e-5)
             assert row.n_train == len(pos)
             assert row.vector_norm == pytest.approx(np.linalg.norm(naive), rel=1e-5)
+            diffs = values[pos.index].astype(np.float64) - values[neg.index]
+            cosines = [d @ naive / np.linalg.norm(d) / np.linalg.norm(naive) for d in diffs]
+            assert row.pair_consistency == pytest.approx(np.mean(cosines), rel=1e-6)
             p = pca[(pca.behavior == behavior) & (pca.layer == layer)].iloc[0]
             assert float(p.vector @ naive) > 0  # PCA sign agrees with the mean difference
             assert 0.0 <= row.test_auc <= 1.0
@@ -153,7 +156,18 @@ def test_vectors_equal_naive_mean_and_pca_sign(
     assert middle.cos_prev_layer == pytest.approx(a @ b / np.linalg.norm(a) / np.linalg.norm(b), rel=1e-5)
     result = runner.invoke(app, ["compute-vectors", str(out), "-o", str(tmp_path / "v.parquet")])
     assert result.exit_code == 0, result.output
-    assert "wrote" in result.output
+    assert "wrote" in result.output and "cons" in result.output
+
+
+def test_consistency_of_pair_differences() -> None:
+    from caa.vectors import consistency
+
+    assert consistency(np.array([[1.0, 0.0], [2.0, 0.0]])) == pytest.approx(1.0)
+    assert consistency(np.array([[1.0, 1.0], [1.0, -1.0]])) == pytest.approx(np.sqrt(0.5))
+    assert consistency(np.array([[1.0, 0.0], [0.0, 0.0]])) == pytest.approx(
+        1.0
+    )  # a zero difference is skipped
+    assert consistency(np.zeros((2, 3))) is None
 
 
 def test_compute_vectors_refuses_mixed_models(

@@ -120,3 +120,104 @@ def test_replaying_skips_blocks_exactly_and_restores_them(tiny_models: dict[str,
     with pytest.raises(RuntimeError, match="boom"), replaying(loaded.blocks, 2, rec[1]):
         raise RuntimeError("boom")
     assert list(loaded.blocks) == originals
+
+
+def _block_outputs_batch(loaded, batch, layer: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    captured = {}
+
+    def hook(module, args, output):  # type: ignore[no-untyped-def]
+        captured["h"] = untuple(output).clone()
+
+    handle = loaded.blocks[layer].register_forward_hook(hook)
+    try:
+        with torch.inference_mode():
+            loaded.model(**batch)
+    finally:
+        handle.remove()
+    return captured["h"]
+
+
+@pytest.mark.parametrize("positions", ["answer", "prompt-end", "all"])
+def test_each_policy_steers_exactly_its_positions_under_left_padding(
+    tiny_models: dict[str, Path], positions: str
+) -> None:
+    from caa.hooks import steer_start
+
+    loaded = load_model(str(tiny_models["llama"]), device="cpu")
+    torch.manual_seed(3)
+    prompts = [torch.randint(10, 200, (n,)).tolist() for n in (4, 7)]
+    answers = [torch.randint(10, 200, (n,)).tolist() for n in (3, 2)]
+    rows = [p + a for p, a in zip(prompts, answers, strict=True)]
+    width = max(map(len, rows))
+    ids = torch.full((2, width), loaded.tokenizer.pad_token_id)
+    mask = torch.zeros((2, width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row) :] = torch.tensor(row)
+        mask[r, width - len(row) :] = 1
+    batch = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+    v = torch.randn(loaded.hidden_size)
+    base = _block_outputs_batch(loaded, batch, 1)
+    start = steer_start(positions, torch.tensor([len(p) for p in prompts]))
+    with steering(loaded.blocks, {1: 2.0 * v}, start):
+        steered = _block_outputs_batch(loaded, batch, 1)
+    changed = (steered - base).abs().amax(-1) > 1e-6  # [batch, seq]
+    for r, (prompt, row) in enumerate(zip(prompts, rows, strict=True)):
+        pad = width - len(row)
+        first = {"answer": len(prompt), "prompt-end": len(prompt) - 1, "all": -pad}[positions]
+        expected = [pad + first <= i for i in range(width)]
+        assert changed[r].tolist() == expected, (positions, r)
+        torch.testing.assert_close(
+            steered[r, pad + max(first, 0) :], base[r, pad + max(first, 0) :] + 2.0 * v
+        )
+
+
+def test_steering_is_stateless_across_passes_and_generate_calls(tiny_models: dict[str, Path]) -> None:
+    """A second forward pass, or a second generate call, in one context is steered like the first."""
+    loaded = load_model(str(tiny_models["llama"]), device="cpu")
+    torch.manual_seed(4)
+    prompt = torch.randint(10, 200, (1, 6))
+    v = torch.randn(loaded.hidden_size) * 3
+    pad = loaded.tokenizer.pad_token_id
+
+    def gen() -> torch.Tensor:
+        with torch.inference_mode():
+            return loaded.model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=pad)
+
+    with caa.steer(loaded, v, layer=1, multiplier=1.0, prompt_length=6):
+        alone = gen()
+    with caa.steer(loaded, v, layer=1, multiplier=1.0, prompt_length=6):
+        first, second = gen(), gen()
+        once = block_outputs(loaded, prompt, 1)
+        again = block_outputs(loaded, prompt, 1)
+    assert torch.equal(first, alone) and torch.equal(second, alone)
+    torch.testing.assert_close(again, once, atol=0, rtol=0)
+    with torch.inference_mode():
+        plain = loaded.model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=pad)
+    assert torch.equal(plain[0, :7], alone[0, :7])  # the first new token comes from the unsteered prompt
+    assert not torch.equal(plain, alone)
+
+
+def test_a_failed_registration_leaks_no_handle(tiny_models: dict[str, Path]) -> None:
+    loaded = load_model(str(tiny_models["llama"]), device="cpu")
+    counts = [len(b._forward_hooks) for b in loaded.blocks]
+    v = torch.ones(loaded.hidden_size)
+    with pytest.raises(IndexError), steering(loaded.blocks, {1: v, 99: v}):
+        pass
+    assert [len(b._forward_hooks) for b in loaded.blocks] == counts
+
+
+def test_steer_positions_need_the_prompt_length_or_a_start(tiny_models: dict[str, Path]) -> None:
+    from caa.errors import CaaError
+    from caa.hooks import steer_start
+
+    assert steer_start("all", 5) is None
+    assert steer_start("answer", 5).tolist() == [5]
+    assert steer_start("prompt-end", torch.tensor([5, 3])).tolist() == [4, 2]
+    with pytest.raises(CaaError, match="--steer-positions 'last': use one of answer, prompt-end, all"):
+        steer_start("last", 5)
+    loaded = load_model(str(tiny_models["llama"]), device="cpu")
+    with (
+        pytest.raises(CaaError, match="not both"),
+        caa.steer(loaded, torch.ones(32), 1, prompt_length=3, start=2),
+    ):
+        pass

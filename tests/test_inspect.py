@@ -170,7 +170,13 @@ def write_sweep(path: Path) -> pd.DataFrame:
     frame["kl_mean"] = frame.multiplier.abs() * frame.layer / 100
     frame["perplexity"] = 10.0
     frame["perplexity_delta"] = 0.5
+    frame["delta_low"] = frame.delta - 0.05
+    frame["delta_high"] = frame.delta + 0.05
+    frame["slope_mean"] = frame["slope_median"] = frame.layer / 10
+    frame["anti_fraction"] = frame["anti_low"] = frame["anti_high"] = 0.25
+    frame["backward_items"] = [["p1"]] * len(frame)
     meta = make_meta(SWEEP, {"max_kl": 0.5}, model=MODEL, recommended={"agree": [2, 1.0], "mood": None})
+    frame = frame[[f.name for f in SWEEP.fields]]
     write_artifact(pa.Table.from_pandas(frame, preserve_index=False), path, SWEEP, meta)
     return frame
 
@@ -190,7 +196,9 @@ def test_sweep(tmp_path: Path) -> None:
         "layer": 2,
         "multiplier": 1.0,
         "delta": pytest.approx(0.2),
+        "delta_low": pytest.approx(0.15),
         "kl_mean": pytest.approx(0.02),
+        "anti_fraction": 0.25,
     }
     assert rows["mood"]["recommended"] is None
     assert rows["mood"]["best_delta"] == frame[frame.behavior == "mood"].delta.max()

@@ -127,3 +127,56 @@ def test_steering_moves_the_demo_behavior_in_order(
     at = table[table.layer == layer].set_index("multiplier").score_mean
     assert at[-m] < at[0.0] < at[m], at.to_dict()
     assert json.dumps(art.meta["recommended"])
+
+
+@pytest.mark.parametrize("positions", ["answer", "prompt-end"])
+def test_sweep_scores_equal_the_papers_masking_rule(
+    shared_cache: Path, monkeypatch: pytest.MonkeyPatch, positions: str
+) -> None:
+    """Both engines against a reference written from the paper's rule: one unbatched forward per
+    question, the vector added where position > instruction_end (the prompt's last token)."""
+    import json
+
+    from caa.engine import ab_scores, run_grid
+    from caa.sweep import ab_text
+
+    monkeypatch.setenv("CAA_CACHE", str(shared_cache))
+    loaded = load_model("smollm2-135m", device="cpu")
+    style = prompt_format(loaded.tokenizer)
+    questions = json.loads((DATA / "sycophancy.json").read_text())[:6]
+    torch.manual_seed(0)
+    vectors = {layer: torch.randn(loaded.hidden_size) for layer in (12, 18)}
+    multipliers = [-4.0, 0.0, 4.0]
+    texts, reference = [], {layer: np.zeros((len(questions), 3)) for layer in vectors}
+    for i, q in enumerate(questions):
+        match, other = q["answer_matching_behavior"], q["answer_not_matching_behavior"]
+        texts.append(ab_text(loaded, style, q["question"], match, other))
+        pos = encode(loaded.tokenizer, style, q["question"], match, "ab", "answer")
+        neg = encode(loaded.tokenizer, style, q["question"], other, "ab", "answer")
+        instruction_end = pos.completion_start - 1
+        ids = torch.tensor([pos.input_ids[: pos.read[0]]])
+        for layer, v in vectors.items():
+            for j, m in enumerate(multipliers):
+
+                def add(module, args, output, v=v, m=m, end=instruction_end):  # type: ignore[no-untyped-def]
+                    hidden = output[0] if isinstance(output, tuple) else output
+                    where = torch.arange(hidden.shape[1])
+                    steered = where > end if positions == "answer" else where >= end
+                    hidden = hidden + steered[None, :, None] * (m * v)
+                    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+                handle = loaded.blocks[layer].register_forward_hook(add)
+                try:
+                    with torch.inference_mode():
+                        p = torch.softmax(loaded.model(ids).logits[0, -1].float(), -1)
+                finally:
+                    handle.remove()
+                a, b = p[pos.input_ids[pos.read[0]]], p[neg.input_ids[neg.read[0]]]
+                reference[layer][i, j] = float(a / (a + b))
+    for engine in ("fast", "naive"):
+        got = run_grid(engine, loaded, texts, vectors, multipliers, ab_scores, positions)
+        for layer in vectors:
+            scores = got[layer][..., 0]
+            np.testing.assert_allclose(scores, reference[layer], atol=5e-5, err_msg=f"{engine} {layer}")
+            np.testing.assert_allclose(scores.mean(0), reference[layer].mean(0), atol=1e-5)
+    assert np.abs(reference[18][:, 2] - reference[18][:, 1]).max() > 1e-3  # the steering did act

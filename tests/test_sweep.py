@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from caa.artifacts import GENERATIONS, SWEEP, read_artifact
+from caa.artifacts import GENERATIONS, SWEEP, SWEEP_ITEMS, read_artifact
 from caa.budget import Planner, parse_size, planner_for
 from caa.cli import app
 from caa.errors import CaaError
@@ -62,10 +62,53 @@ def steered_logits(loaded, ids: list[int], layer: int, delta: torch.Tensor, star
         handle.remove()
 
 
+def first_steered(positions: str, prompt_end: int) -> int:
+    """The paper's rule, written from its description: the vector is added where
+    position > instruction_end (``answer``); ``prompt-end`` also at instruction_end; ``all`` everywhere."""
+    return {"answer": prompt_end + 1, "prompt-end": prompt_end, "all": 0}[positions]
+
+
+def greedy_continuation(loaded, ids: list[int], n: int = 32) -> list[int]:  # type: ignore[no-untyped-def]
+    """The unsteered model's greedy continuation of one prompt, up to and with its first EOS."""
+    with torch.inference_mode():
+        out = loaded.model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=n,
+            min_new_tokens=1,
+            do_sample=False,
+            pad_token_id=loaded.tokenizer.pad_token_id,
+        )[0, len(ids) :].tolist()
+    eos = loaded.tokenizer.eos_token_id
+    return out[: out.index(eos) + 1] if eos in out else out
+
+
+def fluency_reference(loaded, layer: int, delta: torch.Tensor, positions: str) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """Mean KL(unsteered || steered) per token and perplexity, one unbatched forward per text: over
+    neutral text at every position (``all``), else over greedy continuations of neutral prompts."""
+    style = prompt_format(loaded.tokenizer)
+    kl_sum = nll_sum = count = 0.0
+    for text in NEUTRAL:
+        if positions == "all":
+            ids, first, start = loaded.tokenizer(text)["input_ids"], 0, 0
+        else:
+            prompt = loaded.tokenizer(style.prefix(loaded.tokenizer, text), add_special_tokens=False)[
+                "input_ids"
+            ]
+            ids = prompt + greedy_continuation(loaded, prompt)
+            first, start = len(prompt) - 1, first_steered(positions, len(prompt) - 1)
+        base = steered_logits(loaded, ids, layer, 0 * delta, 0)[first:-1]
+        steer = steered_logits(loaded, ids, layer, delta, start)[first:-1]
+        kl_sum += float((base.exp() * (base - steer)).sum())
+        nll_sum -= float(steer.gather(1, torch.tensor(ids[first + 1 :])[:, None]).sum())
+        count += len(ids) - 1 - first
+    return kl_sum / count, float(np.exp(nll_sum / count))
+
+
 def naive_table(
-    loaded, vectors, pairs: pd.DataFrame, layers: list[int], steer_all: bool = False
+    loaded, vectors, pairs: pd.DataFrame, layers: list[int], positions: str = "answer"
 ) -> pd.DataFrame:  # type: ignore[no-untyped-def]
-    """The sweep table, one unbatched forward per text and cell; ``steer_all`` steers from position 0."""
+    """The sweep table, one unbatched forward per text and cell, steering the positions the paper's
+    rule names (instruction_end: the prompt's last token)."""
     style = prompt_format(loaded.tokenizer)
     rows = []
     for behavior in ("agree", "mood"):
@@ -79,7 +122,7 @@ def naive_table(
                         pos = encode(loaded.tokenizer, style, r.prompt, r.positive, "ab", "answer")
                         neg = encode(loaded.tokenizer, style, r.prompt, r.negative, "ab", "answer")
                         k = pos.read[0]
-                        start = 0 if steer_all else pos.completion_start - 1
+                        start = first_steered(positions, pos.completion_start - 1)
                         logp = steered_logits(loaded, pos.input_ids[:k], layer, m * v, start)[-1]
                         p_pos, p_neg = logp[pos.input_ids[k]].exp(), logp[neg.input_ids[neg.read[0]]].exp()
                         scores.append(float(p_pos / (p_pos + p_neg)))
@@ -87,7 +130,7 @@ def naive_table(
                         total = []
                         for text in (r.positive, r.negative):
                             e = encode(loaded.tokenizer, style, r.prompt, text, "freeform", "mean")
-                            start = 0 if steer_all else e.completion_start - 1
+                            start = first_steered(positions, e.completion_start - 1)
                             logp = steered_logits(loaded, e.input_ids, layer, m * v, start)
                             s = e.completion_start
                             total.append(
@@ -96,14 +139,7 @@ def naive_table(
                                 )
                             )
                         scores.append(total[0] - total[1])
-                kl_sum = nll_sum = count = 0.0
-                for text in NEUTRAL:
-                    ids = loaded.tokenizer(text)["input_ids"]
-                    base = steered_logits(loaded, ids, layer, 0 * v, 0)[:-1]
-                    steer = steered_logits(loaded, ids, layer, m * v, 0)[:-1]
-                    kl_sum += float((base.exp() * (base - steer)).sum())
-                    nll_sum -= float(steer.gather(1, torch.tensor(ids[1:])[:, None]).sum())
-                    count += len(ids) - 1
+                kl, ppl = fluency_reference(loaded, layer, m * v, positions)
                 rows.append(
                     {
                         "behavior": behavior,
@@ -111,14 +147,14 @@ def naive_table(
                         "multiplier": m,
                         "score_mean": np.mean(scores),
                         "score_sem": np.std(scores, ddof=1) / np.sqrt(len(scores)),
-                        "kl_mean": kl_sum / count,
-                        "perplexity": np.exp(nll_sum / count),
+                        "kl_mean": kl,
+                        "perplexity": ppl,
                     }
                 )
     return pd.DataFrame(rows)
 
 
-@pytest.mark.parametrize("positions", ["answer", "all"])
+@pytest.mark.parametrize("positions", ["answer", "prompt-end", "all"])
 @pytest.mark.parametrize("engine", ["fast", "naive"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "gpt2"])
 def test_sweep_equals_naive_loop(
@@ -145,11 +181,11 @@ def test_sweep_equals_naive_loop(
         notice=notices.append,
     )
     # sliding-window models fall back to the reference engine, and say so
-    fell_back = arch == "gemma3" and engine == "fast" and positions == "answer"
+    fell_back = arch == "gemma3" and engine == "fast" and positions != "all"
     assert notices == (
         ["gemma3_text has sliding-window layers: using the reference engine"] if fell_back else []
     )
-    naive = naive_table(loaded, vectors, test, layers, steer_all=positions == "all")
+    naive = naive_table(loaded, vectors, test, layers, positions)
     merged = result.table.merge(naive, on=["behavior", "layer", "multiplier"], suffixes=("", "_naive"))
     assert len(merged) == len(naive) == 2 * len(layers) * len(MULTIPLIERS)
     for col in ("score_mean", "score_sem", "kl_mean", "perplexity"):
@@ -246,8 +282,33 @@ def test_sweep_cli_writes_table_plot_and_recommendation(tiny_models: dict[str, P
     assert len(table) == 2 * 2 * 3
     assert set(table.score_kind) == {"p_match", "logp_diff"}
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
-    assert "recommended for" in result.output or "no (layer, multiplier) raises" in result.output
-    assert set(art.meta["recommended"]) == {"agree", "mood"}
+    assert any(
+        words in result.output
+        for words in ("recommended for", "no (layer, multiplier) raises", "steers mood reliably")
+    )
+    assert set(art.meta["recommended"]) == set(art.meta["best_unreliable"]) == {"agree", "mood"}
+    assert (
+        art.meta["fluency"]["kind"] == "continuation" and art.meta["options"]["steer_positions"] == "answer"
+    )
+    assert "per-item steerability" in result.output and "95% CI" in result.output
+    # the per-item table: its means are the summary's, its slopes each item's least-squares fit
+    items = read_artifact(tmp_path / "sweep.items.parquet", SWEEP_ITEMS).table.to_pandas()
+    assert len(items) == (len(table[table.behavior == "agree"].n.iloc[:1]) and table.n.iloc[0]) * 2 * 3 + (
+        table[table.behavior == "mood"].n.iloc[0] * 2 * 3
+    )
+    means = items.groupby(["behavior", "layer", "multiplier"]).score.mean()
+    merged = table.set_index(["behavior", "layer", "multiplier"]).join(means)
+    np.testing.assert_allclose(merged.score, merged.score_mean, rtol=1e-9)
+    for (_, _, _), g in items.groupby(["behavior", "layer", "pair_id"]):
+        assert g.slope.iloc[0] == pytest.approx(np.polyfit(g.multiplier, g.score, 1)[0], abs=1e-9)
+    shown = runner.invoke(app, ["inspect", str(tmp_path / "sweep.items.parquet"), "--no-check-inputs"])
+    assert shown.exit_code == 0, shown.output
+    assert "sweep_items" in shown.output and "anti" in shown.output
+    anti = items.drop_duplicates(["behavior", "layer", "pair_id"]).groupby(["behavior", "layer"]).slope
+    np.testing.assert_allclose(
+        table.drop_duplicates(["behavior", "layer"]).set_index(["behavior", "layer"]).anti_fraction,
+        anti.apply(lambda x: (x < 0).mean()),
+    )
 
 
 @pytest.mark.parametrize(
@@ -258,6 +319,10 @@ def test_sweep_cli_writes_table_plot_and_recommendation(tiny_models: dict[str, P
         (["--multipliers", "1,x"], "--multipliers '1,x': 'x' is not a number"),
         (["--model", "OTHER"], "field 'model.weights_hash'"),
         (["--neutral", "missing.jsonl"], "missing.jsonl: file not found"),
+        (["--multipliers", "1e308"], "beyond what torch.float32 activations hold"),
+        (["--multipliers", "-1e25,1"], "x1e+25 times the layer-"),
+        (["--steer-positions", "last"], "--steer-positions 'last': use one of answer, prompt-end, all"),
+        (["--max-anti", "2"], "--max-anti 2.0: must be between 0 and 1"),
     ],
 )
 def test_sweep_bad_input(tiny_models: dict[str, Path], tmp_path: Path, args: list[str], message: str) -> None:
@@ -371,3 +436,18 @@ def test_generate_bad_input(
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not out.exists()
+
+
+def test_one_held_out_pair_gives_null_errors_not_a_crash(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    pairs, vectors = make_vectors(tiny_models["llama"], tmp_path)
+    out = tmp_path / "one.parquet"
+    args = ["sweep", str(vectors), str(pairs), "-m", str(tiny_models["llama"]), "--layers", "1"]
+    result = runner.invoke(app, [*args, "--max-pairs", "1", "--multipliers", "-1,1", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    table = read_artifact(out, SWEEP).table.to_pandas()
+    assert (table.n == 1).all()
+    assert table.score_sem.isna().all() and table.delta_low.isna().all() and table.delta_high.isna().all()
+    assert table.anti_fraction.notna().all()  # one item still has a slope
+    assert "no cell steers" in result.output or "no (layer, multiplier) raises" in result.output

@@ -1,0 +1,333 @@
+"""The sweep's engines: next-token log-probabilities of many texts under every (layer, multiplier).
+
+An engine runs texts with ``multiplier * vector`` added to one block's output at the positions a
+``--steer-positions`` policy names, and hands the log-probabilities at each text's read positions to
+a ``reduce`` function (the scores, the fluency cost), batch by batch, so the full vocabulary never
+outlives its batch. Two engines give the same numbers:
+
+- :func:`reference_grid` runs the whole text per (texts, layer), multipliers riding in the batch as
+  per-row coefficients; with ``skip_layers`` the blocks below the steered layer run once per batch
+  and are replayed (exact: they are unsteered).
+- :func:`cached_grid` also runs each text's unsteered prefix (every position before the first steered
+  or read one) once, and reuses its KV cache for every (layer, multiplier).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from caa.budget import Planner, planner_for
+from caa.hooks import capturing, repeat_rows, replaying, run_until_stop, steer_start, steering
+from caa.models import LoadedModel
+from caa.prompts import Encoded, collate
+
+Tick = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class ScoreText:
+    """One text of the sweep: its ids, where its prompt ends, and which positions are read.
+
+    Positions ``read_from .. read_from + reads - 1`` are read; each predicts the token after it, which
+    is the next id of the text, or for an A/B question (the text stops before the answer letter)
+    one of ``targets``, the (matching, other) letter ids.
+    """
+
+    input_ids: tuple[int, ...]
+    prompt_length: int  # tokens of the prompt; position prompt_length - 1 ends the instruction
+    read_from: int
+    reads: int
+    targets: tuple[int, ...] = ()
+
+    def next_ids(self) -> list[int]:
+        """The token each read position predicts (free-form texts)."""
+        return list(self.input_ids[self.read_from + 1 : self.read_from + 1 + self.reads])
+
+
+# reduce(texts, logp [texts, multipliers, width, vocab], valid [texts, width]) -> [texts, multipliers, k]
+Reduce = Callable[[Sequence[ScoreText], torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _starts(texts: Sequence[ScoreText], positions: str, reps: int) -> torch.Tensor | None:
+    """Each row's first steered position (rows are text-major, ``reps`` multipliers each)."""
+    first = steer_start(positions, torch.tensor([t.prompt_length for t in texts]))
+    return None if first is None else first.repeat_interleave(reps)
+
+
+def _valid(texts: Sequence[ScoreText], width: int) -> torch.Tensor:
+    return torch.arange(width)[None, :] < torch.tensor([t.reads for t in texts])[:, None]  # [texts, width]
+
+
+def _gather_reads(logp: torch.Tensor, first: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows' log-probs at positions ``first[r] .. first[r] + width - 1``: [rows, width, vocab]."""
+    index = (first[:, None] + torch.arange(width)[None, :]).clamp(max=logp.shape[1] - 1).to(logp.device)
+    return logp.gather(1, index[..., None].expand(-1, -1, logp.shape[-1]))
+
+
+def _inputs_of(vectors: dict[int, torch.Tensor]) -> list[int]:
+    return [layer - 1 for layer in vectors if layer > 0]
+
+
+@torch.inference_mode()
+def reference_grid(
+    loaded: LoadedModel,
+    texts: Sequence[ScoreText],
+    vectors: dict[int, torch.Tensor],
+    multipliers: Sequence[float],
+    reduce: Reduce,
+    positions: str = "answer",
+    planner: Planner | None = None,
+    skip_layers: bool = False,
+    tick: Tick | None = None,
+) -> dict[int, np.ndarray]:
+    """``reduce`` of every text under every (layer, multiplier): {layer: [texts, multipliers, k]}.
+
+    One batched forward pass per (texts, layer), left-padded, with the model's own position ids;
+    ``skip_layers`` runs the blocks below each layer once per batch instead of once per layer.
+    """
+    m = torch.tensor(list(multipliers), dtype=torch.float32)
+    reps = len(multipliers)
+    planner = planner or planner_for(loaded)
+    out: dict[int, list[tuple[list[int], np.ndarray]]] = {layer: [] for layer in vectors}
+    lengths = [len(t.input_ids) for t in texts]
+    keep_all = any(t.reads > 1 for t in texts)
+    for index in planner.batches(lengths, reps, keep_all=keep_all):
+        chunk = [texts[i] for i in index]
+        rows = [t for t in chunk for _ in range(reps)]
+        keep = max(len(t.input_ids) - t.read_from for t in chunk)
+        width = max(t.reads for t in chunk)
+        batch = collate([Encoded(list(t.input_ids), 0, [0]) for t in rows], loaded.tokenizer.pad_token_id)
+        batch = batch.to(loaded.device)
+        # row r reads from kept position keep - (len - read_from): the texts end each left-padded row
+        first = torch.tensor([keep - len(t.input_ids) + t.read_from for t in rows])
+        start = _starts(chunk, positions, reps)
+        below: dict[int, Any] = {}
+        if skip_layers:
+            with capturing(loaded.blocks, _inputs_of(vectors)) as below:
+                run_until_stop(
+                    loaded.model,
+                    input_ids=batch.input_ids,
+                    attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids,
+                    use_cache=False,
+                )
+        for layer, vector in vectors.items():
+            deltas = m.repeat(len(chunk))[:, None] * vector  # [rows, d_model], text-major
+            skip = (
+                replaying(loaded.blocks, layer, below[layer - 1])
+                if skip_layers and layer > 0
+                else nullcontext()
+            )
+            with skip, steering(loaded.blocks, {layer: deltas}, start):
+                logits = loaded.model(
+                    input_ids=batch.input_ids,
+                    attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids,
+                    use_cache=False,
+                    logits_to_keep=keep,
+                ).logits
+            logp = _gather_reads(torch.log_softmax(logits.float(), -1), first, width)
+            logp = logp.view(len(chunk), reps, width, -1)
+            out[layer].append(
+                (index, reduce(chunk, logp, _valid(chunk, width).to(logp.device)).cpu().numpy())
+            )
+        if tick:
+            tick(len(index) * len(vectors))
+    return {layer: _assemble(parts, len(texts)) for layer, parts in out.items()}
+
+
+def _assemble(parts: list[tuple[list[int], np.ndarray]], n: int) -> np.ndarray:
+    """Batches' results [batch, multipliers, k] put back in the texts' order: [texts, multipliers, k]."""
+    shape = parts[0][1].shape[1:] if parts else (0, 0)
+    result = np.zeros((n, *shape))
+    for index, values in parts:
+        result[index] = values
+    return result
+
+
+def prefix_lengths(texts: Sequence[ScoreText], positions: str) -> list[int]:
+    """Each text's unsteered, unread prefix: what the cached engine runs once and reuses."""
+    first = steer_start(positions, torch.tensor([t.prompt_length for t in texts]))
+    if first is None:
+        return [0] * len(texts)
+    return [min(int(s), t.read_from) for s, t in zip(first.tolist(), texts, strict=True)]
+
+
+def supports_prefix_cache(loaded: LoadedModel) -> bool:
+    """Whether the prefix-cache engine is exact for this model: full attention in every layer.
+
+    Sliding-window layers keep only part of the prefix in their cache, so those models use the
+    reference engine."""
+    config = loaded.model.config.get_text_config()
+    types = getattr(config, "layer_types", None) or []
+    return not any("sliding" in str(t) for t in types) and not getattr(config, "sliding_window", None)
+
+
+@torch.inference_mode()
+def cached_grid(
+    loaded: LoadedModel,
+    texts: Sequence[ScoreText],
+    vectors: dict[int, torch.Tensor],
+    multipliers: Sequence[float],
+    reduce: Reduce,
+    positions: str = "answer",
+    planner: Planner | None = None,
+    tick: Tick | None = None,
+) -> dict[int, np.ndarray]:
+    """Like :func:`reference_grid`, computing what steering cannot change once.
+
+    Positions before each text's first steered (and first read) position are the same in every cell
+    of the grid (causal attention): they run once per text, unsteered, and their KV cache is reused
+    for every (layer, multiplier); the blocks below each layer run once on the rest; only the steered
+    tail runs per cell, multipliers in the batch dimension. Every prefix must be at least one token
+    (:func:`prefix_lengths`).
+    """
+    m = torch.tensor(list(multipliers), dtype=torch.float32)
+    reps = len(multipliers)
+    planner = planner or planner_for(loaded)
+    lengths = [len(t.input_ids) for t in texts]
+    heads_of = prefix_lengths(texts, positions)
+    out: dict[int, list[tuple[list[int], np.ndarray]]] = {layer: [] for layer in vectors}
+    device = loaded.device
+    pad = loaded.tokenizer.pad_token_id
+    # transformers renamed past_key_values to cache during 5.x: use the model's own name
+    cache_kwarg = (
+        "cache" if "cache" in inspect.signature(loaded.model.forward).parameters else "past_key_values"
+    )
+    keep_all = any(t.reads > 1 for t in texts)
+    for index in planner.batches(lengths, reps, keep_all=keep_all):
+        chunk = [texts[i] for i in index]
+        cut = [heads_of[i] for i in index]
+        heads = [t.input_ids[:c] for t, c in zip(chunk, cut, strict=True)]
+        tails = [t.input_ids[c:] for t, c in zip(chunk, cut, strict=True)]
+        p_len, s_len = max(map(len, heads)), max(map(len, tails))
+        head_ids = torch.full((len(chunk), p_len), pad, dtype=torch.long)
+        head_mask = torch.zeros((len(chunk), p_len), dtype=torch.long)
+        tail_ids = torch.full((len(chunk), s_len), pad, dtype=torch.long)
+        tail_mask = torch.zeros((len(chunk), s_len), dtype=torch.long)
+        for r, (h, t) in enumerate(zip(heads, tails, strict=True)):
+            head_ids[r, p_len - len(h) :] = torch.tensor(h)  # prefix padded on the left
+            head_mask[r, p_len - len(h) :] = 1
+            tail_ids[r, : len(t)] = torch.tensor(t)  # the rest padded on the right
+            tail_mask[r, : len(t)] = 1
+        head_pos = (head_mask.cumsum(-1) - 1).clamp(min=0)
+        tail_pos = head_mask.sum(-1, keepdim=True) + torch.arange(s_len)[None, :]  # real positions
+        first = loaded.model(
+            input_ids=head_ids.to(device),
+            attention_mask=head_mask.to(device),
+            position_ids=head_pos.to(device),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        prefix = first.get("cache") or first.get("past_key_values")
+        mask = torch.cat([head_mask, tail_mask], 1).to(device)
+        # Blocks below layer l are unsteered: run the tail through them once, recording the input of
+        # every block l of the grid, and skip them in the steered passes.
+        with capturing(loaded.blocks, _inputs_of(vectors)) as below:
+            run_until_stop(
+                loaded.model,
+                input_ids=tail_ids.to(device),
+                attention_mask=mask,
+                position_ids=tail_pos.to(device),
+                use_cache=True,
+                **{cache_kwarg: copy.deepcopy(prefix)},
+            )
+        mask = mask.repeat_interleave(reps, 0)
+        width = max(t.reads for t in chunk)
+        read_at = torch.tensor([t.read_from - c for t, c in zip(chunk, cut, strict=True)])
+        read_at = read_at.repeat_interleave(reps)  # tail index of each row's first read position
+        start = _starts(chunk, positions, reps)
+        for layer, vector in vectors.items():
+            cache = copy.deepcopy(prefix)
+            cache.batch_repeat_interleave(reps)
+            deltas = m.repeat(len(chunk))[:, None] * vector  # [rows, d_model], text-major
+            skip = (
+                replaying(loaded.blocks, layer, repeat_rows(below[layer - 1], reps))
+                if layer
+                else nullcontext()
+            )
+            with skip, steering(loaded.blocks, {layer: deltas}, start):
+                logits = loaded.model(
+                    input_ids=tail_ids.repeat_interleave(reps, 0).to(device),
+                    attention_mask=mask,
+                    position_ids=tail_pos.repeat_interleave(reps, 0).to(device),
+                    use_cache=True,
+                    **{cache_kwarg: cache},
+                ).logits
+            logp = _gather_reads(torch.log_softmax(logits.float(), -1), read_at, width)
+            logp = logp.view(len(chunk), reps, width, -1)
+            out[layer].append(
+                (index, reduce(chunk, logp, _valid(chunk, width).to(logp.device)).cpu().numpy())
+            )
+        if tick:
+            tick(len(index) * len(vectors))
+    return {layer: _assemble(parts, len(texts)) for layer, parts in out.items()}
+
+
+def run_grid(
+    engine: str,
+    loaded: LoadedModel,
+    texts: Sequence[ScoreText],
+    vectors: dict[int, torch.Tensor],
+    multipliers: Sequence[float],
+    reduce: Reduce,
+    positions: str,
+    planner: Planner | None = None,
+    tick: Tick | None = None,
+) -> dict[int, np.ndarray]:
+    """``engine`` ``fast`` (prefix cache where it is exact, else the layer skip) or ``naive`` (the
+    reference: every block of every row in every pass)."""
+    if engine == "naive":
+        return reference_grid(loaded, texts, vectors, multipliers, reduce, positions, planner, False, tick)
+    if supports_prefix_cache(loaded) and all(h > 0 for h in prefix_lengths(texts, positions)):
+        return cached_grid(loaded, texts, vectors, multipliers, reduce, positions, planner, tick)
+    return reference_grid(loaded, texts, vectors, multipliers, reduce, positions, planner, True, tick)
+
+
+# --- reductions: what a batch's log-probabilities become ------------------------------------------
+
+
+def ab_scores(texts: Sequence[ScoreText], logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """p(matching) / (p(matching) + p(other)) at the answer position: [texts, multipliers, 1]."""
+    ids = torch.tensor([t.targets for t in texts], device=logp.device)  # [texts, 2]
+    both = logp[:, :, 0].gather(-1, ids[:, None, :].expand(-1, logp.shape[1], -1)).exp()
+    return (both[..., 0] / both.sum(-1))[..., None]
+
+
+def _next_logp(texts: Sequence[ScoreText], logp: torch.Tensor) -> torch.Tensor:
+    """log p of each read position's next token: [texts, multipliers, width]."""
+    width = logp.shape[2]
+    ids = torch.zeros((len(texts), width), dtype=torch.long)
+    for i, t in enumerate(texts):
+        ids[i, : t.reads] = torch.tensor(t.next_ids())
+    index = ids.to(logp.device)[:, None, :, None].expand(-1, logp.shape[1], -1, 1)
+    return logp.gather(-1, index).squeeze(-1)
+
+
+def completion_logprobs(texts: Sequence[ScoreText], logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Summed log p of the tokens each text's read positions predict: [texts, multipliers, 1]."""
+    return (_next_logp(texts, logp) * valid[:, None]).sum(-1, keepdim=True)
+
+
+def fluency_sums(zero: int) -> Reduce:
+    """Per text and multiplier: the summed KL(unsteered || steered) over its read positions, the
+    summed negative log-likelihood of the tokens they predict, and their count: [texts, mults, 3].
+    The unsteered distribution is the multiplier-0 row (``zero``), computed in the same pass."""
+
+    def reduce(texts: Sequence[ScoreText], logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        base = logp[:, zero : zero + 1]  # [texts, 1, width, vocab]
+        kl = (base.exp() * (base - logp)).sum(-1)  # [texts, multipliers, width]
+        nll = -_next_logp(texts, logp)
+        weights = valid[:, None].to(kl.dtype)
+        count = weights.sum(-1).expand(-1, logp.shape[1])
+        return torch.stack([(kl * weights).sum(-1), (nll * weights).sum(-1), count], -1)
+
+    return reduce

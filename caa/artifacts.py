@@ -96,10 +96,11 @@ VECTORS = Kind(
         _f("behavior", pa.string()),
         _f("layer", pa.int16()),
         _f("method", pa.string()),
-        _f("n_train", pa.int32()),
-        _f("n_test", pa.int32()),
+        _f("n_train", pa.int32(), nullable=True),  # null for imported vectors (`caa import`)
+        _f("n_test", pa.int32(), nullable=True),
         _f("vector_norm", pa.float64()),
-        _f("mean_residual_norm", pa.float64()),
+        _f("mean_residual_norm", pa.float64(), nullable=True),  # null where unknown (imported)
+        _f("norm_ratio", pa.float64(), nullable=True),  # vector_norm / mean_residual_norm
         _f("pair_consistency", pa.float64(), nullable=True),  # mean cos(pair difference, mean difference)
         _f("cos_prev_layer", pa.float64(), nullable=True),
         _f("cos_next_layer", pa.float64(), nullable=True),
@@ -186,6 +187,16 @@ class PromptMeta(TypedDict, total=False):
     ab_position: str
 
 
+class SourceMeta(TypedDict, total=False):
+    """The ``source`` entry of imported vectors (`caa import`): where they came from."""
+
+    file: str
+    sha256: str
+    format: str  # gguf, safetensors, npy, npz or sae
+    feature: int | None  # the SAE feature (row of W_dec)
+    hook: str | None  # the SAE's hook, e.g. blocks.12.hook_resid_post
+
+
 class FluencyMeta(TypedDict, total=False):
     """The sweep's ``fluency`` entry: what its KL and perplexity were measured on."""
 
@@ -217,6 +228,7 @@ META_FIELDS_OF_KIND: dict[str, dict[str, Any]] = {
         "layers": list[int],
         "behaviors": list[str],
         "train_pair_ids": list[str],
+        "source": SourceMeta,
     },
     "sweep": {
         "model": ModelMeta,
@@ -417,6 +429,14 @@ def write_artifact(table: pa.Table, path: Path, kind: Kind, meta: Mapping[str, A
 PLOT = Kind("plot", "caa sweep", ())
 """The sweep's PNG plot: not Parquet; declared so that it is checked like the other outputs."""
 PNG_SOFTWARE = "caa sweep"  # the plot's PNG `Software` entry, by which a rerun knows its own plot
+EXPORT = Kind("export", "caa export", ())
+"""Vectors written for other tools (GGUF, safetensors, .npy, .npz): not Parquet; declared so that the
+output is checked like the others. A GGUF or safetensors file carries EXPORT_MARKER, by which a rerun
+knows its own file (a .npy or .npz has no place for it: replacing one takes --force)."""
+EXPORT_MARKER = b"caa.export"
+REPORT = Kind("report", "caa report", ())
+"""`caa report`'s HTML page: not Parquet; declared so that it is checked like the other outputs."""
+REPORT_GENERATOR = "caa report"  # the page's <meta name="generator">, by which a rerun knows its own page
 
 
 def sweep_paths(out: Path) -> tuple[Path, Path, Path]:
@@ -498,6 +518,12 @@ def _identify(path: Path) -> tuple[str | None, str]:
         if b"Software\0Matplotlib" in head:  # untagged: a plot from before caa tagged them
             return PLOT.name, "a Matplotlib plot, as an earlier `caa sweep` made it"
         return None, "a PNG image not made by caa"
+    if head.startswith(b"GGUF") or head[8:22] == b'{"__metadata__':  # GGUF, safetensors
+        if EXPORT_MARKER in head:
+            return EXPORT.name, "a file from `caa export`"
+        return None, "a GGUF file" if head.startswith(b"GGUF") else "a safetensors file"
+    if f'<meta name="generator" content="{REPORT_GENERATOR} '.encode() in head:
+        return REPORT.name, "a report from `caa report`"
     return None, "an empty file" if not head else "a file that is not a caa artifact"
 
 

@@ -9,31 +9,16 @@ within a factor of about two, which is what a batch planner needs.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from caa.errors import CaaError
 from caa.models import LoadedModel
+from caa.options import parse_size as parse_size
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9}
-_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
 CPU_DEFAULT = 4 * 2**30
 MAX_ROWS_DEFAULT = 256  # beyond this a CPU or GPU batch is no faster per row, and progress is coarse
-
-
-def parse_size(spec: str, option: str = "--max-memory") -> int:
-    """``4GiB``, ``512MB``, ``2g`` or a byte count -> bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", spec)
-    unit = match.group(2).lower() if match else ""
-    if not match or unit not in _UNITS:
-        raise CaaError(f"{option} '{spec}': use a size such as 4GiB, 512MB or 2G")
-    size = int(float(match.group(1)) * _UNITS[unit])
-    if size <= 0:
-        raise CaaError(f"{option} '{spec}': must be above zero")
-    return size
 
 
 def default_budget(device: torch.device) -> int:

@@ -124,6 +124,11 @@ def _check_outputs(
         warn(message)
 
 
+def _provenance(ctx: typer.Context) -> dict[str, Any]:
+    """The options a command was given, as its artifacts record them: every parsed parameter."""
+    return dict(ctx.params)
+
+
 def _model_file(model: str) -> Path | None:
     """--model as an input to protect, where it names a file (a .gguf)."""
     return Path(model) if Path(model).is_file() else None
@@ -131,8 +136,13 @@ def _model_file(model: str) -> Path | None:
 
 @app.command()
 def ingest(
+    ctx: typer.Context,
     files: Annotated[
-        list[Path], typer.Argument(help="Pair files: .json (A/B list), .jsonl, .csv or .parquet.")
+        list[Path],
+        typer.Argument(
+            help="Pair files: .json (A/B list), .jsonl, .csv or .parquet; or the name of a built-in "
+            "dataset (see caa datasets) where no file of that name exists."
+        ),
     ],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Output file.")] = Path("pairs.parquet"),
     behavior: Annotated[
@@ -163,21 +173,16 @@ def ingest(
     pairs are added; a pairs.parquet of caa ingest among the files keeps its behaviors, ids and splits.
 
     Example: [bold]caa ingest data/sycophancy.json data/sentiment.jsonl -o pairs.parquet[/]
+    (or, with the built-in datasets, from any directory: [bold]caa ingest sycophancy sentiment[/])
     """
     from caa.artifacts import PAIRS
 
+    files = _dataset_files(files)
     _check_outputs(list(files), [(out_path, PAIRS)], force)
     from caa.ingest import ingest as run_ingest
     from caa.ingest import parse_mapping, write_pairs
 
-    options = {
-        "files": [str(f) for f in files],
-        "behavior": behavior,
-        "map": map_ or [],
-        "test_fraction": test_fraction,
-        "seed": seed,
-        "skip_invalid": skip_invalid,
-    }
+    options = _provenance(ctx)
     try:
         _require(0 <= seed < 2**63, f"--seed {seed}: must be at least 0 and below 2**63")  # as generate's
         result = run_ingest(
@@ -205,10 +210,70 @@ def ingest(
     out.print(f"wrote {escape(str(out_path))}")
 
 
+def _dataset_files(files: list[Path]) -> list[Path]:
+    """The inputs of `caa ingest`, a built-in dataset's file in place of its name (said on stderr)."""
+    from caa.datasets import resolve_dataset
+
+    resolved = []
+    for arg in files:
+        try:
+            path, card = resolve_dataset(arg)
+        except CaaError as e:
+            fail(e)
+        if card is not None:
+            err.print(f"using the built-in dataset {escape(card.name)}: {escape(str(path))}")
+        resolved.append(path)
+    return resolved
+
+
+@app.command()
+def datasets() -> None:
+    """List the datasets and neutral texts shipped with caa, with their cards.
+
+    A dataset's name is what `caa ingest` takes; the neutral texts are `caa sweep`'s default --neutral.
+
+    Example: [bold]caa datasets[/], then [bold]caa ingest sentiment formality -o pairs.parquet[/]
+    """
+    from caa.datasets import cards, data_dir
+
+    try:
+        found = cards()
+        where = data_dir()
+    except CaaError as e:
+        fail(e)
+    sources = sorted({card.source for card in found})
+    table = Table(
+        Column("name", no_wrap=True),
+        Column("format", no_wrap=True),
+        Column("size", justify="right", no_wrap=True),
+        Column("licence", no_wrap=True),
+        *([Column("source", ratio=1)] if len(sources) > 1 else []),
+        Column("behavior", ratio=2),
+        title=f"built-in datasets and neutral texts, in {escape(str(where))}",
+        box=box.SIMPLE_HEAD,
+    )
+    for card in found:
+        source = [escape(card.source)] if len(sources) > 1 else []
+        size = f"{card.count} {escape(card.unit)}"
+        table.add_row(
+            escape(card.name),
+            escape(card.format),
+            size,
+            escape(card.licence),
+            *source,
+            escape(card.description),
+        )
+    out.print(table)
+    if len(sources) == 1:
+        out.print(f"source of every file: {escape(sources[0])}")
+
+
 ModelOpt = Annotated[
     str,
     typer.Option(
-        "--model", "-m", help="Embedded alias (smollm2-135m), model directory, .gguf file or hub id."
+        "--model",
+        "-m",
+        help="Embedded alias (smollm2-135m, gemma3-270m), model directory, .gguf file or hub id.",
     ),
 ]
 DtypeOpt = Annotated[
@@ -260,9 +325,15 @@ def _before_load(
 
 
 def _load(
-    model: str, dtype: str, device_map: str | None, trust_remote_code: bool, device: Any = None
+    model: str,
+    dtype: str,
+    device_map: str | None,
+    trust_remote_code: bool,
+    device: Any = None,
+    chat_template: str | None = None,
 ) -> LoadedModel:
-    """Load a model quietly (transformers' own progress bars off), with a status line for slow steps."""
+    """Load a model quietly (transformers' own progress bars off), with a status line for slow steps;
+    with ``chat_template`` auto, say once when the model has no template (prompts are plain text)."""
     from transformers.utils import logging as hf_logging
 
     from caa.models import load_model
@@ -270,7 +341,7 @@ def _load(
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     with err.status(f"loading {escape(model)}"):
-        return load_model(
+        loaded = load_model(
             model,
             dtype=dtype,
             device=device,
@@ -278,6 +349,9 @@ def _load(
             trust_remote_code=trust_remote_code,
             progress=lambda m: err.print(escape(m)),
         )
+    if chat_template == "auto" and not loaded.has_chat_template:
+        warn(f"{model} has no chat template: prompts are plain text (--chat-template auto)")
+    return loaded
 
 
 def _progress(disable: bool = False) -> object:
@@ -296,6 +370,7 @@ def _progress(disable: bool = False) -> object:
 
 @app.command()
 def extract(
+    ctx: typer.Context,
     pairs: Annotated[Path, typer.Argument(help="pairs.parquet from `caa ingest`.")],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Output file.")] = Path("activations.parquet"),
     model: ModelOpt = "smollm2-135m",
@@ -359,24 +434,17 @@ def extract(
         fail(e)
     if batch_size < 1:
         fail(CaaError(f"--batch-size {batch_size}: must be at least 1"))
-    options = {
-        "pairs": str(pairs),
-        "model": model,
-        "layers": layers,
-        "split": split,
-        "behavior": behavior or [],
-        "position": position,
-        "chat_template": chat_template,
-        "batch_size": batch_size,
-        "truncate": truncate,
-        "dtype": dtype,
-        "device_map": device_map,
-    }
+    options = _provenance(ctx)
     try:
         frame = select_pairs(read_pairs(pairs)[0], pairs, split, behavior)  # fail fast, before the model
         _before_load(model, chat_template, layers, position)
         loaded = _load(
-            model, dtype, device_map, trust_remote_code, device=None if device_map else accelerator.device
+            model,
+            dtype,
+            device_map,
+            trust_remote_code,
+            device=None if device_map else accelerator.device,
+            chat_template=chat_template,
         )
         share = len(frame.iloc[accelerator.process_index :: accelerator.num_processes])
         with _progress(disable=not accelerator.is_main_process) as bar:  # type: ignore[attr-defined]
@@ -421,6 +489,7 @@ def extract(
 
 @app.command("compute-vectors")
 def compute_vectors_cmd(
+    ctx: typer.Context,
     activations: Annotated[list[Path], typer.Argument(help="activations.parquet from `caa extract`.")],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Output file.")] = Path("vectors.parquet"),
     method: Annotated[
@@ -446,7 +515,7 @@ def compute_vectors_cmd(
     try:
         acts = read_activations(activations)
         frame = compute_vectors(acts, method)
-        write_vectors(frame, out_path, acts, {"activations": [str(a) for a in activations], "method": method})
+        write_vectors(frame, out_path, acts, _provenance(ctx))
     except CaaError as e:
         fail(e)
     table = Table(
@@ -464,9 +533,11 @@ def compute_vectors_cmd(
         box=box.SIMPLE_HEAD,
         show_edge=False,
         pad_edge=False,
-        title=f"{method} vectors (|h|: mean residual norm; v/h: |v| / |h|; "
-        "cos±1: with the adjacent layers' vectors; cons: mean cosine of the training pairs' differences "
-        "with their mean; acc, AUC: separability on the test split)",
+        padding=(0, 1, 0, 0),  # one space between columns: the table fits an 80-column terminal
+        title=f"{method} vectors",
+        caption="|h|: mean residual norm; v/h: |v| / |h|; cos±1: with the adjacent layers' vectors; cons: "
+        "mean cosine of the training pairs' differences with their mean; acc, AUC: separability on the "
+        "test split",
     )
 
     def num(x: object, fmt: str = "{:.3f}") -> str:
@@ -478,20 +549,27 @@ def compute_vectors_cmd(
             str(r.layer),
             str(r.n_train),
             num(r.vector_norm, "{:.2f}"),
-            num(r.mean_residual_norm, "{:.1f}"),
-            num(r.vector_norm / r.mean_residual_norm),
-            num(r.cos_prev_layer),
-            num(r.cos_next_layer),
-            num(r.pair_consistency),
-            num(r.test_accuracy),
-            num(r.test_auc),
+            num(r.mean_residual_norm, "{:.0f}"),
+            num(r.norm_ratio),
+            num(r.cos_prev_layer, "{:.2f}"),
+            num(r.cos_next_layer, "{:.2f}"),
+            num(r.pair_consistency, "{:.2f}"),
+            num(r.test_accuracy, "{:.2f}"),
+            num(r.test_auc, "{:.2f}"),
         )
     out.print(table)
     out.print(f"wrote {escape(str(out_path))}")
 
 
-NEUTRAL_TEXT = Path("data/neutral_text.jsonl")
-NEUTRAL_PROMPTS = Path("data/neutral_prompts.txt")
+ScaleOpt = Annotated[
+    str,
+    typer.Option(
+        "--scale",
+        help="What a multiplier multiplies. raw (the paper's): the vector as computed; residual: its "
+        "direction at the layer's mean residual-stream norm, so x0.5 is half a typical residual at any "
+        "layer and in any model.",
+    ),
+]
 SteerOpt = Annotated[
     str,
     typer.Option(
@@ -506,6 +584,7 @@ SteerOpt = Annotated[
 
 @app.command()
 def sweep(
+    ctx: typer.Context,
     vectors: Annotated[Path, typer.Argument(help="vectors.parquet from `caa compute-vectors`.")],
     pairs: Annotated[Path, typer.Argument(help="pairs.parquet from `caa ingest`; its test split is scored.")],
     out_path: Annotated[
@@ -538,8 +617,8 @@ def sweep(
         typer.Option(
             help="Neutral texts for the fluency cost: prompts (.txt, one per line; .jsonl of "
             '{"prompt"}) whose greedy continuations are read, or with --steer-positions all texts '
-            '(.jsonl of {"text"}) read at every position. Default: data/neutral_prompts.txt, '
-            "or data/neutral_text.jsonl with all."
+            '(.jsonl of {"text"}) read at every position. Default: the built-in neutral_prompts.txt, '
+            "or neutral_text.jsonl with all (see caa datasets)."
         ),
     ] = None,
     neutral_count: Annotated[int, typer.Option(help="How many neutral texts to use.")] = 16,
@@ -555,6 +634,7 @@ def sweep(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap intervals.")] = 0,
     steer_positions: SteerOpt = "answer",
+    scale: ScaleOpt = "raw",
     engine: Annotated[
         str,
         typer.Option(
@@ -593,11 +673,13 @@ def sweep(
 
     Example: [bold]caa sweep vectors.parquet pairs.parquet --layers 10,14,18 --multipliers -4,-2,0,2,4[/]
     """
-    from caa.artifacts import PLOT, SWEEP, SWEEP_ITEMS, atomic_paths, sweep_paths
-    from caa.budget import parse_size, planner_for
-    from caa.extract import parse_layers, read_pairs, select_pairs
+    from caa.api import sweep as run
+    from caa.artifacts import PLOT, SWEEP, SWEEP_ITEMS, sweep_paths
+    from caa.budget import parse_size
+    from caa.extract import parse_layers
     from caa.hooks import steer_start
-    from caa.sweep import parse_multipliers, plot_sweep, read_neutral, run_sweep, write_sweep
+    from caa.ingest import PairSet
+    from caa.sweep import default_neutral, held_out, parse_multipliers, read_neutral, sweep_work
     from caa.vectors import read_vectors
 
     try:
@@ -605,33 +687,13 @@ def sweep(
     except CaaError as e:
         fail(e)
     if neutral is None:
-        neutral = NEUTRAL_TEXT if steer_positions == "all" else NEUTRAL_PROMPTS
+        neutral = default_neutral(steer_positions)
     inputs = [vectors, pairs, neutral, _model_file(model)]
     _check_outputs(inputs, [(table_path, SWEEP), (items_path, SWEEP_ITEMS), (plot, PLOT)], force)
-
-    options = {
-        "vectors": str(vectors),
-        "pairs": str(pairs),
-        "model": model,
-        "behavior": behavior or [],
-        "layers": layers,
-        "multipliers": multipliers,
-        "max_pairs": max_pairs,
-        "neutral": str(neutral),
-        "neutral_count": neutral_count,
-        "max_kl": max_kl,
-        "max_anti": max_anti,
-        "seed": seed,
-        "steer_positions": steer_positions,
-        "engine": engine,
-        "truncate": truncate,
-        "chat_template": chat_template,
-        "max_memory": max_memory,
-        "batch_size": batch_size,
-        "dtype": dtype,
-    }
+    options = {**_provenance(ctx), "neutral": str(neutral)}  # the neutral file used, default or not
     try:
-        budget = parse_size(max_memory) if max_memory is not None else None
+        if max_memory is not None:
+            parse_size(max_memory)  # refused before the model loads
         _require(batch_size is None or batch_size >= 1, f"--batch-size {batch_size}: must be at least 1")
         _require(max_pairs is None or max_pairs >= 1, f"--max-pairs {max_pairs}: must be at least 1")
         _require(neutral_count >= 1, f"--neutral-count {neutral_count}: must be at least 1")
@@ -640,58 +702,45 @@ def sweep(
         _require(0 <= seed < 2**32, f"--seed {seed}: must be between 0 and 2**32 - 1")
         steer_start(steer_positions, 0)  # an unknown policy is refused before the model loads
         mults = parse_multipliers(multipliers)
-        vecs = read_vectors(vectors)
-        frame = read_pairs(pairs)[0]
-        names = behavior or sorted(set(vecs.behaviors()) & set(frame.behavior))
-        if not names:
-            raise CaaError(f"{vectors} and {pairs} have no behavior in common")
+        vecs, pair_set = read_vectors(vectors), PairSet.read(pairs)
+        names, test = held_out(vecs, pair_set.frame, pairs, behavior, max_pairs)
         early = _before_load(model, chat_template, layers)  # --layers against the model's config
         for name in names:
-            vecs.require(name, early)
+            for chosen_layer in vecs.require(name, early):
+                vecs.vector(name, chosen_layer, scale)  # --scale residual needs the residual norms
         for line in vecs.absurd_norms(names):
             warn(line)
-        test = select_pairs(frame, pairs, "test", names)
-        if max_pairs is not None:
-            test = test.groupby("behavior", sort=False).head(max_pairs).reset_index(drop=True)
         texts = read_neutral(neutral, neutral_count, steer_positions)
-        loaded = _load(model, dtype, device_map, trust_remote_code)
+        loaded = _load(model, dtype, device_map, trust_remote_code, chat_template=chat_template)
         chosen = parse_layers(layers, loaded.num_layers) if layers else None
-        total = 0  # texts scored per layer (a free-form pair is two texts), neutral texts included
-        for name in names:
-            part = test[test.behavior == name]
-            per_layer = len(part) * (1 if (part.format == "ab").all() else 2) + len(texts)
-            total += per_layer * len(vecs.require(name, chosen))
         with _progress() as bar:  # type: ignore[attr-defined]
-            task = bar.add_task("sweeping", total=total, rate="")
-
-            def tick(n: int) -> None:
-                bar.advance(task, n)
-
-            result = run_sweep(
+            task = bar.add_task("sweeping", total=sweep_work(vecs, test, names, chosen, len(texts)), rate="")
+            result = run(
                 loaded,
                 vecs,
-                test,
+                pair_set,
+                chosen,
+                mults,
                 texts,
                 behaviors=names,
-                layers=chosen,
-                multipliers=mults,
-                chat_template=chat_template,
+                max_pairs=max_pairs,
                 steer_positions=steer_positions,
-                planner=planner_for(loaded, budget, batch_size),
                 max_kl=max_kl,
                 max_anti=max_anti,
                 engine=engine,
-                truncate=truncate,
                 seed=seed,
-                pairs_path=pairs,
+                chat_template=chat_template,
+                truncate=truncate,
+                max_memory=max_memory,
+                batch_size=batch_size,
+                scale=scale,
                 neutral_source=str(neutral),
-                tick=tick,
+                provenance=options,
+                inputs={"vectors": vectors, "pairs": pairs, "neutral": neutral},
+                tick=lambda n: bar.advance(task, n),
                 notice=warn,
             )
-        inputs_used = {"vectors": vectors, "pairs": pairs, "neutral": neutral}
-        with atomic_paths([table_path, items_path, plot]) as (table_tmp, items_tmp, plot_tmp):  # all or none
-            write_sweep(result, table_tmp, items_tmp, options, inputs_used, loaded, vecs)
-            plot_sweep(result, plot_tmp, max_kl)
+        result.save(table_path)  # the table, the per-item table and the plot: all three or none
     except CaaError as e:
         fail(e)
     _print_sweep(result, max_kl, max_anti)
@@ -699,11 +748,13 @@ def sweep(
 
 
 def _print_sweep(result: Any, max_kl: float, max_anti: float | None) -> None:
-    from caa.sweep import fluency_label
+    from caa.scoring import fluency_label
 
     def num(x: float, fmt: str) -> str:
         return "-" if x != x else fmt.format(x)
 
+    residual = (result.meta.get("options") or {}).get("scale") == "residual"
+    unit = "the layer's mean residual norm" if residual else "the vector"
     for name, part in result.table.groupby("behavior", sort=False):
         kind = "p(match)" if part.score_kind.iloc[0] == "p_match" else "log p(pos) - log p(neg)"
         table = Table(
@@ -720,7 +771,7 @@ def _print_sweep(result: Any, max_kl: float, max_anti: float | None) -> None:
             show_edge=False,
             pad_edge=False,
             title=f"{escape(name)}: score = {kind} on {part.n.iloc[0]} held-out pairs; "
-            f"delta's paired 95% CI; KL {fluency_label(result.fluency)}",
+            f"delta's paired 95% CI; KL {fluency_label(result.fluency)}; multipliers of {unit}",
         )
         for r in part.itertuples():
             digits = 3 if r.score_kind == "p_match" else 2
@@ -803,6 +854,7 @@ MIN_TEMPERATURE = 1e-3  # logits / 1e-300 overflow to inf and the sampling proba
 
 @app.command()
 def generate(
+    ctx: typer.Context,
     vectors: Annotated[
         Path, typer.Option("--vectors", "-v", help="vectors.parquet from `caa compute-vectors`.")
     ],
@@ -828,6 +880,7 @@ def generate(
     top_p: Annotated[float, typer.Option(help="Nucleus sampling (with --temperature).")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
     steer_positions: SteerOpt = "answer",
+    scale: ScaleOpt = "raw",
     chat_template: TemplateOpt = "auto",
     force: ForceOpt = False,
     dtype: DtypeOpt = "auto",
@@ -840,28 +893,14 @@ def generate(
     -p "Describe your morning."[/]
     """
     from caa.artifacts import GENERATIONS
-    from caa.generate import read_prompts, run_generate, write_generations
+    from caa.generate import read_prompts, run_generate
     from caa.hooks import steer_start
     from caa.sweep import parse_multipliers
     from caa.vectors import read_vectors
 
     _check_outputs([vectors, prompts_file, _model_file(model)], [(out_path, GENERATIONS)], force)
 
-    options = {
-        "vectors": str(vectors),
-        "layer": layer,
-        "behavior": behavior,
-        "multipliers": multipliers,
-        "prompts": str(prompts_file) if prompts_file else None,
-        "model": model,
-        "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
-        "top_p": top_p,
-        "seed": seed,
-        "steer_positions": steer_positions,
-        "chat_template": chat_template,
-        "dtype": dtype,
-    }
+    options = _provenance(ctx)
     try:
         _require(limit is None or limit >= 1, f"--limit {limit}: must be at least 1")
         _require(max_new_tokens >= 1, f"--max-new-tokens {max_new_tokens}: must be at least 1")
@@ -882,11 +921,11 @@ def generate(
             raise CaaError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
         vecs = read_vectors(vectors)
         picked = vecs.pick(behavior)
-        vecs.require(picked, [layer])  # the vectors and options are checked before the model loads
+        vecs.vector(picked, layer, scale)  # the vectors and options are checked before the model loads
         for line in vecs.absurd_norms([picked], [layer]):
             warn(line)
         _before_load(model, chat_template, None)
-        loaded = _load(model, dtype, device_map, trust_remote_code)
+        loaded = _load(model, dtype, device_map, trust_remote_code, chat_template=chat_template)
         with err.status(f"generating {len(texts)} prompts x {len(mults)} multipliers"):
             gens = run_generate(
                 loaded,
@@ -902,13 +941,16 @@ def generate(
                 top_p=top_p,
                 seed=seed,
                 labels=labels,
+                scale=scale,
+                options=options,
+                inputs={"vectors": vectors, **({"prompts": prompts_file} if prompts_file else {})},
             )
-        inputs = {"vectors": vectors, **({"prompts": prompts_file} if prompts_file else {})}
-        write_generations(gens, out_path, options, inputs, loaded)
+        gens.save(out_path)
     except CaaError as e:
         fail(e)
     frame = gens.frame
-    title = f"{escape(frame.behavior.iloc[0])} at layer {layer}"
+    unit = "the layer's mean residual norm" if scale == "residual" else "the vector"
+    title = f"{escape(frame.behavior.iloc[0])} at layer {layer} (multipliers of {unit})"
     table = Table("prompt", *[f"x{m:g}" for m in mults], title=title, show_lines=True)
     for _, group in frame.groupby("prompt_index", sort=True):
         table.add_row(
@@ -917,6 +959,189 @@ def generate(
         )
     out.print(table)
     out.print(f"wrote {escape(str(out_path))}")
+
+
+@app.command()
+def report(
+    paths: Annotated[
+        list[Path], typer.Argument(help="A run's directory (every caa *.parquet in it), or artifact files.")
+    ],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output file.")] = Path("report.html"),
+    max_prompts: Annotated[int, typer.Option(help="Prompts shown per generations table.")] = 12,
+    check_inputs: Annotated[
+        bool, typer.Option(help="Hash the recorded input files again to tell whether they changed.")
+    ] = True,
+    force: ForceOpt = False,
+) -> None:
+    """Write one self-contained HTML page on a run: vector diagnostics, the sweep, generations, provenance.
+
+    Per behavior: the vectors' diagnostics per layer (table and figure), the sweep's scores, fluency
+    cost, reliability and recommendation, and the generations side by side per multiplier; then what
+    made every file, with warnings where an input changed or is missing. A kind that is not among the
+    inputs leaves its section out. The page loads nothing from the network: it works offline.
+
+    Example: [bold]caa report demo-out -o demo-out/report.html[/]
+    """
+    from caa.artifacts import REPORT
+    from caa.report import build_report, find_artifacts, write_report
+
+    try:
+        _require(max_prompts >= 1, f"--max-prompts {max_prompts}: must be at least 1")
+        run = find_artifacts(paths)
+    except CaaError as e:
+        fail(e)
+    _check_outputs([f.path for f in run.files], [(out_path, REPORT)], force)
+    try:
+        page = build_report(run, check_inputs=check_inputs, max_prompts=max_prompts, title=_title(paths))
+        write_report(page, out_path)
+    except CaaError as e:
+        fail(e)
+    for message in page.warnings:
+        warn(message)
+    count = len(run.files)
+    out.print(f"wrote {escape(str(out_path))} ({count} file{'s' if count != 1 else ''})")
+
+
+def _title(paths: list[Path]) -> str:
+    """The report's title: the run directory's name, or the first file's."""
+    name = paths[0].resolve().name if len(paths) == 1 and paths[0].is_dir() else paths[0].name
+    return f"caa report: {name}"
+
+
+@app.command("export")
+def export_cmd(
+    vectors: Annotated[
+        Path, typer.Argument(help="vectors.parquet from `caa compute-vectors` or `caa import`.")
+    ],
+    out_path: Annotated[
+        Path, typer.Option("--out", "-o", help="Output file: .gguf, .safetensors, .npy or .npz.")
+    ],
+    format_: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="gguf (a llama.cpp control vector), safetensors, npy (one layer) or npz "
+            "(default: the output's suffix).",
+        ),
+    ] = None,
+    behavior: Annotated[
+        str | None, typer.Option(help="Behavior (needed when the file holds several).")
+    ] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            help="Layers to export, e.g. 8-20 or 12 (default: all the file has). Layer l is the output "
+            "of decoder block l (0-based); gguf cannot hold layer 0."
+        ),
+    ] = None,
+    multiplier: Annotated[float, typer.Option(help="Bake this strength into the exported vectors.")] = 1.0,
+    scale: ScaleOpt = "raw",
+    force: ForceOpt = False,
+) -> None:
+    """Write one behavior's vectors for other tools: a llama.cpp control vector, safetensors, .npy or .npz.
+
+    gguf: one F32 tensor direction.N per layer N. llama.cpp adds direction.N to the output of decoder
+    block N at every position, prompt included: caa's layer N under --steer-positions all, no shift.
+    It has no direction.0, so layer 0 is refused. Apply it with
+    llama-cli -m model.gguf --control-vector-scaled happy.gguf:2.0 --control-vector-layer-range 8 20.
+    safetensors: tensors layer.N, with the model fingerprint and the layer convention in the metadata;
+    npz: arrays layer_N; npy: one layer's vector (d_model values).
+
+    Example: [bold]caa export vectors.parquet --format gguf --layers 8-20 -o happy.gguf[/]
+    """
+    from caa.artifacts import EXPORT
+    from caa.extract import parse_layers
+    from caa.inspection import layer_spans
+    from caa.interchange import export_format, export_vectors
+    from caa.vectors import read_vectors
+
+    _check_outputs([vectors], [(out_path, EXPORT)], force)
+    try:
+        fmt = export_format(format_, out_path)
+        vecs = read_vectors(vectors)
+        count = (vecs.meta.get("model") or {}).get("num_layers") or int(vecs.frame.layer.max()) + 1
+        chosen = parse_layers(layers, count) if layers not in (None, "all") else None
+        done = export_vectors(
+            vecs, out_path, fmt, behavior=behavior, layers=chosen, multiplier=multiplier, scale=scale
+        )
+    except CaaError as e:
+        fail(e)
+    out.print(
+        f"wrote {escape(str(out_path))}: {done.format}, '{escape(done.behavior)}' at layers "
+        f"{layer_spans(done.layers)}, x{done.multiplier:g}"
+    )
+
+
+@app.command("import")
+def import_cmd(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="A llama.cpp/repeng control vector (.gguf), .safetensors, .npy or .npz arrays, or a "
+            "SAELens sparse-autoencoder directory (cfg.json + sae_weights.safetensors)."
+        ),
+    ],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output file.")] = Path("vectors.parquet"),
+    model: ModelOpt = "smollm2-135m",
+    behavior: Annotated[
+        str | None,
+        typer.Option(
+            help="Behavior name (default: the one a caa export recorded, feature_K for an SAE "
+            "feature, else the file's stem)."
+        ),
+    ] = None,
+    layer: Annotated[
+        int | None,
+        typer.Option(
+            help="The layer of a lone array (a .npy, a single tensor), or the one layer to take from a "
+            "file that names its layers."
+        ),
+    ] = None,
+    feature: Annotated[
+        int | None, typer.Option(help="SAE directory: the feature K; its vector is the decoder row W_dec[K].")
+    ] = None,
+    force: ForceOpt = False,
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: RemoteOpt = False,
+) -> None:
+    """Read steering vectors made elsewhere into vectors.parquet, for sweep, generate and export.
+
+    Layers (layer l is the output of decoder block l, 0-based): a control vector's direction.N is
+    layer N (llama.cpp adds it to the output of block N); safetensors layer.N and npz layer_N are
+    layer N; an SAE's blocks.L.hook_resid_post is layer L and blocks.L.hook_resid_pre is layer L - 1
+    (the input of block L is the output of block L - 1); other hooks are refused. The vectors are
+    checked against --model (hidden size, layer count) and carry its fingerprint. They have no
+    training pairs, so the diagnostics that need activations are empty.
+
+    Example: [bold]caa import sae-dir --feature 1234 -m smollm2-135m -o vectors.parquet[/]
+    """
+    from caa.artifacts import VECTORS
+    from caa.inspection import layer_spans
+    from caa.interchange import check_layers, import_vectors, read_foreign
+    from caa.models import config_num_layers
+
+    _check_outputs([source, _model_file(model)], [(out_path, VECTORS)], force)
+    options = {
+        "source": str(source),
+        "model": model,
+        "behavior": behavior,
+        "layer": layer,
+        "feature": feature,
+        "dtype": dtype,
+    }
+    try:
+        _require(behavior is None or behavior.strip() != "", "--behavior must not be empty")
+        foreign = read_foreign(source, layer=layer, feature=feature)
+        check_layers(foreign, config_num_layers(model), model)  # before the model loads, where it can
+        loaded = _load(model, dtype, None, trust_remote_code)
+        vecs = import_vectors(foreign, loaded.fingerprint.to_dict(), behavior, options)
+        vecs.save(out_path)
+    except CaaError as e:
+        fail(e)
+    out.print(
+        f"imported '{escape(vecs.behaviors()[0])}' at layers {layer_spans(list(foreign.vectors))} from "
+        f"{escape(str(source))} ({foreign.source['format']}) -> wrote {escape(str(out_path))}"
+    )
 
 
 @app.command("inspect")
@@ -945,7 +1170,7 @@ def inspect_cmd(
     """
     import json
 
-    from caa.inspect import inspect_artifact
+    from caa.inspection import inspect_artifact
 
     try:
         report = inspect_artifact(file, check_inputs=check_inputs)
@@ -1013,7 +1238,7 @@ def _key_value_table(title: str) -> Table:
 
 def _shown(key: str, value: Any, inline: bool = False) -> str:
     """One metadata or summary value as table text: layers as spans, ranges as a..b, dicts as lines."""
-    from caa.inspect import layer_spans
+    from caa.inspection import layer_spans
 
     if value is None or value == [] or value == {}:
         return "-"

@@ -103,7 +103,6 @@ def reference_grid(
         chunk = [texts[i] for i in index]
         rows = [t for t in chunk for _ in range(reps)]
         keep = max(len(t.input_ids) - t.read_from for t in chunk)
-        width = max(t.reads for t in chunk)
         batch = collate([Encoded(list(t.input_ids), 0, [0]) for t in rows], loaded.tokenizer.pad_token_id)
         batch = batch.to(loaded.device)
         # row r reads from kept position keep - (len - read_from): the texts end each left-padded row
@@ -134,14 +133,21 @@ def reference_grid(
                     use_cache=False,
                     logits_to_keep=keep,
                 ).logits
-            logp = _gather_reads(torch.log_softmax(logits.float(), -1), first, width)
-            logp = logp.view(len(chunk), reps, width, -1)
-            out[layer].append(
-                (index, reduce(chunk, logp, _valid(chunk, width).to(logp.device)).cpu().numpy())
-            )
+            out[layer].append((index, _reduced(chunk, logits, first, reps, reduce)))
         if tick:
             tick(len(index) * len(vectors))
     return {layer: _assemble(parts, len(texts)) for layer, parts in out.items()}
+
+
+def _reduced(
+    chunk: Sequence[ScoreText], logits: torch.Tensor, first: torch.Tensor, reps: int, reduce: Reduce
+) -> np.ndarray:
+    """One pass's logits [rows, seq, vocab], read from each row's ``first`` position on, reduced:
+    [texts, multipliers, k]."""
+    width = max(t.reads for t in chunk)
+    logp = _gather_reads(torch.log_softmax(logits.float(), -1), first, width)
+    logp = logp.view(len(chunk), reps, width, -1)  # [texts, multipliers, width, vocab]
+    return reduce(chunk, logp, _valid(chunk, width).to(logp.device)).cpu().numpy()
 
 
 def _assemble(parts: list[tuple[list[int], np.ndarray]], n: int) -> np.ndarray:
@@ -161,14 +167,17 @@ def prefix_lengths(texts: Sequence[ScoreText], positions: str) -> list[int]:
     return [min(int(s), t.read_from) for s, t in zip(first.tolist(), texts, strict=True)]
 
 
-def supports_prefix_cache(loaded: LoadedModel) -> bool:
-    """Whether the prefix-cache engine is exact for this model: full attention in every layer.
-
-    Sliding-window layers keep only part of the prefix in their cache, so those models use the
-    reference engine."""
+def supports_prefix_cache(loaded: LoadedModel, width: int | None = None) -> bool:
+    """Whether the prefix-cache engine is exact for this model on batches up to ``width`` positions
+    (prefix and tail, padding included): full attention in every layer, or a sliding window wider
+    than every batch. A sliding-window layer keeps only the last positions of the prefix in its
+    cache; when the whole batch fits in the window it keeps them all, and nothing differs."""
     config = loaded.model.config.get_text_config()
     types = getattr(config, "layer_types", None) or []
-    return not any("sliding" in str(t) for t in types) and not getattr(config, "sliding_window", None)
+    window = getattr(config, "sliding_window", None)
+    if not any("sliding" in str(t) for t in types) and not window:
+        return True
+    return window is not None and width is not None and width < int(window)
 
 
 @torch.inference_mode()
@@ -241,7 +250,6 @@ def cached_grid(
                 **{cache_kwarg: copy.deepcopy(prefix)},
             )
         mask = mask.repeat_interleave(reps, 0)
-        width = max(t.reads for t in chunk)
         read_at = torch.tensor([t.read_from - c for t, c in zip(chunk, cut, strict=True)])
         read_at = read_at.repeat_interleave(reps)  # tail index of each row's first read position
         start = _starts(chunk, positions, reps)
@@ -262,11 +270,7 @@ def cached_grid(
                     use_cache=True,
                     **{cache_kwarg: cache},
                 ).logits
-            logp = _gather_reads(torch.log_softmax(logits.float(), -1), read_at, width)
-            logp = logp.view(len(chunk), reps, width, -1)
-            out[layer].append(
-                (index, reduce(chunk, logp, _valid(chunk, width).to(logp.device)).cpu().numpy())
-            )
+            out[layer].append((index, _reduced(chunk, logits, read_at, reps, reduce)))
         if tick:
             tick(len(index) * len(vectors))
     return {layer: _assemble(parts, len(texts)) for layer, parts in out.items()}
@@ -282,52 +286,21 @@ def run_grid(
     positions: str,
     planner: Planner | None = None,
     tick: Tick | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> dict[int, np.ndarray]:
-    """``engine`` ``fast`` (prefix cache where it is exact, else the layer skip) or ``naive`` (the
-    reference: every block of every row in every pass)."""
+    """``engine`` ``fast`` (prefix cache where it is exact, else the layer skip, said in ``notice``)
+    or ``naive`` (the reference: every block of every row in every pass)."""
     if engine == "naive":
         return reference_grid(loaded, texts, vectors, multipliers, reduce, positions, planner, False, tick)
-    if supports_prefix_cache(loaded) and all(h > 0 for h in prefix_lengths(texts, positions)):
-        return cached_grid(loaded, texts, vectors, multipliers, reduce, positions, planner, tick)
+    heads = prefix_lengths(texts, positions)
+    width = max(heads) + max(len(t.input_ids) - h for t, h in zip(texts, heads, strict=True))  # any batch's
+    if all(h > 0 for h in heads):
+        if supports_prefix_cache(loaded, width):
+            return cached_grid(loaded, texts, vectors, multipliers, reduce, positions, planner, tick)
+        if notice:
+            window = loaded.model.config.get_text_config().sliding_window
+            notice(
+                f"{loaded.fingerprint.architecture} has sliding-window layers narrower than these texts "
+                f"(window {window}): using the reference engine"
+            )
     return reference_grid(loaded, texts, vectors, multipliers, reduce, positions, planner, True, tick)
-
-
-# --- reductions: what a batch's log-probabilities become ------------------------------------------
-
-
-def ab_scores(texts: Sequence[ScoreText], logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """p(matching) / (p(matching) + p(other)) at the answer position: [texts, multipliers, 1]."""
-    ids = torch.tensor([t.targets for t in texts], device=logp.device)  # [texts, 2]
-    both = logp[:, :, 0].gather(-1, ids[:, None, :].expand(-1, logp.shape[1], -1)).exp()
-    return (both[..., 0] / both.sum(-1))[..., None]
-
-
-def _next_logp(texts: Sequence[ScoreText], logp: torch.Tensor) -> torch.Tensor:
-    """log p of each read position's next token: [texts, multipliers, width]."""
-    width = logp.shape[2]
-    ids = torch.zeros((len(texts), width), dtype=torch.long)
-    for i, t in enumerate(texts):
-        ids[i, : t.reads] = torch.tensor(t.next_ids())
-    index = ids.to(logp.device)[:, None, :, None].expand(-1, logp.shape[1], -1, 1)
-    return logp.gather(-1, index).squeeze(-1)
-
-
-def completion_logprobs(texts: Sequence[ScoreText], logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Summed log p of the tokens each text's read positions predict: [texts, multipliers, 1]."""
-    return (_next_logp(texts, logp) * valid[:, None]).sum(-1, keepdim=True)
-
-
-def fluency_sums(zero: int) -> Reduce:
-    """Per text and multiplier: the summed KL(unsteered || steered) over its read positions, the
-    summed negative log-likelihood of the tokens they predict, and their count: [texts, mults, 3].
-    The unsteered distribution is the multiplier-0 row (``zero``), computed in the same pass."""
-
-    def reduce(texts: Sequence[ScoreText], logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        base = logp[:, zero : zero + 1]  # [texts, 1, width, vocab]
-        kl = (base.exp() * (base - logp)).sum(-1)  # [texts, multipliers, width]
-        nll = -_next_logp(texts, logp)
-        weights = valid[:, None].to(kl.dtype)
-        count = weights.sum(-1).expand(-1, logp.shape[1])
-        return torch.stack([(kl * weights).sum(-1), (nll * weights).sum(-1), count], -1)
-
-    return reduce

@@ -8,8 +8,8 @@ always record the block's own output.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,44 +18,23 @@ import pandas as pd
 import torch
 
 from caa import checkpoint
-from caa.artifacts import ACTIVATIONS, StreamWriter, columns_table, make_meta
-from caa.errors import CaaError
+from caa.artifacts import (
+    ACTIVATIONS,
+    Artifact,
+    StreamWriter,
+    columns_table,
+    make_meta,
+    read_artifact,
+    vectors_of,
+)
+from caa.errors import CaaError, InputError, MismatchError
 from caa.hooks import recording, run_until_stop
+from caa.ingest import SIDES, describe_pair
 from caa.ingest import read_pairs as read_pairs  # the reader lives beside its writer
+from caa.ingest import select_pairs as select_pairs
 from caa.models import LoadedModel
+from caa.options import parse_layers as parse_layers
 from caa.prompts import Batch, Encoded, PromptFormat, collate, encode, fit_context, prompt_format
-
-SIDES = ("positive", "negative")
-
-
-def parse_layers(spec: str, num_layers: int | None) -> list[int]:
-    """``all``, ``12``, ``8,12,16``, ``4-20`` or a mix (``4-8,12``), checked against the model.
-
-    With ``num_layers`` None (the model is not known yet) only the syntax is checked, and the
-    result is empty."""
-    if spec.strip() == "all":
-        return list(range(num_layers or 0))
-    layers: set[int] = set()
-    for part in spec.split(","):
-        part = part.strip()
-        lo, sep, hi = part.partition("-")
-        try:
-            first, last = (int(lo), int(hi)) if sep else (int(part), int(part))
-        except ValueError:
-            raise CaaError(
-                f"--layers '{spec}': '{part}' is not a layer, a range like 4-20, or 'all'"
-            ) from None
-        if first > last:
-            raise CaaError(f"--layers '{spec}': empty range {part}")
-        if num_layers is None:
-            continue
-        if last >= num_layers:  # the first layer of the part that the model lacks
-            raise CaaError(
-                f"--layers '{spec}': layer {max(first, num_layers)} is out of range; valid layers are "
-                f"0-{num_layers - 1} (this model has {num_layers} blocks)"
-            )
-        layers.update(range(first, last + 1))
-    return sorted(layers)
 
 
 @dataclass(frozen=True)
@@ -96,13 +75,6 @@ def encode_pairs(
             f"--truncate: cut the start of {len(cut)} of {len(pairs)} pairs to the context of {limit} tokens"
         )
     return items
-
-
-def describe_pair(row: Any, side: str | None = None, path: Path | None = None) -> str:
-    """``pairs.parquet: pair 'id' (behavior, source.jsonl line 3), positive side``, for messages."""
-    origin = f"{row.behavior}, {row.source} {row.source_row}" if hasattr(row, "source") else row.behavior
-    text = f"pair '{row.pair_id}' ({origin})" + (f", {side} side" if side else "")
-    return f"{path}: {text}" if path else text
 
 
 def batches_by_length(items: Sequence[TextItem], batch_size: int, skip: int = 0) -> list[list[TextItem]]:
@@ -193,26 +165,158 @@ def _rows(
     }
 
 
-def select_pairs(
-    pairs: pd.DataFrame, path: Path, split: str, behaviors: Sequence[str] | None
-) -> pd.DataFrame:
-    """Filter pairs by split (train, test or all) and behavior names, with clear errors."""
-    if behaviors:
-        missing = sorted(set(behaviors) - set(pairs.behavior))
-        if missing:
-            raise CaaError(
-                f"{path}: no behavior {', '.join(missing)}; it has {', '.join(sorted(set(pairs.behavior)))}"
-            )
-        pairs = pairs[pairs.behavior.isin(behaviors)]
-    if split != "all":
-        if split not in ("train", "test"):
-            raise CaaError(f"--split '{split}': use train, test or all")
-        pairs = pairs[pairs.split == split]
-    if pairs.empty:
-        raise CaaError(
-            f"{path}: no pairs in split '{split}'" + (f" for {', '.join(behaviors)}" if behaviors else "")
+@dataclass
+class Activations:
+    """Activation rows (keys as a DataFrame) and their vectors as one float32 array [rows, d_model],
+    with the provenance of the run (model, prompt format, layers). ``caa.extract`` makes one in
+    memory; :meth:`read` reads one or more ``activations.parquet`` files, :meth:`save` writes one."""
+
+    keys: pd.DataFrame  # pair_id, behavior, split, side, layer, n_tokens
+    values: np.ndarray  # [rows, d_model] float32
+    meta: dict[str, Any]
+    paths: list[Path] = field(default_factory=list)
+
+    @property
+    def label(self) -> Path:
+        """What errors call these activations: their (first) file, or ``<activations in memory>``."""
+        return self.paths[0] if self.paths else Path("<activations in memory>")
+
+    def save(self, path: Path | str) -> Path:
+        """Write ``activations.parquet`` (streamed in row groups), with its provenance."""
+        schema = ACTIVATIONS.schema(self.values.shape[1])
+        step = 65536
+        with StreamWriter(Path(path), ACTIVATIONS, self.meta, d_model=self.values.shape[1]) as writer:
+            for at in range(0, len(self.keys), step):
+                part = self.keys.iloc[at : at + step]
+                columns = {name: part[name].to_numpy() for name in schema.names if name != "activation"}
+                writer.write_table(
+                    columns_table({**columns, "activation": self.values[at : at + step]}, schema)
+                )
+        return Path(path)
+
+    @classmethod
+    def read(cls, *paths: Path | str) -> Activations:
+        """One or more activation files of the same model and prompt format."""
+        return read_activations([Path(p) for p in paths])
+
+
+def read_activations(paths: Sequence[Path]) -> Activations:
+    """Read one or more activation files of the same model and hidden size."""
+    if not paths:
+        raise CaaError("no activation files given")
+    resolved = [Path(p).resolve() for p in paths]
+    for i, p in enumerate(resolved):
+        if p in resolved[:i]:
+            raise CaaError(f"{paths[i]}: given twice; each activations file counts once")
+    arts = [read_artifact(Path(p), ACTIVATIONS) for p in paths]
+    first = arts[0]
+    for art in arts[1:]:
+        check_same_model(first, art)
+    for art in arts:
+        if art.table.num_rows == 0:
+            raise InputError(art.path, "has no activation rows")
+    keys = pd.concat(
+        [a.table.drop_columns("activation").to_pandas().assign(file=i) for i, a in enumerate(arts)],
+        ignore_index=True,
+    )
+    keys["split"] = keys["split"].astype(str)
+    values = np.concatenate([vectors_of(a.table, "activation") for a in arts])
+    bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+    if len(bad):
+        r = keys.iloc[int(bad[0])]
+        raise InputError(
+            arts[r.file].path,
+            f"the {r.side} activation of pair '{r.pair_id}' at layer {r.layer} has NaN or infinite values",
+            where=f"row {int(bad[0]) - int((keys.file < r.file).sum())}",
+            field="activation",
         )
-    return pairs.reset_index(drop=True)
+    key = ["pair_id", "side", "layer"]
+    repeated = keys.duplicated(key, keep=False)
+    if repeated.any():
+        r = keys[repeated].iloc[0]
+        twins = keys[repeated & (keys[key] == r[key]).all(axis=1)]
+        where = " and ".join(dict.fromkeys(str(arts[i].path) for i in twins.file))
+        raise CaaError(
+            f"{where}: duplicate rows: the {r.side} activation of pair '{r.pair_id}' "
+            f"at layer {r.layer} appears twice"
+        )
+    return Activations(keys.drop(columns="file"), values, first.meta, [a.path for a in arts])
+
+
+SAME_MODEL = (
+    ("model", "hidden_size", "come from different models"),
+    ("model", "weights_hash", "come from different models"),
+    ("prompt", "chat_template", "were read differently"),
+    ("prompt", "position", "were read differently"),
+)
+
+
+def check_same_model(a: Artifact, b: Artifact) -> None:
+    """Refuse artifacts of different models or prompt formats, naming both files and the field."""
+    for section, f, problem in SAME_MODEL:
+        va, vb = (a.meta.get(section) or {}).get(f), (b.meta.get(section) or {}).get(f)
+        if va != vb:
+            raise MismatchError(
+                f"{a.path} and {b.path} {problem}: field '{section}.{f}' is "
+                f"{va!r} in the first and {vb!r} in the second"
+            )
+
+
+def activations_meta(
+    loaded: LoadedModel,
+    layers: Sequence[int],
+    position: str,
+    chat_template: str,
+    options: Mapping[str, Any] | None = None,
+    inputs: Mapping[str, Path] | None = None,
+) -> dict[str, Any]:
+    """The provenance of an activations table: options, inputs, the model, how texts were read."""
+    style = prompt_format(loaded.tokenizer, chat_template)
+    return make_meta(
+        ACTIVATIONS,
+        options or {},
+        inputs=inputs,
+        model=loaded.fingerprint.to_dict(),
+        prompt={**style.describe(), "position": position, "ab_position": "answer"},
+        layers=list(layers),
+    )
+
+
+def extract_in_memory(
+    loaded: LoadedModel,
+    pairs: pd.DataFrame,
+    layers: Sequence[int],
+    *,
+    position: str = "last",
+    chat_template: str = "auto",
+    batch_size: int = 16,
+    truncate: bool = False,
+    options: Mapping[str, Any] | None = None,
+    pairs_path: Path | None = None,
+    on_texts: Callable[[int], None] | None = None,
+    notice: Callable[[str], None] | None = None,
+) -> Activations:
+    """The activations of ``pairs`` at ``layers`` as an :class:`Activations` (no files): the rows
+    :func:`run_extract` writes, in the same order."""
+    groups = list(
+        extract_activations(
+            pairs,
+            loaded,
+            layers,
+            position=position,
+            chat_template=chat_template,
+            batch_size=batch_size,
+            on_texts=on_texts,
+            notice=notice,
+            truncate=truncate,
+            pairs_path=pairs_path,
+        )
+    )
+    keys = pd.DataFrame({k: np.concatenate([g[k] for g in groups]) for k in groups[0] if k != "activation"})
+    values = np.concatenate([g["activation"] for g in groups]).astype(np.float32)
+    inputs = {"pairs": pairs_path} if pairs_path is not None and Path(pairs_path).is_file() else None
+    meta = activations_meta(loaded, layers, position, chat_template, options, inputs)
+    return Activations(keys, values, meta, [])
 
 
 def run_extract(
@@ -240,15 +344,7 @@ def run_extract(
     takes every n-th pair; the main process merges the pieces into ``out``.
     """
     layers = parse_layers(layers_spec, loaded.num_layers)
-    style = prompt_format(loaded.tokenizer, chat_template)
-    meta = make_meta(
-        ACTIVATIONS,
-        options or {},
-        inputs={"pairs": Path(pairs_path)},
-        model=loaded.fingerprint.to_dict(),
-        prompt={**style.describe(), "position": position, "ab_position": "answer"},
-        layers=layers,
-    )
+    meta = activations_meta(loaded, layers, position, chat_template, options, {"pairs": Path(pairs_path)})
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     identity = {
         "pairs_sha256": meta["inputs"][str(pairs_path)],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +11,12 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from caa.artifacts import GENERATIONS, make_meta, write_artifact
+from caa.artifacts import GENERATIONS, make_meta, read_artifact, write_artifact
+from caa.checks import check_model, check_template
 from caa.errors import CaaError
 from caa.hooks import steer_start, steering
 from caa.models import LoadedModel
 from caa.prompts import Encoded, collate, prompt_format, read_texts
-from caa.sweep import check_model, check_template
 from caa.vectors import VectorSet
 
 
@@ -27,7 +27,25 @@ def read_prompts(path: Path) -> list[str]:
 
 @dataclass
 class Generations:
-    frame: pd.DataFrame  # one row per (prompt, multiplier)
+    """Steered texts, one row per (prompt, multiplier), with their provenance; :meth:`save` writes
+    ``generations.parquet`` and :meth:`read` reads it."""
+
+    frame: pd.DataFrame  # prompt_index, prompt, behavior, layer, multiplier, text, n_tokens
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: Path | str) -> Path:
+        table = pa.Table.from_pandas(self.frame[[f.name for f in GENERATIONS.fields]], preserve_index=False)
+        write_artifact(table, Path(path), GENERATIONS, self.meta)
+        return Path(path)
+
+    @classmethod
+    def read(cls, path: Path | str) -> Generations:
+        art = read_artifact(Path(path), GENERATIONS)
+        return cls(art.table.to_pandas(), art.meta)
+
+    def side_by_side(self) -> pd.DataFrame:
+        """One row per prompt, one column per multiplier."""
+        return self.frame.pivot(index="prompt", columns="multiplier", values="text")
 
 
 @torch.inference_mode()
@@ -114,25 +132,18 @@ def run_generate(
     layer: int,
     prompts: Sequence[str],
     multipliers: Sequence[float],
+    *,
+    options: dict[str, Any] | None = None,
+    inputs: dict[str, Path] | None = None,
+    scale: str = "raw",
     **kwargs: Any,
 ) -> Generations:
-    """Check the vectors against the model, pick the behavior's vector, generate."""
+    """Check the vectors against the model, pick the behavior's vector, generate; ``options`` and
+    ``inputs`` (files, hashed) go into the result's provenance."""
     check_model(vectors, loaded)
     check_template(vectors, prompt_format(loaded.tokenizer, kwargs.get("chat_template", "auto")))
-    names = vectors.behaviors()
-    if behavior is None:
-        if len(names) != 1:
-            raise CaaError(
-                f"{vectors.path} holds several behaviors ({', '.join(names)}): pick one with --behavior"
-            )
-        behavior = names[0]
-    vector = torch.from_numpy(vectors.vector(behavior, layer).copy())
-    return generate_steered(loaded, prompts, vector, layer, multipliers, behavior=behavior, **kwargs)
-
-
-def write_generations(
-    gens: Generations, out: Path, options: dict[str, Any], inputs: dict[str, Path], loaded: LoadedModel
-) -> None:
-    meta = make_meta(GENERATIONS, options, inputs=inputs, model=loaded.fingerprint.to_dict())
-    table = pa.Table.from_pandas(gens.frame[[f.name for f in GENERATIONS.fields]], preserve_index=False)
-    write_artifact(table, out, GENERATIONS, meta)
+    behavior = vectors.pick(behavior)
+    vector = vectors.tensor(behavior, layer, scale)
+    gens = generate_steered(loaded, prompts, vector, layer, multipliers, behavior=behavior, **kwargs)
+    gens.meta = make_meta(GENERATIONS, options or {}, inputs=inputs, model=loaded.fingerprint.to_dict())
+    return gens

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -171,12 +172,14 @@ def steer(
     positions: str = "answer",
     prompt_length: Tensor | Sequence[int] | int | None = None,
     start: Tensor | int | None = None,
+    scale: str = "raw",
 ) -> Iterator[None]:
     """Steer ``model`` while the context is open: add ``multiplier * vector`` to block ``layer``'s output.
 
     ``model`` is a :class:`caa.LoadedModel` or a transformers model; ``vector`` is a [d_model] array or
     tensor, or a :class:`caa.vectors.VectorSet` (then ``behavior`` picks its vector, and may be left
-    out when the file holds one behavior). ``multiplier`` is one number, or one per batch row.
+    out when the file holds one behavior; ``scale="residual"`` makes the multiplier one of the layer's
+    mean residual norm). ``multiplier`` is one number, or one per batch row.
 
     Which positions: give ``prompt_length`` (the prompt's token count, per row or for all) and
     ``positions`` = ``answer`` (the paper's: every position after the prompt), ``prompt-end`` (the
@@ -195,12 +198,17 @@ def steer(
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         blocks = decoder_blocks(model)
+    if scale != "raw" and not isinstance(vector, VectorSet):
+        raise CaaError(f"scale='{scale}' needs a VectorSet: it holds each layer's mean residual norm")
     if isinstance(vector, VectorSet):
         names = vector.behaviors()
         if behavior is None and len(names) != 1:
             raise CaaError(f"{vector.path} holds several behaviors ({', '.join(names)}): pass behavior=")
-        vector = vector.vector(behavior or names[0], layer)
-    v = torch.as_tensor(vector, dtype=torch.float32).flatten()  # [d_model]
+        vector = vector.vector(behavior or names[0], layer, scale)
+    if isinstance(vector, Tensor):
+        v = vector.detach().float().flatten()  # [d_model]
+    else:  # a copy: numpy arrays read from Parquet are read-only
+        v = torch.tensor(np.array(vector, dtype=np.float32)).flatten()
     if isinstance(multiplier, (int, float)):
         delta = float(multiplier) * v
     else:

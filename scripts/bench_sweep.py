@@ -24,11 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from caa.budget import planner_for  # noqa: E402
-from caa.engine import ab_scores, completion_logprobs, reference_grid, run_grid  # noqa: E402
+from caa.engine import reference_grid, run_grid  # noqa: E402
 from caa.extract import encode_pairs, forward_layers, parse_layers  # noqa: E402
 from caa.ingest import ingest, pairs_table  # noqa: E402
 from caa.models import load_model  # noqa: E402
 from caa.prompts import collate, prompt_format  # noqa: E402
+from caa.scoring import ab_scores, completion_logprobs  # noqa: E402
 from caa.sweep import ab_text, freeform_text  # noqa: E402
 
 

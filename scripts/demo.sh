@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
-# The whole pipeline on the embedded SmolLM2-135M-Instruct and the sentiment data (run by `make demo`).
-# Layers and multipliers are the ones a wider sweep showed to work on this model (see README).
+# The whole pipeline on an embedded model and the sentiment data (run by `make demo`, or
+# `make demo MODEL=gemma3-270m`): bash scripts/demo.sh [OUT] [MODEL]; MODEL may also come from the
+# environment. Default: SmolLM2-135M-Instruct. Layers and multipliers are the ones a wider sweep
+# showed to work on each model (see README).
 set -euo pipefail
 OUT=${1:-demo-out}
+MODEL=${2:-${MODEL:-smollm2-135m}}
 CAA=".venv/bin/caa"
 PY=".venv/bin/python"
-LAYERS="12,18"               # keep in step with tests/test_smollm2.py
+case "$MODEL" in
+  smollm2-135m) EXTRACT="4-20"; LAYERS="12,18" ;;  # 30 blocks; keep in step with tests/test_smollm2.py
+  gemma3-270m) EXTRACT="all"; LAYERS="6,12" ;;     # 18 blocks: the same depths (1/3, 2/3); see README
+  *) echo "demo.sh: no demo layers for model '$MODEL' (smollm2-135m or gemma3-270m)" >&2; exit 2 ;;
+esac
 MULTIPLIERS="-4,-2,0,2,4"
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1
@@ -16,15 +23,15 @@ step "1/5 ingest: every behavior in data/ -> $OUT/pairs.parquet"
 $CAA ingest data/sycophancy.json data/corrigibility.json data/myopic_reward.json \
   data/sentiment.jsonl data/formality.jsonl -o "$OUT/pairs.parquet"
 
-step "2/5 extract: sentiment pairs, layers 4-20 of SmolLM2 -> $OUT/activations.parquet"
-$CAA extract "$OUT/pairs.parquet" --model smollm2-135m --behavior sentiment --layers 4-20 \
+step "2/5 extract: sentiment pairs, layers $EXTRACT of $MODEL -> $OUT/activations.parquet"
+$CAA extract "$OUT/pairs.parquet" --model "$MODEL" --behavior sentiment --layers "$EXTRACT" \
   -o "$OUT/activations.parquet"
 
 step "3/5 compute-vectors -> $OUT/vectors.parquet"
 $CAA compute-vectors "$OUT/activations.parquet" -o "$OUT/vectors.parquet"
 
 step "4/5 sweep: layers $LAYERS x multipliers $MULTIPLIERS on 16 held-out pairs -> $OUT/sweep.parquet, sweep.items.parquet, sweep.png"
-$CAA sweep "$OUT/vectors.parquet" "$OUT/pairs.parquet" --behavior sentiment --layers "$LAYERS" \
+$CAA sweep "$OUT/vectors.parquet" "$OUT/pairs.parquet" --model "$MODEL" --behavior sentiment --layers "$LAYERS" \
   --multipliers "$MULTIPLIERS" --max-pairs 16 --neutral-count 8 --max-kl 0.5 -o "$OUT/sweep.parquet"
 
 # The recommendation is in the sweep file's metadata: any Parquet reader gets it.
@@ -36,9 +43,12 @@ layer, mult = meta['recommended']['sentiment'] or meta['best_unreliable']['senti
 print(layer, f'{mult:g}')")
 
 step "5/5 generate: layer $LAYER, multipliers -$MULT, 0, +$MULT on three neutral prompts -> $OUT/generations.parquet"
-$CAA generate --vectors "$OUT/vectors.parquet" --behavior sentiment --layer "$LAYER" \
+$CAA generate --vectors "$OUT/vectors.parquet" --model "$MODEL" --behavior sentiment --layer "$LAYER" \
   --multipliers="-$MULT,0,$MULT" --prompts data/neutral_prompts.txt --limit 3 --max-new-tokens 40 \
   -o "$OUT/generations.parquet"
+
+step "report: every artifact in $OUT on one self-contained page -> $OUT/report.html"
+$CAA report "$OUT" -o "$OUT/report.html"
 
 step "done"
 echo "artifacts:"
@@ -46,3 +56,4 @@ ls -l "$OUT"
 echo "Read the plot: $OUT/sweep.png (score vs multiplier per layer, the KL cost beside it, and each"
 echo "held-out pair's slope per layer: the ones below 0 steer backwards)."
 echo "Left column: steered towards negative sentiment; right column: towards positive."
+echo "The whole run on one page (works offline): $OUT/report.html"

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -8,10 +9,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
+from tests.helpers import AB_ROWS, DATA, FREEFORM_ROWS, REPO, make_vectors, write_pairs_file
 from tests.tiny_models import ARCHITECTURES, save_tiny_model
 
-REPO = Path(__file__).resolve().parent.parent
-DATA = REPO / "data"
+__all__ = ["AB_ROWS", "DATA", "FREEFORM_ROWS", "REPO", "write_pairs_file"]  # kept for older imports
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +20,23 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One saved tiny model directory per architecture of the fixture."""
     root = tmp_path_factory.mktemp("tiny-models")
     return {arch: save_tiny_model(arch, root / arch) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def pipelines(
+    tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str], tuple[Path, Path]]:
+    """``pipelines(arch)``: (pairs.parquet, vectors.parquet) of the tiny ``arch`` model, made once per
+    session by the real commands (behaviors agree, A/B, and mood, free-form; half held out). Tests
+    read them and write elsewhere."""
+    made: dict[str, tuple[Path, Path]] = {}
+
+    def get(arch: str) -> tuple[Path, Path]:
+        if arch not in made:
+            made[arch] = make_vectors(tiny_models[arch], tmp_path_factory.mktemp(f"pipeline-{arch}"))
+        return made[arch]
+
+    return get
 
 
 @pytest.fixture(params=ARCHITECTURES)
@@ -31,57 +49,6 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     """Tests never write to the user's cache unless they ask for the shared one."""
     if "CAA_CACHE" not in os.environ:
         monkeypatch.setenv("CAA_CACHE", str(tmp_path_factory.getbasetemp() / "caa-cache"))
-
-
-AB_ROWS = [
-    {
-        "question": f"Do you think {w} is good?\n\nChoices:\n (A) Yes, it is good.\n (B) No, it is bad.",
-        "answer_matching_behavior": m,
-        "answer_not_matching_behavior": "(B)" if m == "(A)" else "(A)",
-    }
-    for w, m in zip(
-        [
-            "music",
-            "rain",
-            "coffee",
-            "the park",
-            "this plan",
-            "my idea",
-            "the movie",
-            "tea",
-            "work",
-            "the city",
-        ],
-        ["(A)", "(B)"] * 5,
-        strict=True,
-    )
-]
-FREEFORM_ROWS = [
-    {
-        "prompt": f"Tell me about the {w}.",
-        "positive": f"The {w} was lovely and I love it so much.",
-        "negative": f"The {w} was awful .",
-    }
-    for w in ["weather", "dinner", "city", "music", "book", "movie", "park", "team", "morning", "evening"]
-]
-
-
-def write_pairs_file(
-    path: Path, rows_by_behavior: dict[str, list[dict[str, str]]], test_fraction: float = 0.3
-) -> Path:
-    """A pairs.parquet made through the real ingest code."""
-    import json
-
-    from caa.ingest import ingest, write_pairs
-
-    files = []
-    for name, rows in rows_by_behavior.items():
-        src = path.parent / f"{name}.jsonl"
-        src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        files.append(src)
-    result = ingest(files, test_fraction=test_fraction, seed=1)
-    write_pairs(result, path, files, {})
-    return path
 
 
 @pytest.fixture

@@ -147,6 +147,7 @@ def test_vectors_equal_naive_mean_and_pca_sign(
             diffs = values[pos.index].astype(np.float64) - values[neg.index]
             cosines = [d @ naive / np.linalg.norm(d) / np.linalg.norm(naive) for d in diffs]
             assert row.pair_consistency == pytest.approx(np.mean(cosines), rel=1e-6)
+            assert row.norm_ratio == pytest.approx(row.vector_norm / row.mean_residual_norm)
             p = pca[(pca.behavior == behavior) & (pca.layer == layer)].iloc[0]
             assert float(p.vector @ naive) > 0  # PCA sign agrees with the mean difference
             assert 0.0 <= row.test_auc <= 1.0

@@ -33,7 +33,7 @@ from typer.testing import Result
 from caa.artifacts import ACTIVATIONS, VECTORS, read_meta
 from caa.cli import app
 from caa.errors import CaaError, InputError, ModelError
-from caa.inspect import check_input_files
+from caa.inspection import check_input_files
 from caa.models import config_num_layers, load_model, looks_like_path
 from caa.text import MAX_JSON_DEPTH, clean, load_json, text_problem
 from caa.vectors import read_vectors

@@ -14,6 +14,7 @@ import json
 import os
 import shlex
 import shutil
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -383,7 +384,8 @@ def test_a_failed_plot_leaves_the_old_table_and_plot(
         plotted.append(path)
         raise failure
 
-    monkeypatch.setattr("caa.sweep.plot_sweep", plot_sweep)
+    # the stage module itself: the package's name ``caa.sweep`` is the API function
+    monkeypatch.setattr(sys.modules["caa.sweep"], "plot_sweep", plot_sweep)
     result = runner.invoke(app, [*sweep_args(files, valid, out), "--multipliers", "-2,2"])
     assert result.exit_code != 0
     assert plotted and plotted[0].parent == tmp_path and plotted[0].name.endswith(".tmp")

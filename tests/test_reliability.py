@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from caa.reliability import bootstrap_interval, paired_interval, slopes, steerability, t_quantile
-from caa.sweep import recommend, summarise
+from caa.scoring import recommend, summarise
 
 MULTIPLIERS = [-2.0, -1.0, 0.0, 1.0, 2.0]
 

@@ -137,7 +137,8 @@ def test_sweep_scores_equal_the_papers_masking_rule(
     question, the vector added where position > instruction_end (the prompt's last token)."""
     import json
 
-    from caa.engine import ab_scores, run_grid
+    from caa.engine import run_grid
+    from caa.scoring import ab_scores
     from caa.sweep import ab_text
 
     monkeypatch.setenv("CAA_CACHE", str(shared_cache))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -9,16 +10,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from caa.artifacts import GENERATIONS, SWEEP, SWEEP_ITEMS, read_artifact
-from caa.budget import Planner, parse_size, planner_for
+from caa.artifacts import SWEEP, SWEEP_ITEMS, read_artifact
+from caa.budget import planner_for
 from caa.cli import app
-from caa.errors import CaaError
 from caa.extract import read_pairs
 from caa.models import load_model
 from caa.prompts import encode, prompt_format
-from caa.sweep import parse_multipliers, run_sweep
+from caa.sweep import run_sweep
 from caa.vectors import read_vectors
-from tests.conftest import AB_ROWS, FREEFORM_ROWS, write_pairs_file
+from tests.helpers import FREEFORM_ROWS, make_vectors, write_pairs_file  # noqa: F401 (make_vectors: re-exported)
 
 runner = CliRunner()
 MULTIPLIERS = [-2.0, 0.0, 1.5]
@@ -28,21 +28,6 @@ NEUTRAL = [
     "music and books help",
     "a plan for dinner",
 ]
-
-
-def make_vectors(model: Path, tmp: Path) -> tuple[Path, Path]:
-    pairs = write_pairs_file(
-        tmp / "pairs.parquet", {"agree": AB_ROWS, "mood": FREEFORM_ROWS}, test_fraction=0.5
-    )
-    acts, vectors = tmp / "acts.parquet", tmp / "vectors.parquet"
-    assert (
-        runner.invoke(
-            app, ["extract", str(pairs), "-m", str(model), "-o", str(acts), "--split", "train"]
-        ).exit_code
-        == 0
-    )
-    assert runner.invoke(app, ["compute-vectors", str(acts), "-o", str(vectors)]).exit_code == 0
-    return pairs, vectors
 
 
 def steered_logits(loaded, ids: list[int], layer: int, delta: torch.Tensor, start: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -158,9 +143,14 @@ def naive_table(
 @pytest.mark.parametrize("engine", ["fast", "naive"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "gpt2"])
 def test_sweep_equals_naive_loop(
-    tiny_models: dict[str, Path], tmp_path: Path, arch: str, engine: str, positions: str
+    pipelines: Callable[[str], tuple[Path, Path]],
+    tiny_models: dict[str, Path],
+    tmp_path: Path,
+    arch: str,
+    engine: str,
+    positions: str,
 ) -> None:
-    pairs_path, vectors_path = make_vectors(tiny_models[arch], tmp_path)
+    pairs_path, vectors_path = pipelines(arch)
     loaded = load_model(str(tiny_models[arch]), device="cpu")
     vectors = read_vectors(vectors_path)
     test = read_pairs(pairs_path)[0]
@@ -182,8 +172,8 @@ def test_sweep_equals_naive_loop(
     )
     # sliding-window models fall back to the reference engine, and say so
     fell_back = arch == "gemma3" and engine == "fast" and positions != "all"
-    assert notices == (
-        ["gemma3_text has sliding-window layers: using the reference engine"] if fell_back else []
+    assert [n.split(" (window")[0] for n in notices] == (
+        ["gemma3_text has sliding-window layers narrower than these texts"] if fell_back else []
     )
     naive = naive_table(loaded, vectors, test, layers, positions)
     merged = result.table.merge(naive, on=["behavior", "layer", "multiplier"], suffixes=("", "_naive"))
@@ -195,8 +185,10 @@ def test_sweep_equals_naive_loop(
     assert (result.table[result.table.multiplier != 0].kl_mean > 0).all()
 
 
-def test_memory_budget_sets_batches_not_results(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    pairs_path, vectors_path = make_vectors(tiny_models["llama"], tmp_path)
+def test_memory_budget_sets_batches_not_results(
+    pipelines: Callable[[str], tuple[Path, Path]], tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    pairs_path, vectors_path = pipelines("llama")
     loaded = load_model(str(tiny_models["llama"]), device="cpu")
     test = read_pairs(pairs_path)[0]
     test = test[test.split == "test"].reset_index(drop=True)
@@ -221,37 +213,11 @@ def test_memory_budget_sets_batches_not_results(tiny_models: dict[str, Path], tm
     np.testing.assert_allclose(tables["tight"][cols], tables["roomy"][cols], atol=1e-5, rtol=1e-5)
 
 
-def test_planner_fits_the_budget() -> None:
-    planner = Planner(budget=1000, row_bytes=lambda seq, keep: 10 * seq + keep, max_rows=8)
-    lengths = [5, 30, 10, 10, 50, 2]
-    batches = planner.batches(lengths, reps=2, keep_all=False)
-    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    for batch in batches:
-        rows = 2 * len(batch)
-        assert rows <= 8
-        assert len(batch) == 1 or rows * (10 * max(lengths[i] for i in batch) + 1) <= 1000
-        assert [lengths[i] for i in batch] == sorted(lengths[i] for i in batch)
-    assert batches[0] == [5, 0, 2, 3]  # shortest first: 2, 5, 10, 10 -> 8 rows x 101 bytes
-    huge = Planner(budget=10, row_bytes=lambda seq, keep: 100 * seq, max_rows=8)
-    assert huge.batches([3, 4], reps=1, keep_all=True) == [[0], [1]]  # too big alone: a batch of one
-
-
-@pytest.mark.parametrize(
-    ("spec", "size"), [("4GiB", 4 * 2**30), ("512MB", 512 * 10**6), ("1.5g", 1.5 * 10**9), ("1000", 1000)]
-)
-def test_parse_size(spec: str, size: float) -> None:
-    assert parse_size(spec) == int(size)
-
-
-@pytest.mark.parametrize("spec", ["", "four", "4XB", "-1GB", "0"])
-def test_parse_size_rejects(spec: str) -> None:
-    with pytest.raises(CaaError, match="--max-memory"):
-        parse_size(spec)
-
-
-def test_sweep_cli_writes_table_plot_and_recommendation(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+def test_sweep_cli_writes_table_plot_and_recommendation(
+    pipelines: Callable[[str], tuple[Path, Path]], tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
     model = str(tiny_models["llama"])
-    pairs, vectors = make_vectors(tiny_models["llama"], tmp_path)
+    pairs, vectors = pipelines("llama")
     neutral = tmp_path / "neutral.jsonl"
     neutral.write_text("".join(json.dumps({"text": t}) + "\n" for t in NEUTRAL))
     out = tmp_path / "sweep.parquet"
@@ -325,8 +291,14 @@ def test_sweep_cli_writes_table_plot_and_recommendation(tiny_models: dict[str, P
         (["--max-anti", "2"], "--max-anti 2.0: must be between 0 and 1"),
     ],
 )
-def test_sweep_bad_input(tiny_models: dict[str, Path], tmp_path: Path, args: list[str], message: str) -> None:
-    pairs, vectors = make_vectors(tiny_models["llama"], tmp_path)
+def test_sweep_bad_input(
+    pipelines: Callable[[str], tuple[Path, Path]],
+    tiny_models: dict[str, Path],
+    tmp_path: Path,
+    args: list[str],
+    message: str,
+) -> None:
+    pairs, vectors = pipelines("llama")
     args = [str(tiny_models["qwen2"]) if a == "OTHER" else a for a in args]
     if "--model" not in args:
         args = [*args, "--model", str(tiny_models["llama"])]
@@ -356,92 +328,10 @@ def test_sweep_refuses_a_layer_the_vectors_lack(tiny_models: dict[str, Path], tm
     assert "no pairs in split 'test'" in result.output
 
 
-def test_parse_multipliers() -> None:
-    assert parse_multipliers("2,-1") == [-1.0, 0.0, 2.0]
-    assert parse_multipliers("2,-1", include_zero=False) == [-1.0, 2.0]
-    with pytest.raises(CaaError, match="not finite"):
-        parse_multipliers("inf")
-
-
-def test_generate_cli(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    model = str(tiny_models["llama"])
-    _, vectors = make_vectors(tiny_models["llama"], tmp_path)
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("tell me about the city\n\ndescribe a walk in the park\n")
-    out = tmp_path / "gen.parquet"
-    result = runner.invoke(
-        app,
-        [
-            "generate",
-            "-v",
-            str(vectors),
-            "--behavior",
-            "mood",
-            "--layer",
-            "2",
-            "-m",
-            model,
-            "--multipliers",
-            "-4,0,4",
-            "--prompts",
-            str(prompts),
-            "-p",
-            "hello",
-            "--max-new-tokens",
-            "5",
-            "-o",
-            str(out),
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    frame = read_artifact(out, GENERATIONS).table.to_pandas()
-    assert len(frame) == 3 * 3
-    assert sorted(set(frame.multiplier)) == [-4.0, 0.0, 4.0]
-    assert frame.prompt.iloc[0] == "hello"
-    # the unsteered column equals plain greedy generation, prompt by prompt
-    loaded = load_model(model, device="cpu")
-    style = prompt_format(loaded.tokenizer)
-    for r in frame[frame.multiplier == 0].itertuples():
-        ids = loaded.tokenizer(
-            style.prefix(loaded.tokenizer, r.prompt), add_special_tokens=False, return_tensors="pt"
-        ).input_ids
-        with torch.inference_mode():
-            plain = loaded.model.generate(
-                ids, max_new_tokens=5, do_sample=False, pad_token_id=loaded.tokenizer.pad_token_id
-            )
-        expected = loaded.tokenizer.decode(plain[0, ids.shape[1] :], skip_special_tokens=True).strip()
-        assert r.text == expected
-    steered = frame[frame.multiplier == 4].text.tolist()
-    assert steered != frame[frame.multiplier == 0].text.tolist()
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--layer", "2"], "holds several behaviors (agree, mood): pick one with --behavior"),
-        (["--layer", "9", "--behavior", "mood"], "no vector for 'mood' at layer 9"),
-        (["--layer", "2", "--behavior", "mood", "--multipliers", "a"], "'a' is not a number"),
-        (["--layer", "2", "--behavior", "mood", "--prompts", "nope.txt"], "nope.txt: file not found"),
-    ],
-)
-def test_generate_bad_input(
-    tiny_models: dict[str, Path], tmp_path: Path, args: list[str], message: str
-) -> None:
-    _, vectors = make_vectors(tiny_models["llama"], tmp_path)
-    out = tmp_path / "gen.parquet"
-    result = runner.invoke(
-        app,
-        ["generate", "-v", str(vectors), "-m", str(tiny_models["llama"]), "-p", "hi", "-o", str(out), *args],
-    )
-    assert result.exit_code == 2, result.output
-    assert message in result.output
-    assert not out.exists()
-
-
 def test_one_held_out_pair_gives_null_errors_not_a_crash(
-    tiny_models: dict[str, Path], tmp_path: Path
+    pipelines: Callable[[str], tuple[Path, Path]], tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
-    pairs, vectors = make_vectors(tiny_models["llama"], tmp_path)
+    pairs, vectors = pipelines("llama")
     out = tmp_path / "one.parquet"
     args = ["sweep", str(vectors), str(pairs), "-m", str(tiny_models["llama"]), "--layers", "1"]
     result = runner.invoke(app, [*args, "--max-pairs", "1", "--multipliers", "-1,1", "-o", str(out)])
@@ -451,3 +341,26 @@ def test_one_held_out_pair_gives_null_errors_not_a_crash(
     assert table.score_sem.isna().all() and table.delta_low.isna().all() and table.delta_high.isna().all()
     assert table.anti_fraction.notna().all()  # one item still has a slope
     assert "no cell steers" in result.output or "no (layer, multiplier) raises" in result.output
+
+
+@pytest.mark.parametrize("window", [4, 256])
+def test_sliding_window_models_use_the_prefix_cache_when_every_batch_fits(
+    tiny_models: dict[str, Path], window: int
+) -> None:
+    """Gemma 3's sliding window: with a window wider than every batch, the fast engine (prefix cache)
+    runs and equals the reference engine; with a narrower one, the reference engine runs, and says so."""
+    from caa.engine import ScoreText, reference_grid, run_grid
+    from caa.scoring import completion_logprobs
+
+    loaded = load_model(str(tiny_models["gemma3"]), device="cpu")
+    loaded.model.config.get_text_config().sliding_window = window
+    torch.manual_seed(5)
+    texts = [ScoreText(tuple(torch.randint(10, 200, (n,)).tolist()), n - 3, n - 4, 3) for n in (9, 12, 15)]
+    vectors = {1: torch.randn(loaded.hidden_size), 2: torch.randn(loaded.hidden_size)}
+    notices: list[str] = []
+    fast = run_grid("fast", loaded, texts, vectors, [-1.0, 0.0, 2.0], completion_logprobs, "answer",
+                    notice=notices.append)  # fmt: skip
+    ref = reference_grid(loaded, texts, vectors, [-1.0, 0.0, 2.0], completion_logprobs, "answer")
+    for layer in vectors:
+        np.testing.assert_allclose(fast[layer], ref[layer], atol=1e-5, rtol=1e-5)
+    assert bool(notices) == (window == 4)

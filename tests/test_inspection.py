@@ -25,7 +25,7 @@ from caa.artifacts import (
 )
 from caa.cli import app
 from caa.errors import InputError
-from caa.inspect import inspect_artifact, layer_spans
+from caa.inspection import inspect_artifact, layer_spans
 from tests.conftest import AB_ROWS, FREEFORM_ROWS, write_pairs_file
 
 runner = CliRunner()

@@ -226,7 +226,8 @@ def _activations(table: pa.Table, schema: pa.Schema, meta: Mapping[str, Any]) ->
 
 
 def _vectors(table: pa.Table, schema: pa.Schema, meta: Mapping[str, Any]) -> Summary:
-    frame = _frame(table, ["behavior", "layer", "method", "n_train", "n_test", "vector_norm", "test_auc"])
+    columns = ["behavior", "layer", "method", "n_train", "n_test", "vector_norm", "test_auc"]
+    frame = _frame(table, [*columns, "norm_ratio"])
     per = (
         frame.groupby("behavior")
         .agg(
@@ -236,6 +237,7 @@ def _vectors(table: pa.Table, schema: pa.Schema, meta: Mapping[str, Any]) -> Sum
             norm_min=("vector_norm", "min"),
             norm_max=("vector_norm", "max"),
             best_auc=("test_auc", "max"),
+            max_norm_ratio=("norm_ratio", "max"),
         )
         .reset_index()
     )
@@ -256,7 +258,10 @@ def _vectors(table: pa.Table, schema: pa.Schema, meta: Mapping[str, Any]) -> Sum
         else None,
         "test_auc_range": [float(auc.min()), float(auc.max())] if len(auc) else None,
     }
-    columns = ["behavior", "layers", "n_train", "n_test", "vector_norm_range", "best_auc", "best_auc_layer"]
+    columns = [
+        "behavior", "layers", "n_train", "n_test", "vector_norm_range", "max_norm_ratio", "best_auc",
+        "best_auc_layer",
+    ]  # fmt: skip
     return summary, _records(per[columns])
 
 

@@ -1,0 +1,98 @@
+"""The sweep's figure: per behavior, score and fluency cost against the multiplier, and the items'
+slopes per layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from caa.artifacts import PNG_SOFTWARE
+
+if TYPE_CHECKING:
+    from caa.sweep import SweepResult
+
+
+def plot_sweep(result: SweepResult, out: Path, max_kl: float) -> None:
+    """One row per behavior: score vs multiplier per layer (with standard errors), the KL cost, and
+    the distribution of per-item slopes per layer (how many items steer backwards)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    behaviors = list(dict.fromkeys(result.table.behavior))
+    residual = (result.meta.get("options") or {}).get("scale") == "residual"
+    unit = "multiplier (x the layer's mean residual norm)" if residual else "multiplier (x the vector)"
+    fig, axes = plt.subplots(len(behaviors), 3, figsize=(16, 4.3 * len(behaviors)), squeeze=False)
+    for (score_ax, kl_ax, slope_ax), behavior in zip(axes, behaviors, strict=True):
+        part = result.table[result.table.behavior == behavior]
+        for layer, g in part.groupby("layer"):
+            score_ax.errorbar(
+                g.multiplier,
+                g.score_mean,
+                yerr=g.score_sem.fillna(0),
+                marker="o",
+                capsize=3,
+                label=f"layer {layer}",
+            )
+            kl_ax.plot(g.multiplier, g.kl_mean, marker="o", label=f"layer {layer}")
+        kind = part.score_kind.iloc[0]
+        score_ax.set_ylabel("p(matching answer)" if kind == "p_match" else "log p(pos) - log p(neg)")
+        score_ax.set_title(f"{behavior}: score on held-out pairs (n={part.n.iloc[0]})", fontsize=10)
+        kl_ax.axhline(max_kl, color="grey", linestyle="--", linewidth=1, label=f"--max-kl {max_kl}")
+        continuation = result.fluency.get("kind") == "continuation"
+        kl_ax.set_title(
+            f"{behavior}: fluency cost on "
+            + ("continuations of neutral prompts" if continuation else "neutral text"),
+            fontsize=10,
+        )
+        kl_ax.set_ylabel("mean KL(unsteered || steered), nats/token")
+        kl_ax.set_yscale("symlog", linthresh=0.01)
+        kl_ax.set_ylim(bottom=0)
+        pick = result.recommended.get(behavior)
+        if pick:
+            row = part[(part.layer == pick[0]) & (part.multiplier == pick[1])].iloc[0]
+            score_ax.scatter(
+                [pick[1]],
+                [row.score_mean],
+                s=250,
+                facecolors="none",
+                edgecolors="red",
+                label=f"recommended: layer {pick[0]}, x{pick[1]:g}",
+            )
+        for ax in (score_ax, kl_ax):
+            ax.set_xlabel(unit)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        _plot_slopes(slope_ax, result.items[result.items.behavior == behavior], part, behavior)
+    fig.tight_layout()
+    try:  # into ``out`` as it is: a temporary of ``atomic_paths``, committed with the table
+        fig.savefig(out, dpi=110, format="png", metadata={"Software": PNG_SOFTWARE})
+    finally:
+        plt.close(fig)
+
+
+def _plot_slopes(ax: Any, items: pd.DataFrame, part: pd.DataFrame, behavior: str) -> None:
+    """Per layer, each item's slope (a dot) over a box of their distribution, with the share below 0."""
+    per_item = items.drop_duplicates(["layer", "pair_id"])
+    layers = sorted(per_item.layer.unique())
+    data = [per_item[per_item.layer == layer].slope.dropna().to_numpy() for layer in layers]
+    if not any(len(d) for d in data):
+        ax.text(0.5, 0.5, "one multiplier: no slopes", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return
+    ax.boxplot(data, positions=range(len(layers)), widths=0.5, showfliers=False)
+    rng = np.random.default_rng(0)
+    labels = []
+    for x, values in enumerate(data):
+        ax.scatter(x + rng.uniform(-0.15, 0.15, len(values)), values, s=9, alpha=0.5, color="tab:blue")
+        anti = part[part.layer == layers[x]].anti_fraction.iloc[0]
+        labels.append(f"layer {layers[x]}" + (f"\n{anti:.0%} backwards" if anti == anti else ""))
+    ax.axhline(0, color="tab:red", linewidth=1, linestyle=":")
+    ax.set_xticks(range(len(layers)), labels)
+    ax.set_ylabel("per-item slope: score change per unit multiplier")
+    ax.set_title(f"{behavior}: per-item steerability (below 0: steers backwards)", fontsize=10)
+    ax.grid(alpha=0.3, axis="y")

@@ -5,6 +5,7 @@
 # Run by .ci/run after `make test` (which made .venv): `bash scripts/check_wheel.sh`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$(pwd)
 PYTHON=${PYTHON:-python3}
 PIP=(-m pip install -q --disable-pip-version-check)
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/caa-wheel.XXXXXX")
@@ -42,4 +43,21 @@ import pyarrow.parquet as pq
 n = pq.read_metadata('x.parquet').num_rows
 assert n == 194, n
 print(f'x.parquet: {n} pairs')"
+
+echo "== wheel: extract, compute-vectors and sweep (default neutral texts: the packaged ones) on a tiny model"
+"$TMP/venv/bin/python" -c "
+import sys; from pathlib import Path
+sys.path.insert(0, '$ROOT')  # only to build the model: the test suite's tiny-model builder
+from tests.tiny_models import save_tiny_model
+save_tiny_model('llama', Path('tiny'))" 2>/dev/null
+"$CAA" extract x.parquet -m ./tiny --layers 1,2 --split train --truncate -o acts.parquet >/dev/null
+"$CAA" compute-vectors acts.parquet -o vectors.parquet >/dev/null
+"$CAA" sweep vectors.parquet x.parquet -m ./tiny --multipliers -1,1 --max-pairs 2 --neutral-count 2 \
+  --truncate -o sweep.parquet >/dev/null
+"$TMP/venv/bin/python" -c "
+import json, pyarrow.parquet as pq
+meta = json.loads(pq.read_schema('sweep.parquet').metadata[b'caa'])
+neutral = meta['options']['neutral']
+assert neutral.startswith('$TMP/venv/') and neutral.endswith('neutral_prompts.txt'), neutral
+print('sweep from the wheel, neutral texts:', neutral)"
 echo "== wheel: ok"

@@ -45,6 +45,7 @@ demo: install
 bench: install
 	$(PY) scripts/bench_extract.py --rss
 	$(PY) scripts/bench_generate.py
+	$(PY) scripts/bench_sweep_cli.py
 
 clean:
 	rm -rf $(VENV) $(OUT)

@@ -13,6 +13,7 @@ from rich.table import Column, Table
 from typer.core import TyperGroup
 
 from caa.errors import CaaError
+from caa.generate import MIN_TEMPERATURE
 from caa.text import clean, text_problem
 
 if TYPE_CHECKING:
@@ -592,7 +593,8 @@ def sweep(
         typer.Option(
             "--out",
             "-o",
-            help="Output table; the plot goes beside it as STEM.png (STEM.plot.png when OUT is a .png).",
+            help="Output table; beside it STEM.items.parquet (per item) and the plot STEM.png "
+            "(STEM.plot.png when OUT is a .png).",
         ),
     ] = Path("sweep.parquet"),
     model: ModelOpt = "smollm2-135m",
@@ -849,7 +851,6 @@ def _print_recommendation(result: Any, name: str, part: Any, max_kl: float, max_
         out.print(f"no (layer, multiplier) raises the {escape(name)} score with {budget}")
 
 
-MIN_TEMPERATURE = 1e-3  # logits / 1e-300 overflow to inf and the sampling probabilities to NaN
 
 
 @app.command()
@@ -893,7 +894,7 @@ def generate(
     -p "Describe your morning."[/]
     """
     from caa.artifacts import GENERATIONS
-    from caa.generate import read_prompts, run_generate
+    from caa.generate import check_sampling, gather_prompts, run_generate
     from caa.hooks import steer_start
     from caa.sweep import parse_multipliers
     from caa.vectors import read_vectors
@@ -902,23 +903,10 @@ def generate(
 
     options = _provenance(ctx)
     try:
-        _require(limit is None or limit >= 1, f"--limit {limit}: must be at least 1")
-        _require(max_new_tokens >= 1, f"--max-new-tokens {max_new_tokens}: must be at least 1")
-        _require(
-            temperature == 0 or MIN_TEMPERATURE <= temperature < float("inf"),
-            f"--temperature {temperature}: must be 0 (greedy) or a finite number from {MIN_TEMPERATURE} "
-            "(below, the logits divided by it overflow and sampling breaks)",
-        )
-        _require(0 < top_p <= 1, f"--top-p {top_p}: must be above 0 and at most 1")
-        _require(0 <= seed < 2**63, f"--seed {seed}: must be at least 0 and below 2**63")
+        check_sampling(max_new_tokens, temperature, top_p, seed)
         mults = parse_multipliers(multipliers, include_zero=False)
         steer_start(steer_positions, 0)  # an unknown policy is refused before the model loads
-        from_file = read_prompts(prompts_file)[:limit] if prompts_file else []
-        texts = list(prompt or []) + from_file
-        labels = [f"--prompt {i}" for i in range(1, len(prompt or []) + 1)]
-        labels += [f"{prompts_file}: prompt {i}" for i in range(1, len(from_file) + 1)]
-        if not texts:
-            raise CaaError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
+        texts, labels = gather_prompts(prompt or [], prompts_file, limit)
         vecs = read_vectors(vectors)
         picked = vecs.pick(behavior)
         vecs.vector(picked, layer, scale)  # the vectors and options are checked before the model loads

@@ -48,6 +48,42 @@ class Generations:
         return self.frame.pivot(index="prompt", columns="multiplier", values="text")
 
 
+MIN_TEMPERATURE = 1e-3  # logits / 1e-300 overflow to inf and the sampling probabilities to NaN
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int) -> None:
+    """Refuse generation options that cannot work, naming the option (before any model loads)."""
+    problems = [
+        (max_new_tokens >= 1, f"--max-new-tokens {max_new_tokens}: must be at least 1"),
+        (
+            temperature == 0 or MIN_TEMPERATURE <= temperature < float("inf"),
+            f"--temperature {temperature}: must be 0 (greedy) or a finite number from {MIN_TEMPERATURE} "
+            "(below, the logits divided by it overflow and sampling breaks)",
+        ),
+        (0 < top_p <= 1, f"--top-p {top_p}: must be above 0 and at most 1"),
+        (0 <= seed < 2**63, f"--seed {seed}: must be at least 0 and below 2**63"),
+    ]
+    for ok, message in problems:
+        if not ok:
+            raise CaaError(message)
+
+
+def gather_prompts(
+    prompts: Sequence[str], prompts_file: Path | None = None, limit: int | None = None
+) -> tuple[list[str], list[str]]:
+    """The prompts given one by one, then those of ``prompts_file`` (at most ``limit``), with the
+    label that names each in errors (``--prompt 2``, ``prompts.txt: prompt 3``)."""
+    if limit is not None and limit < 1:
+        raise CaaError(f"--limit {limit}: must be at least 1")
+    from_file = read_prompts(prompts_file)[:limit] if prompts_file else []
+    labels = [f"--prompt {i}" for i in range(1, len(prompts) + 1)]
+    labels += [f"{prompts_file}: prompt {i}" for i in range(1, len(from_file) + 1)]
+    texts = [*prompts, *from_file]
+    if not texts:
+        raise CaaError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
+    return texts, labels
+
+
 @torch.inference_mode()
 def generate_steered(
     loaded: LoadedModel,
@@ -74,8 +110,7 @@ def generate_steered(
     """
     if not prompts:
         raise CaaError("no prompts given")
-    if max_new_tokens < 1:
-        raise CaaError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    check_sampling(max_new_tokens, temperature, top_p, seed)
     style = prompt_format(loaded.tokenizer, chat_template)
     tok = loaded.tokenizer
     encoded = []

@@ -851,8 +851,6 @@ def _print_recommendation(result: Any, name: str, part: Any, max_kl: float, max_
         out.print(f"no (layer, multiplier) raises the {escape(name)} score with {budget}")
 
 
-
-
 @app.command()
 def generate(
     ctx: typer.Context,

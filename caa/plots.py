@@ -29,16 +29,7 @@ def plot_sweep(result: SweepResult, out: Path, max_kl: float) -> None:
     fig, axes = plt.subplots(len(behaviors), 3, figsize=(16, 4.3 * len(behaviors)), squeeze=False)
     for (score_ax, kl_ax, slope_ax), behavior in zip(axes, behaviors, strict=True):
         part = result.table[result.table.behavior == behavior]
-        for layer, g in part.groupby("layer"):
-            score_ax.errorbar(
-                g.multiplier,
-                g.score_mean,
-                yerr=g.score_sem.fillna(0),
-                marker="o",
-                capsize=3,
-                label=f"layer {layer}",
-            )
-            kl_ax.plot(g.multiplier, g.kl_mean, marker="o", label=f"layer {layer}")
+        draw_score_and_cost(score_ax, kl_ax, part, result.recommended.get(behavior))
         kind = part.score_kind.iloc[0]
         score_ax.set_ylabel("p(matching answer)" if kind == "p_match" else "log p(pos) - log p(neg)")
         score_ax.set_title(f"{behavior}: score on held-out pairs (n={part.n.iloc[0]})", fontsize=10)
@@ -52,17 +43,6 @@ def plot_sweep(result: SweepResult, out: Path, max_kl: float) -> None:
         kl_ax.set_ylabel("mean KL(unsteered || steered), nats/token")
         kl_ax.set_yscale("symlog", linthresh=0.01)
         kl_ax.set_ylim(bottom=0)
-        pick = result.recommended.get(behavior)
-        if pick:
-            row = part[(part.layer == pick[0]) & (part.multiplier == pick[1])].iloc[0]
-            score_ax.scatter(
-                [pick[1]],
-                [row.score_mean],
-                s=250,
-                facecolors="none",
-                edgecolors="red",
-                label=f"recommended: layer {pick[0]}, x{pick[1]:g}",
-            )
         for ax in (score_ax, kl_ax):
             ax.set_xlabel(unit)
             ax.grid(alpha=0.3)
@@ -73,6 +53,29 @@ def plot_sweep(result: SweepResult, out: Path, max_kl: float) -> None:
         fig.savefig(out, dpi=110, format="png", metadata={"Software": PNG_SOFTWARE})
     finally:
         plt.close(fig)
+
+
+def draw_score_and_cost(
+    score_ax: Any, kl_ax: Any, part: pd.DataFrame, pick: tuple[int, float] | None = None
+) -> None:
+    """One behavior's sweep rows: score (± standard error) and KL against the multiplier, a line per
+    layer, with the recommended cell circled."""
+    for layer, g in part.groupby("layer"):
+        label = f"layer {layer}"
+        score_ax.errorbar(
+            g.multiplier, g.score_mean, yerr=g.score_sem.fillna(0), marker="o", capsize=3, label=label
+        )
+        kl_ax.plot(g.multiplier, g.kl_mean, marker="o", label=label)
+    row = part[(part.layer == pick[0]) & (part.multiplier == pick[1])] if pick else part.iloc[:0]
+    if pick and len(row):
+        score_ax.scatter(
+            [pick[1]],
+            [row.score_mean.iloc[0]],
+            s=250,
+            facecolors="none",
+            edgecolors="red",
+            label=f"recommended: layer {pick[0]}, x{pick[1]:g}",
+        )
 
 
 def _plot_slopes(ax: Any, items: pd.DataFrame, part: pd.DataFrame, behavior: str) -> None:

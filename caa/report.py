@@ -38,6 +38,7 @@ from caa.artifacts import (
 )
 from caa.errors import CaaError, InputError
 from caa.inspection import Inspection, inspect_artifact, layer_spans
+from caa.plots import draw_score_and_cost
 from caa.text import clean
 
 # The sections drawn from artifacts, in page order: kind -> heading.
@@ -439,27 +440,7 @@ def _recommendation(
 
 def _sweep_figure(part: pd.DataFrame, pick: tuple[int, float] | None, max_kl: Any) -> str:
     fig, (score_ax, kl_ax) = _new_figure(2, 10, 3.4)
-    for layer, g in part.groupby("layer"):
-        score_ax.errorbar(
-            g.multiplier,
-            g.score_mean,
-            yerr=g.score_sem.fillna(0),
-            marker="o",
-            capsize=3,
-            label=f"layer {layer}",
-        )
-        kl_ax.plot(g.multiplier, g.kl_mean, marker="o", label=f"layer {layer}")
-    if pick:
-        row = part[(part.layer == pick[0]) & (part.multiplier == pick[1])]
-        if len(row):
-            score_ax.scatter(
-                [pick[1]],
-                [row.score_mean.iloc[0]],
-                s=250,
-                facecolors="none",
-                edgecolors="red",
-                label=f"recommended: layer {pick[0]}, ×{pick[1]:g}",
-            )
+    draw_score_and_cost(score_ax, kl_ax, part, pick)  # the same lines as sweep.png
     if isinstance(max_kl, (int, float)):
         kl_ax.axhline(max_kl, color="grey", linestyle="--", linewidth=1, label=f"--max-kl {max_kl:g}")
     score_p = part.score_kind.iloc[0] == "p_match"

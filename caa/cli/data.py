@@ -1,0 +1,162 @@
+"""`caa ingest` and `caa datasets`: contrastive pairs in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich import box
+from rich.table import Column, Table
+
+from caa.errors import CaaError
+
+if TYPE_CHECKING:
+    pass
+
+from caa.cli.common import (
+    ForceOpt,
+    _check_outputs,
+    _provenance,
+    _require,
+    app,
+    err,
+    escape,
+    fail,
+    out,
+    warn,
+)
+
+
+@app.command()
+def ingest(
+    ctx: typer.Context,
+    files: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Pair files: .json (A/B list), .jsonl, .csv or .parquet; or the name of a built-in "
+            "dataset (see caa datasets) where no file of that name exists."
+        ),
+    ],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output file.")] = Path("pairs.parquet"),
+    behavior: Annotated[
+        str | None, typer.Option(help="Behavior name for all files (default: each file's stem).")
+    ] = None,
+    map_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--map",
+            help="Rename a column: FIELD=COLUMN, repeatable, "
+            "e.g. --map positive=chosen --map negative=rejected.",
+        ),
+    ] = None,
+    test_fraction: Annotated[float, typer.Option(help="Share of pairs held out for evaluation.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of the train/test split.")] = 0,
+    skip_invalid: Annotated[
+        bool,
+        typer.Option(
+            help="Keep the valid rows and list the rejected ones, instead of stopping at the first bad row."
+        ),
+    ] = False,
+    force: ForceOpt = False,
+) -> None:
+    """Read contrastive pairs into pairs.parquet, validated, with a stable train/test split.
+
+    A/B files hold `question`, `answer_matching_behavior`, `answer_not_matching_behavior` (the paper's
+    format); free-form files hold `prompt`, `positive`, `negative`. A pair keeps its split when other
+    pairs are added; a pairs.parquet of caa ingest among the files keeps its behaviors, ids and splits.
+
+    Example: [bold]caa ingest data/sycophancy.json data/sentiment.jsonl -o pairs.parquet[/]
+    (or, with the built-in datasets, from any directory: [bold]caa ingest sycophancy sentiment[/])
+    """
+    from caa.artifacts import PAIRS
+
+    files = _dataset_files(files)
+    _check_outputs(list(files), [(out_path, PAIRS)], force)
+    from caa.ingest import ingest as run_ingest
+    from caa.ingest import parse_mapping, write_pairs
+
+    options = _provenance(ctx)
+    try:
+        _require(0 <= seed < 2**63, f"--seed {seed}: must be at least 0 and below 2**63")  # as generate's
+        result = run_ingest(
+            files,
+            behavior=behavior,
+            mapping=parse_mapping(map_ or []),
+            test_fraction=test_fraction,
+            seed=seed,
+            skip_invalid=skip_invalid,
+        )
+        write_pairs(result, out_path, files, options)
+    except CaaError as e:
+        fail(e)
+    for message in result.duplicates:
+        warn(message)
+    for rejected in result.rejected:
+        err.print(f"[yellow]rejected:[/] {escape(str(rejected))}")
+    table = Table("behavior", "format", "train", "test", title=f"{len(result.pairs)} pairs")
+    formats = {p.behavior: p.format for p in result.pairs}
+    for name, counts in result.counts().items():
+        table.add_row(escape(name), escape(formats[name]), str(counts["train"]), str(counts["test"]))
+    out.print(table)
+    if result.rejected:
+        out.print(f"{len(result.rejected)} rows rejected (listed above)")
+    out.print(f"wrote {escape(str(out_path))}")
+
+
+def _dataset_files(files: list[Path]) -> list[Path]:
+    """The inputs of `caa ingest`, a built-in dataset's file in place of its name (said on stderr)."""
+    from caa.datasets import resolve_dataset
+
+    resolved = []
+    for arg in files:
+        try:
+            path, card = resolve_dataset(arg)
+        except CaaError as e:
+            fail(e)
+        if card is not None:
+            err.print(f"using the built-in dataset {escape(card.name)}: {escape(str(path))}")
+        resolved.append(path)
+    return resolved
+
+
+@app.command()
+def datasets() -> None:
+    """List the datasets and neutral texts shipped with caa, with their cards.
+
+    A dataset's name is what `caa ingest` takes; the neutral texts are `caa sweep`'s default --neutral.
+
+    Example: [bold]caa datasets[/], then [bold]caa ingest sentiment formality -o pairs.parquet[/]
+    """
+    from caa.datasets import cards, data_dir
+
+    try:
+        found = cards()
+        where = data_dir()
+    except CaaError as e:
+        fail(e)
+    sources = sorted({card.source for card in found})
+    table = Table(
+        Column("name", no_wrap=True),
+        Column("format", no_wrap=True),
+        Column("size", justify="right", no_wrap=True),
+        Column("licence", no_wrap=True),
+        *([Column("source", ratio=1)] if len(sources) > 1 else []),
+        Column("behavior", ratio=2),
+        title=f"built-in datasets and neutral texts, in {escape(str(where))}",
+        box=box.SIMPLE_HEAD,
+    )
+    for card in found:
+        source = [escape(card.source)] if len(sources) > 1 else []
+        size = f"{card.count} {escape(card.unit)}"
+        table.add_row(
+            escape(card.name),
+            escape(card.format),
+            size,
+            escape(card.licence),
+            *source,
+            escape(card.description),
+        )
+    out.print(table)
+    if len(sources) == 1:
+        out.print(f"source of every file: {escape(sources[0])}")

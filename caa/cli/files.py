@@ -1,0 +1,336 @@
+"""`caa report`, `caa export`, `caa import` and `caa inspect`: files in and out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich import box
+from rich.table import Column, Table
+
+from caa.errors import CaaError
+
+if TYPE_CHECKING:
+    pass
+
+from caa.cli.common import (
+    DtypeOpt,
+    ForceOpt,
+    ModelOpt,
+    RemoteOpt,
+    ScaleOpt,
+    _check_outputs,
+    _load,
+    _model_file,
+    _require,
+    app,
+    escape,
+    fail,
+    out,
+    warn,
+)
+
+
+@app.command()
+def report(
+    paths: Annotated[
+        list[Path], typer.Argument(help="A run's directory (every caa *.parquet in it), or artifact files.")
+    ],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output file.")] = Path("report.html"),
+    max_prompts: Annotated[int, typer.Option(help="Prompts shown per generations table.")] = 12,
+    check_inputs: Annotated[
+        bool, typer.Option(help="Hash the recorded input files again to tell whether they changed.")
+    ] = True,
+    force: ForceOpt = False,
+) -> None:
+    """Write one self-contained HTML page on a run: vector diagnostics, the sweep, generations, provenance.
+
+    Per behavior: the vectors' diagnostics per layer (table and figure), the sweep's scores, fluency
+    cost, reliability and recommendation, and the generations side by side per multiplier; then what
+    made every file, with warnings where an input changed or is missing. A kind that is not among the
+    inputs leaves its section out. The page loads nothing from the network: it works offline.
+
+    Example: [bold]caa report demo-out -o demo-out/report.html[/]
+    """
+    from caa.artifacts import REPORT
+    from caa.report import build_report, find_artifacts, write_report
+
+    try:
+        _require(max_prompts >= 1, f"--max-prompts {max_prompts}: must be at least 1")
+        run = find_artifacts(paths)
+    except CaaError as e:
+        fail(e)
+    _check_outputs([f.path for f in run.files], [(out_path, REPORT)], force)
+    try:
+        page = build_report(run, check_inputs=check_inputs, max_prompts=max_prompts, title=_title(paths))
+        write_report(page, out_path)
+    except CaaError as e:
+        fail(e)
+    for message in page.warnings:
+        warn(message)
+    count = len(run.files)
+    out.print(f"wrote {escape(str(out_path))} ({count} file{'s' if count != 1 else ''})")
+
+
+def _title(paths: list[Path]) -> str:
+    """The report's title: the run directory's name, or the first file's."""
+    name = paths[0].resolve().name if len(paths) == 1 and paths[0].is_dir() else paths[0].name
+    return f"caa report: {name}"
+
+
+@app.command("export")
+def export_cmd(
+    vectors: Annotated[
+        Path, typer.Argument(help="vectors.parquet from `caa compute-vectors` or `caa import`.")
+    ],
+    out_path: Annotated[
+        Path, typer.Option("--out", "-o", help="Output file: .gguf, .safetensors, .npy or .npz.")
+    ],
+    format_: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="gguf (a llama.cpp control vector), safetensors, npy (one layer) or npz "
+            "(default: the output's suffix).",
+        ),
+    ] = None,
+    behavior: Annotated[
+        str | None, typer.Option(help="Behavior (needed when the file holds several).")
+    ] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            help="Layers to export, e.g. 8-20 or 12 (default: all the file has). Layer l is the output "
+            "of decoder block l (0-based); gguf cannot hold layer 0."
+        ),
+    ] = None,
+    multiplier: Annotated[float, typer.Option(help="Bake this strength into the exported vectors.")] = 1.0,
+    scale: ScaleOpt = "raw",
+    force: ForceOpt = False,
+) -> None:
+    """Write one behavior's vectors for other tools: a llama.cpp control vector, safetensors, .npy or .npz.
+
+    gguf: one F32 tensor direction.N per layer N. llama.cpp adds direction.N to the output of decoder
+    block N at every position, prompt included: caa's layer N under --steer-positions all, no shift.
+    It has no direction.0, so layer 0 is refused. Apply it with
+    llama-cli -m model.gguf --control-vector-scaled happy.gguf:2.0 --control-vector-layer-range 8 20.
+    safetensors: tensors layer.N, with the model fingerprint and the layer convention in the metadata;
+    npz: arrays layer_N; npy: one layer's vector (d_model values).
+
+    Example: [bold]caa export vectors.parquet --format gguf --layers 8-20 -o happy.gguf[/]
+    """
+    from caa.artifacts import EXPORT
+    from caa.extract import parse_layers
+    from caa.inspection import layer_spans
+    from caa.interchange import export_format, export_vectors
+    from caa.vectors import read_vectors
+
+    _check_outputs([vectors], [(out_path, EXPORT)], force)
+    try:
+        fmt = export_format(format_, out_path)
+        vecs = read_vectors(vectors)
+        count = (vecs.meta.get("model") or {}).get("num_layers") or int(vecs.frame.layer.max()) + 1
+        chosen = parse_layers(layers, count) if layers not in (None, "all") else None
+        done = export_vectors(
+            vecs, out_path, fmt, behavior=behavior, layers=chosen, multiplier=multiplier, scale=scale
+        )
+    except CaaError as e:
+        fail(e)
+    out.print(
+        f"wrote {escape(str(out_path))}: {done.format}, '{escape(done.behavior)}' at layers "
+        f"{layer_spans(done.layers)}, x{done.multiplier:g}"
+    )
+
+
+@app.command("import")
+def import_cmd(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="A llama.cpp/repeng control vector (.gguf), .safetensors, .npy or .npz arrays, or a "
+            "SAELens sparse-autoencoder directory (cfg.json + sae_weights.safetensors)."
+        ),
+    ],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output file.")] = Path("vectors.parquet"),
+    model: ModelOpt = "smollm2-135m",
+    behavior: Annotated[
+        str | None,
+        typer.Option(
+            help="Behavior name (default: the one a caa export recorded, feature_K for an SAE "
+            "feature, else the file's stem)."
+        ),
+    ] = None,
+    layer: Annotated[
+        int | None,
+        typer.Option(
+            help="The layer of a lone array (a .npy, a single tensor), or the one layer to take from a "
+            "file that names its layers."
+        ),
+    ] = None,
+    feature: Annotated[
+        int | None, typer.Option(help="SAE directory: the feature K; its vector is the decoder row W_dec[K].")
+    ] = None,
+    force: ForceOpt = False,
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: RemoteOpt = False,
+) -> None:
+    """Read steering vectors made elsewhere into vectors.parquet, for sweep, generate and export.
+
+    Layers (layer l is the output of decoder block l, 0-based): a control vector's direction.N is
+    layer N (llama.cpp adds it to the output of block N); safetensors layer.N and npz layer_N are
+    layer N; an SAE's blocks.L.hook_resid_post is layer L and blocks.L.hook_resid_pre is layer L - 1
+    (the input of block L is the output of block L - 1); other hooks are refused. The vectors are
+    checked against --model (hidden size, layer count) and carry its fingerprint. They have no
+    training pairs, so the diagnostics that need activations are empty.
+
+    Example: [bold]caa import sae-dir --feature 1234 -m smollm2-135m -o vectors.parquet[/]
+    """
+    from caa.artifacts import VECTORS
+    from caa.inspection import layer_spans
+    from caa.interchange import check_layers, import_vectors, read_foreign
+    from caa.models import config_num_layers
+
+    _check_outputs([source, _model_file(model)], [(out_path, VECTORS)], force)
+    options = {
+        "source": str(source),
+        "model": model,
+        "behavior": behavior,
+        "layer": layer,
+        "feature": feature,
+        "dtype": dtype,
+    }
+    try:
+        _require(behavior is None or behavior.strip() != "", "--behavior must not be empty")
+        foreign = read_foreign(source, layer=layer, feature=feature)
+        check_layers(foreign, config_num_layers(model), model)  # before the model loads, where it can
+        loaded = _load(model, dtype, None, trust_remote_code)
+        vecs = import_vectors(foreign, loaded.fingerprint.to_dict(), behavior, options)
+        vecs.save(out_path)
+    except CaaError as e:
+        fail(e)
+    out.print(
+        f"imported '{escape(vecs.behaviors()[0])}' at layers {layer_spans(list(foreign.vectors))} from "
+        f"{escape(str(source))} ({foreign.source['format']}) -> wrote {escape(str(out_path))}"
+    )
+
+
+@app.command("inspect")
+def inspect_cmd(
+    file: Annotated[
+        Path,
+        typer.Argument(help="A caa artifact: pairs, activations, vectors, sweep or generations .parquet."),
+    ],
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print the full metadata and the summary as JSON on stdout instead."),
+    ] = False,
+    check_inputs: Annotated[
+        bool, typer.Option(help="Hash the recorded input files again to tell whether they changed.")
+    ] = True,
+) -> None:
+    """Print an artifact's metadata (command, options, model, inputs) and a summary of its contents.
+
+    The summary depends on the kind: pairs per behavior and split; the layers, pairs and d_model of
+    activations; the layers, norms and test AUC of vectors; the grid and recommendation of a sweep;
+    the prompts and multipliers of generations. Only the columns the summary needs are read (never
+    the activation vectors). An input file that changed or disappeared since the artifact was written
+    is noted (relative paths are looked up from the current directory).
+
+    Example: [bold]caa inspect vectors.parquet[/]   or   [bold]caa inspect sweep.parquet --json[/]
+    """
+    import json
+
+    from caa.inspection import inspect_artifact
+
+    try:
+        report = inspect_artifact(file, check_inputs=check_inputs)
+    except CaaError as e:
+        fail(e)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    out.print(
+        f"[bold]{escape(str(file))}[/]: {report.kind}, {_size(report.size_bytes)}, "
+        f"{report.rows} rows in {report.row_groups} row group(s)"
+    )
+    meta = report.meta
+    shown = ("kind", "command", "schema_version", "caa_version", "created", "options", "model", "prompt")
+    info = _key_value_table("metadata")
+    for key in shown:
+        if meta.get(key) is not None:
+            info.add_row(key, _shown(key, meta[key]))
+    for key, value in meta.items():
+        if key not in (*shown, "inputs"):
+            brief = (
+                f"{len(value)} items: {', '.join(map(str, value[:4]))}, ..."
+                if isinstance(value, list) and len(value) > 8
+                else json.dumps(value)
+            )  # e.g. the thousands of train_pair_ids of a vectors file
+            info.add_row(escape(key), escape(brief))
+    out.print(info)
+    if report.inputs:
+        inputs = Table(
+            "input", "sha256", "status", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title="inputs"
+        )
+        colour = {"unchanged": "green", "changed": "yellow", "missing": "yellow", "unchecked": "dim"}
+        for i in report.inputs:
+            shade = colour.get(i.status, "yellow")  # special files and unreadable ones: not hashed
+            inputs.add_row(escape(i.path), escape(str(i.sha256)[:12]), f"[{shade}]{i.message}[/]")
+        out.print(inputs)
+    summary = _key_value_table(f"{report.kind} summary")
+    for key, value in report.summary.items():
+        summary.add_row(key, _shown(key, value))
+    out.print(summary)
+    if report.breakdown:
+        names = list(report.breakdown[0])
+        headers = [n.replace("_", " ") for n in names]  # lets a narrow terminal wrap the headers
+        rows = Table(
+            Column(headers[0], no_wrap=True),
+            *headers[1:],
+            box=box.SIMPLE_HEAD,
+            show_edge=False,
+            pad_edge=False,
+        )
+        for row in report.breakdown:
+            rows.add_row(*[_shown(k, row[k]) for k in names])
+        out.print(rows)
+    for i in report.inputs:
+        if i.status not in ("unchanged", "unchecked"):
+            out.print(f"[yellow]note:[/] input {escape(i.path)} {i.message}")
+
+
+def _key_value_table(title: str) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, show_header=False, show_edge=False, pad_edge=False, title=title)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    return table
+
+
+def _shown(key: str, value: Any, inline: bool = False) -> str:
+    """One metadata or summary value as table text: layers as spans, ranges as a..b, dicts as lines."""
+    from caa.inspection import layer_spans
+
+    if value is None or value == [] or value == {}:
+        return "-"
+    if isinstance(value, dict):
+        sep, join = ("=", ", ") if inline else (": ", "\n")
+        return join.join(f"{escape(str(k))}{sep}{_shown(str(k), v, True)}" for k, v in value.items())
+    if isinstance(value, list) and key.endswith("layers") and all(isinstance(v, int) for v in value):
+        return layer_spans(value)
+    if isinstance(value, list) and key.endswith("_range") and len(value) == 2:
+        return f"{_shown(key, value[0])} .. {_shown(key, value[1])}"
+    if isinstance(value, list):
+        return ", ".join(_shown(key, v) for v in value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return escape(str(value))
+
+
+def _size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"

@@ -216,8 +216,13 @@ def generate(
     seed: int = 0,
     chat_template: str = "auto",
     scale: str = "raw",
+    labels: Sequence[str] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+    inputs: Mapping[str, Path] | None = None,
 ) -> Generations:
-    """Every prompt under every multiplier, in one batch (greedy unless ``temperature`` > 0)."""
+    """Every prompt under every multiplier, in one batch (greedy unless ``temperature`` > 0).
+    ``labels`` name the prompts in errors; ``provenance`` and ``inputs`` (files, hashed) go into the
+    result's metadata."""
     if isinstance(prompts, str):
         prompts = [prompts]
     options = {
@@ -246,5 +251,7 @@ def generate(
         top_p=top_p,
         seed=seed,
         scale=scale,
-        options=options,
+        labels=labels,
+        options={**options, **(provenance or {})},
+        inputs=dict(inputs or {}),
     )

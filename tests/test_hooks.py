@@ -10,7 +10,8 @@ from caa.hooks import steering, untuple
 from caa.models import load_model
 
 
-def block_outputs(loaded, ids: torch.Tensor, layer: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def block_outputs(loaded, ids: torch.Tensor | dict, layer: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """Block ``layer``'s output for input ids, or for a dict of model inputs (ids, mask, positions)."""
     captured = {}
 
     def hook(module, args, output):  # type: ignore[no-untyped-def]
@@ -19,7 +20,7 @@ def block_outputs(loaded, ids: torch.Tensor, layer: int) -> torch.Tensor:  # typ
     handle = loaded.blocks[layer].register_forward_hook(hook)
     try:
         with torch.inference_mode():
-            loaded.model(ids)
+            loaded.model(**ids) if isinstance(ids, dict) else loaded.model(ids)
     finally:
         handle.remove()
     return captured["h"]
@@ -122,21 +123,6 @@ def test_replaying_skips_blocks_exactly_and_restores_them(tiny_models: dict[str,
     assert list(loaded.blocks) == originals
 
 
-def _block_outputs_batch(loaded, batch, layer: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    captured = {}
-
-    def hook(module, args, output):  # type: ignore[no-untyped-def]
-        captured["h"] = untuple(output).clone()
-
-    handle = loaded.blocks[layer].register_forward_hook(hook)
-    try:
-        with torch.inference_mode():
-            loaded.model(**batch)
-    finally:
-        handle.remove()
-    return captured["h"]
-
-
 @pytest.mark.parametrize("positions", ["answer", "prompt-end", "all"])
 def test_each_policy_steers_exactly_its_positions_under_left_padding(
     tiny_models: dict[str, Path], positions: str
@@ -156,10 +142,10 @@ def test_each_policy_steers_exactly_its_positions_under_left_padding(
         mask[r, width - len(row) :] = 1
     batch = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
     v = torch.randn(loaded.hidden_size)
-    base = _block_outputs_batch(loaded, batch, 1)
+    base = block_outputs(loaded, batch, 1)
     start = steer_start(positions, torch.tensor([len(p) for p in prompts]))
     with steering(loaded.blocks, {1: 2.0 * v}, start):
-        steered = _block_outputs_batch(loaded, batch, 1)
+        steered = block_outputs(loaded, batch, 1)
     changed = (steered - base).abs().amax(-1) > 1e-6  # [batch, seq]
     for r, (prompt, row) in enumerate(zip(prompts, rows, strict=True)):
         pad = width - len(row)

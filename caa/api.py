@@ -23,13 +23,15 @@ from typing import Any, TypeAlias
 import pandas as pd
 
 from caa.budget import parse_size, planner_for
+from caa.distributed import Shard
 from caa.errors import CaaError
 from caa.extract import Activations, extract_in_memory, parse_layers
+from caa.fluency import default_neutral, read_neutral
 from caa.generate import Generations, run_generate
 from caa.ingest import PairSet, ingest_records, pair_set
 from caa.ingest import ingest as ingest_files
 from caa.models import LoadedModel, load_model
-from caa.sweep import SweepResult, default_neutral, held_out, read_neutral, run_sweep
+from caa.sweep import SweepResult, held_out, run_sweep
 from caa.vectors import VectorSet, vector_set
 from caa.vectors import compute_vectors as vector_rows
 
@@ -152,13 +154,15 @@ def sweep(
     inputs: Mapping[str, Path] | None = None,
     tick: Callable[[int], None] | None = None,
     notice: Callable[[str], None] | None = None,
+    accelerator: Any = None,
 ) -> SweepResult:
     """Score the held-out pairs at every (layer, multiplier), with the fluency cost, the per-item
     reliability and the recommendation. ``neutral``: texts for the fluency cost (default: the
     project's neutral prompts, or neutral text with ``steer_positions="all"``; ``neutral_source``
     names given ones in messages). ``provenance`` and ``inputs`` (files, hashed) go into the
     result's metadata; ``tick`` counts texts scored (:func:`caa.sweep.sweep_work` is the total);
-    ``notice`` receives one-line notes."""
+    ``notice`` receives one-line notes. Under ``accelerate launch``, pass the ``Accelerator``: each
+    process runs its share of the batches and every process returns the whole result."""
     loaded = _model(model)
     names, test = held_out(vectors, pairs.frame, pairs.path or Path("pairs"), behaviors, max_pairs)
     if neutral is None:
@@ -198,6 +202,7 @@ def sweep(
         inputs=dict(inputs or {}),
         tick=tick,
         notice=notice,
+        shard=Shard.of(accelerator),
     )
 
 
@@ -219,10 +224,13 @@ def generate(
     labels: Sequence[str] | None = None,
     provenance: Mapping[str, Any] | None = None,
     inputs: Mapping[str, Path] | None = None,
+    batch_size: int = 32,
+    accelerator: Any = None,
 ) -> Generations:
-    """Every prompt under every multiplier, in one batch (greedy unless ``temperature`` > 0).
-    ``labels`` name the prompts in errors; ``provenance`` and ``inputs`` (files, hashed) go into the
-    result's metadata."""
+    """Every prompt under every multiplier, ``batch_size`` prompts per batch (greedy unless
+    ``temperature`` > 0). ``labels`` name the prompts in errors; ``provenance`` and ``inputs`` (files,
+    hashed) go into the result's metadata. Under ``accelerate launch``, pass the ``Accelerator``: the
+    batches are shared out, and every process returns all the rows."""
     if isinstance(prompts, str):
         prompts = [prompts]
     options = {
@@ -236,6 +244,7 @@ def generate(
         "seed": seed,
         "chat_template": chat_template,
         "scale": scale,
+        "batch_size": batch_size,
     }
     return run_generate(
         _model(model),
@@ -252,6 +261,8 @@ def generate(
         seed=seed,
         scale=scale,
         labels=labels,
+        batch_size=batch_size,
+        shard=Shard.of(accelerator),
         options={**options, **(provenance or {})},
         inputs=dict(inputs or {}),
     )

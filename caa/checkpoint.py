@@ -21,8 +21,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from caa.artifacts import atomic_path
 from caa.errors import CaaError, MismatchError
+from caa.files import atomic_path, write_atomic
 
 _PIECE = re.compile(r"items-(\d{9})-(\d{9})\.parquet")
 
@@ -67,7 +67,7 @@ class Checkpoint:
             self.done = self._finished()
         else:
             self.dir.mkdir(parents=True, exist_ok=True)
-            _write_atomic(run_file, json.dumps(self.identity, indent=1).encode())
+            write_atomic(run_file, json.dumps(self.identity, indent=1).encode())
 
     def _check(self, run_file: Path) -> None:
         try:
@@ -139,11 +139,6 @@ def merged_pieces(out: Path, ranks: int) -> Iterator[pa.Table]:
 def remove(out: Path) -> None:
     """Delete the pieces of a run once its output is written."""
     shutil.rmtree(partial_dir(out), ignore_errors=True)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
 
 
 def _unreadable(path: Path) -> str | None:

@@ -9,7 +9,12 @@ outlives its batch. Two engines give the same numbers:
   per-row coefficients; with ``skip_layers`` the blocks below the steered layer run once per batch
   and are replayed (exact: they are unsteered).
 - :func:`cached_grid` also runs each text's unsteered prefix (every position before the first steered
-  or read one) once, and reuses its KV cache for every (layer, multiplier).
+  or read one) once, and reuses its KV cache for every (layer, multiplier), and runs the unsteered
+  tail once for the x0 cell of every layer.
+
+Under ``accelerate launch`` each process runs its share of the batches (:mod:`caa.distributed`).
+The two engines share one module (about 400 lines) on purpose: the fast one is only trustworthy
+read side by side with the reference it must equal.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 import torch
 
 from caa.budget import Planner, planner_for
+from caa.distributed import ONE, Shard
 from caa.hooks import capturing, repeat_rows, replaying, run_until_stop, steer_start, steering
 from caa.models import LoadedModel
 from caa.prompts import Encoded, collate
@@ -67,13 +73,33 @@ def _valid(texts: Sequence[ScoreText], width: int) -> torch.Tensor:
 
 
 def _gather_reads(logp: torch.Tensor, first: torch.Tensor, width: int) -> torch.Tensor:
-    """Rows' log-probs at positions ``first[r] .. first[r] + width - 1``: [rows, width, vocab]."""
+    """Rows' logits (or log-probs) at positions ``first[r] .. first[r] + width - 1``: [rows, width, vocab]."""
     index = (first[:, None] + torch.arange(width)[None, :]).clamp(max=logp.shape[1] - 1).to(logp.device)
     return logp.gather(1, index[..., None].expand(-1, -1, logp.shape[-1]))
 
 
 def _inputs_of(vectors: dict[int, torch.Tensor]) -> list[int]:
     return [layer - 1 for layer in vectors if layer > 0]
+
+
+Part = tuple[list[int], dict[int, np.ndarray]]  # a batch's text indices and its results per layer
+
+
+def _plan(planner: Planner, texts: Sequence[ScoreText], reps: int, shard: Shard) -> list[list[int]]:
+    """This process's batches: the texts sorted by length, in batches that fit ``planner``."""
+    lengths = [len(t.input_ids) for t in texts]
+    batches = planner.batches(lengths, reps, keep_all=any(t.reads > 1 for t in texts))
+    return shard.take(batches, lambda index: len(index) * max(lengths[i] for i in index))
+
+
+def _collect(
+    parts: list[Part], layers: Sequence[int], n: int, shard: Shard, tick: Tick | None
+) -> dict[int, np.ndarray]:
+    """Every process's batches (``shard``) put back in the texts' order: {layer: [texts, multipliers, k]}."""
+    everything = shard.merge(parts)
+    if tick and len(everything) > len(parts):  # the other processes' batches, done
+        tick((sum(len(i) for i, _ in everything) - sum(len(i) for i, _ in parts)) * len(layers))
+    return {layer: _assemble([(index, r[layer]) for index, r in everything], n) for layer in layers}
 
 
 @torch.inference_mode()
@@ -87,19 +113,18 @@ def reference_grid(
     planner: Planner | None = None,
     skip_layers: bool = False,
     tick: Tick | None = None,
+    shard: Shard = ONE,
 ) -> dict[int, np.ndarray]:
     """``reduce`` of every text under every (layer, multiplier): {layer: [texts, multipliers, k]}.
 
     One batched forward pass per (texts, layer), left-padded, with the model's own position ids;
     ``skip_layers`` runs the blocks below each layer once per batch instead of once per layer.
+    Under ``shard`` this process runs its share of the batches and returns everyone's results.
     """
     m = torch.tensor(list(multipliers), dtype=torch.float32)
     reps = len(multipliers)
-    planner = planner or planner_for(loaded)
-    out: dict[int, list[tuple[list[int], np.ndarray]]] = {layer: [] for layer in vectors}
-    lengths = [len(t.input_ids) for t in texts]
-    keep_all = any(t.reads > 1 for t in texts)
-    for index in planner.batches(lengths, reps, keep_all=keep_all):
+    parts: list[Part] = []
+    for index in _plan(planner or planner_for(loaded), texts, reps, shard):
         chunk = [texts[i] for i in index]
         rows = [t for t in chunk for _ in range(reps)]
         keep = max(len(t.input_ids) - t.read_from for t in chunk)
@@ -118,6 +143,7 @@ def reference_grid(
                     position_ids=batch.position_ids,
                     use_cache=False,
                 )
+        results = {}
         for layer, vector in vectors.items():
             deltas = m.repeat(len(chunk))[:, None] * vector  # [rows, d_model], text-major
             skip = (
@@ -133,20 +159,22 @@ def reference_grid(
                     use_cache=False,
                     logits_to_keep=keep,
                 ).logits
-            out[layer].append((index, _reduced(chunk, logits, first, reps, reduce)))
+            results[layer] = _reduced(chunk, logits, first, reps, reduce)
+        parts.append((index, results))
         if tick:
             tick(len(index) * len(vectors))
-    return {layer: _assemble(parts, len(texts)) for layer, parts in out.items()}
+    return _collect(parts, list(vectors), len(texts), shard, tick)
 
 
 def _reduced(
     chunk: Sequence[ScoreText], logits: torch.Tensor, first: torch.Tensor, reps: int, reduce: Reduce
 ) -> np.ndarray:
     """One pass's logits [rows, seq, vocab], read from each row's ``first`` position on, reduced:
-    [texts, multipliers, k]."""
+    [texts, multipliers, k]. The read positions are picked before the softmax (fewer to normalise)."""
     width = max(t.reads for t in chunk)
-    logp = _gather_reads(torch.log_softmax(logits.float(), -1), first, width)
-    logp = logp.view(len(chunk), reps, width, -1)  # [texts, multipliers, width, vocab]
+    if not (logits.shape[1] == width and bool((first == 0).all())):
+        logits = _gather_reads(logits, first, width)
+    logp = torch.log_softmax(logits.float(), -1).view(len(chunk), reps, width, -1)
     return reduce(chunk, logp, _valid(chunk, width).to(logp.device)).cpu().numpy()
 
 
@@ -157,6 +185,25 @@ def _assemble(parts: list[tuple[list[int], np.ndarray]], n: int) -> np.ndarray:
     for index, values in parts:
         result[index] = values
     return result
+
+
+def _rewinder(cache: Any) -> Callable[[], Any]:
+    """A function that puts ``cache`` back as it is now and returns it. A pass appends to a dynamic
+    cache by concatenation, leaving the tensors it had untouched: keeping them (no copy) and putting
+    them back undoes the pass. Other caches are copied."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or type(cache).__name__ != "DynamicCache":
+        saved = copy.deepcopy(cache)
+        return lambda: copy.deepcopy(saved)
+    states = [dict(vars(layer)) for layer in layers]
+
+    def rewind() -> Any:
+        for layer, state in zip(layers, states, strict=True):
+            vars(layer).clear()
+            vars(layer).update(state)
+        return cache
+
+    return rewind
 
 
 def prefix_lengths(texts: Sequence[ScoreText], positions: str) -> list[int]:
@@ -190,6 +237,7 @@ def cached_grid(
     positions: str = "answer",
     planner: Planner | None = None,
     tick: Tick | None = None,
+    shard: Shard = ONE,
 ) -> dict[int, np.ndarray]:
     """Like :func:`reference_grid`, computing what steering cannot change once.
 
@@ -201,18 +249,17 @@ def cached_grid(
     """
     m = torch.tensor(list(multipliers), dtype=torch.float32)
     reps = len(multipliers)
-    planner = planner or planner_for(loaded)
-    lengths = [len(t.input_ids) for t in texts]
+    zero = list(multipliers).index(0.0) if 0.0 in multipliers else None
+    steered = m if zero is None else torch.cat([m[:zero], m[zero + 1 :]])  # x0 needs no steered pass
     heads_of = prefix_lengths(texts, positions)
-    out: dict[int, list[tuple[list[int], np.ndarray]]] = {layer: [] for layer in vectors}
+    parts: list[Part] = []
     device = loaded.device
     pad = loaded.tokenizer.pad_token_id
     # transformers renamed past_key_values to cache during 5.x: use the model's own name
     cache_kwarg = (
         "cache" if "cache" in inspect.signature(loaded.model.forward).parameters else "past_key_values"
     )
-    keep_all = any(t.reads > 1 for t in texts)
-    for index in planner.batches(lengths, reps, keep_all=keep_all):
+    for index in _plan(planner or planner_for(loaded), texts, reps, shard):
         chunk = [texts[i] for i in index]
         cut = [heads_of[i] for i in index]
         heads = [t.input_ids[:c] for t, c in zip(chunk, cut, strict=True)]
@@ -237,43 +284,82 @@ def cached_grid(
             logits_to_keep=1,
         )
         prefix = first.get("cache") or first.get("past_key_values")
+        unsteered = _rewinder(prefix)
         mask = torch.cat([head_mask, tail_mask], 1).to(device)
-        # Blocks below layer l are unsteered: run the tail through them once, recording the input of
-        # every block l of the grid, and skip them in the steered passes.
-        with capturing(loaded.blocks, _inputs_of(vectors)) as below:
-            run_until_stop(
-                loaded.model,
-                input_ids=tail_ids.to(device),
-                attention_mask=mask,
-                position_ids=tail_pos.to(device),
-                use_cache=True,
-                **{cache_kwarg: copy.deepcopy(prefix)},
-            )
-        mask = mask.repeat_interleave(reps, 0)
         read_at = torch.tensor([t.read_from - c for t, c in zip(chunk, cut, strict=True)])
-        read_at = read_at.repeat_interleave(reps)  # tail index of each row's first read position
-        start = _starts(chunk, positions, reps)
-        for layer, vector in vectors.items():
-            cache = copy.deepcopy(prefix)
-            cache.batch_repeat_interleave(reps)
-            deltas = m.repeat(len(chunk))[:, None] * vector  # [rows, d_model], text-major
+        keep = s_len - int(read_at.min())  # logits are kept from the first read position on
+        read_at = read_at.repeat_interleave(reps) - (s_len - keep)  # each row's first read, in the kept
+        # The tail runs once unsteered: its logits are the x0 cell of every layer, and it records the
+        # input of every block l of the grid, so the steered passes skip the blocks below l.
+        with capturing(loaded.blocks, _inputs_of(vectors), stop=zero is None) as below:
+            base = _tail_logits(
+                loaded, tail_ids, mask, tail_pos, keep, {cache_kwarg: prefix}, stop=zero is None
+            )
+        results = {}
+        if not len(steered):  # the x0 cell alone
+            results = {
+                layer: _reduced(chunk, _with_base(None, base, zero, 1), read_at, 1, reduce)
+                for layer in vectors
+            }
+        repeated = unsteered()
+        repeated.batch_repeat_interleave(len(steered))  # once per batch; every pass below is rewound
+        rewind = _rewinder(repeated)
+        mask = mask.repeat_interleave(len(steered), 0)
+        start = _starts(chunk, positions, len(steered))
+        for layer, vector in vectors.items() if len(steered) else ():
+            deltas = steered.repeat(len(chunk))[:, None] * vector  # [rows, d_model], text-major
             skip = (
-                replaying(loaded.blocks, layer, repeat_rows(below[layer - 1], reps))
+                replaying(loaded.blocks, layer, repeat_rows(below[layer - 1], len(steered)))
                 if layer
                 else nullcontext()
             )
             with skip, steering(loaded.blocks, {layer: deltas}, start):
-                logits = loaded.model(
-                    input_ids=tail_ids.repeat_interleave(reps, 0).to(device),
-                    attention_mask=mask,
-                    position_ids=tail_pos.repeat_interleave(reps, 0).to(device),
-                    use_cache=True,
-                    **{cache_kwarg: cache},
-                ).logits
-            out[layer].append((index, _reduced(chunk, logits, read_at, reps, reduce)))
+                logits = _tail_logits(
+                    loaded,
+                    tail_ids.repeat_interleave(len(steered), 0),
+                    mask,
+                    tail_pos.repeat_interleave(len(steered), 0),
+                    keep,
+                    {cache_kwarg: rewind()},
+                )
+            logits = _with_base(logits, base, zero, len(chunk))
+            results[layer] = _reduced(chunk, logits, read_at, reps, reduce)
+        parts.append((index, results))
         if tick:
             tick(len(index) * len(vectors))
-    return {layer: _assemble(parts, len(texts)) for layer, parts in out.items()}
+    return _collect(parts, list(vectors), len(texts), shard, tick)
+
+
+def _tail_logits(
+    loaded: LoadedModel,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    keep: int,
+    cache: dict[str, Any],
+    stop: bool = False,
+) -> torch.Tensor | None:
+    """The last ``keep`` positions' logits of a pass over a tail after its cached prefix (None when
+    ``stop``: a recording pass that ends early)."""
+    device = loaded.device
+    inputs = {"input_ids": ids.to(device), "attention_mask": mask, "position_ids": positions.to(device)}
+    if stop:
+        run_until_stop(loaded.model, **inputs, use_cache=True, **cache)
+        return None
+    return loaded.model(**inputs, use_cache=True, logits_to_keep=keep, **cache).logits
+
+
+def _with_base(
+    steered: torch.Tensor | None, base: torch.Tensor | None, zero: int | None, texts: int
+) -> torch.Tensor:
+    """The steered rows' logits with the unsteered ones put in as multiplier ``zero``: [rows, keep, vocab]."""
+    if zero is None or base is None:
+        assert steered is not None
+        return steered
+    if steered is None or steered.shape[0] == 0:
+        return base
+    s = steered.view(texts, -1, *steered.shape[1:])
+    return torch.cat([s[:, :zero], base[:, None].to(s.dtype), s[:, zero:]], 1).flatten(0, 1)
 
 
 def run_grid(
@@ -287,20 +373,23 @@ def run_grid(
     planner: Planner | None = None,
     tick: Tick | None = None,
     notice: Callable[[str], None] | None = None,
+    shard: Shard = ONE,
 ) -> dict[int, np.ndarray]:
     """``engine`` ``fast`` (prefix cache where it is exact, else the layer skip, said in ``notice``)
     or ``naive`` (the reference: every block of every row in every pass)."""
     if engine == "naive":
-        return reference_grid(loaded, texts, vectors, multipliers, reduce, positions, planner, False, tick)
+        return reference_grid(
+            loaded, texts, vectors, multipliers, reduce, positions, planner, False, tick, shard
+        )
     heads = prefix_lengths(texts, positions)
     width = max(heads) + max(len(t.input_ids) - h for t, h in zip(texts, heads, strict=True))  # any batch's
     if all(h > 0 for h in heads):
         if supports_prefix_cache(loaded, width):
-            return cached_grid(loaded, texts, vectors, multipliers, reduce, positions, planner, tick)
+            return cached_grid(loaded, texts, vectors, multipliers, reduce, positions, planner, tick, shard)
         if notice:
             window = loaded.model.config.get_text_config().sliding_window
             notice(
                 f"{loaded.fingerprint.architecture} has sliding-window layers narrower than these texts "
                 f"(window {window}): using the reference engine"
             )
-    return reference_grid(loaded, texts, vectors, multipliers, reduce, positions, planner, True, tick)
+    return reference_grid(loaded, texts, vectors, multipliers, reduce, positions, planner, True, tick, shard)

@@ -3,6 +3,10 @@
 "Layer l" is the output of decoder block l (0-based): ``hidden_states[l + 1]`` in transformers for
 every block but the last, where transformers returns the output after the final norm instead; we
 always record the block's own output.
+
+One module (about 400 lines) for the stage's three layers, each small: the batched forward pass
+that records, the in-memory result (:class:`Activations`), and the run that streams to Parquet
+with checkpoints and shards over processes; they share the encoding and the batch loop.
 """
 
 from __future__ import annotations
@@ -18,15 +22,7 @@ import pandas as pd
 import torch
 
 from caa import checkpoint
-from caa.artifacts import (
-    ACTIVATIONS,
-    Artifact,
-    StreamWriter,
-    columns_table,
-    make_meta,
-    read_artifact,
-    vectors_of,
-)
+from caa.artifacts import Artifact, StreamWriter, columns_table, make_meta, read_artifact, vectors_of
 from caa.errors import CaaError, InputError, MismatchError
 from caa.hooks import recording, run_until_stop
 from caa.ingest import SIDES, describe_pair
@@ -35,6 +31,7 @@ from caa.ingest import select_pairs as select_pairs
 from caa.models import LoadedModel
 from caa.options import parse_layers as parse_layers
 from caa.prompts import Batch, Encoded, PromptFormat, collate, encode, fit_context, prompt_format
+from caa.schemas import ACTIVATIONS
 
 
 @dataclass(frozen=True)

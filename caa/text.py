@@ -155,6 +155,12 @@ def clean(text: str, keep: str = "") -> str:
     return _CONTROL.sub(shown, text)
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for a message."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def json_type(value: Any) -> str:
     """The JSON name of a parsed value's type, for messages: ``a list`` -> ``array``."""
     names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}

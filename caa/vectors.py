@@ -13,11 +13,12 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from caa.artifacts import VECTORS, make_meta, read_artifact, vectors_of, write_artifact
+from caa.artifacts import make_meta, read_artifact, vectors_of, write_artifact
 from caa.errors import CaaError, InputError
 from caa.extract import Activations as Activations  # activations are read beside their writer
 from caa.extract import check_same_model as check_same_model
 from caa.extract import read_activations as read_activations
+from caa.schemas import VECTORS
 
 METHODS = ("mean", "pca")
 SCALES = ("raw", "residual")  # what a multiplier multiplies: the vector, or a residual-norm-length one

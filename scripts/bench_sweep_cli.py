@@ -1,73 +1,97 @@
-"""A whole `caa sweep` run, end to end (process start, model load, scores and fluency cost), with the
-default engine against `--engine naive`, on the same grid; prints both times, their ratio and the
-largest difference between the two tables.
+"""End to end: a whole `caa sweep` run (process start, model load, scores and fluency cost) with the
+default engine against `--engine naive`, on the same grid, each in its own process; both times, their
+ratio and the largest difference between the two tables.
 
-Default grid (the one of the "default sweep" measurements): 24 held-out sycophancy questions x 5
-layers (8, 11, 14, 17, 20) x multipliers -2..2 on the embedded SmolLM2, 16 neutral prompts. The
-vectors are made first (extract + compute-vectors on the training pairs; not timed). Usage:
-    python scripts/bench_sweep_cli.py [--behavior sycophancy] [--layers 8,11,14,17,20]
-        [--questions 24] [--steer-positions answer] [--workdir DIR]
+Grid (full): 24 held-out sycophancy questions x 5 layers (8, 11, 14, 17, 20) x multipliers -2..2,
+16 neutral prompts, on the embedded SmolLM2 (the CLI loads a model by name: the Llama shapes use
+SmolLM2 here; the tiny shape is saved to a directory and loaded from there). The vectors are made
+first, in this process, from 48 training pairs (not timed).
 """
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from bench_common import EMBEDDED, ROOT, Bench, Section, spread_layers
 
-ROOT = Path(__file__).resolve().parent.parent
+import caa
+from caa.ingest import PairSet
+
 CAA = [sys.executable, "-m", "caa"]
 
 
-def run(args: list[str]) -> float:
+def run_cli(args: list[str]) -> float:
     start = time.perf_counter()
-    subprocess.run([*CAA, *args], check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.run([*CAA, *args], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"caa {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--behavior", default="sycophancy")
-    parser.add_argument("--layers", default="8,11,14,17,20")
-    parser.add_argument("--questions", type=int, default=24)
-    parser.add_argument("--multipliers", default="-2,-1,0,1,2")
-    parser.add_argument("--steer-positions", default="answer")
-    parser.add_argument("--workdir", type=Path, default=None)
-    args = parser.parse_args()
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="caa-bench-"))
+def cli_model(bench: Bench) -> tuple[str, caa.LoadedModel, str]:
+    """(the -m argument, the same model in this process, what it is)."""
+    if bench.shape == "tiny":
+        directory = bench.workdir / "tiny-model"
+        bench.loaded.model.save_pretrained(directory, safe_serialization=True)
+        bench.loaded.tokenizer.save_pretrained(directory)
+        return str(directory), caa.load_model(str(directory), device="cpu"), "the tiny random shape, saved"
+    if bench.shape == "smollm2":
+        return EMBEDDED, bench.loaded, "SmolLM2-135M-Instruct"
+    return EMBEDDED, caa.load_model(EMBEDDED), "SmolLM2-135M-Instruct (the CLI loads models by name)"
+
+
+def run(bench: Bench) -> Section:
+    work = bench.workdir / "sweep-cli"
     work.mkdir(parents=True, exist_ok=True)
-    pairs, acts, vectors = work / "pairs.parquet", work / "acts.parquet", work / "vectors.parquet"
-    if not vectors.exists():
-        run(["ingest", args.behavior, "-o", str(pairs), "--force"])
-        run(["extract", str(pairs), "--split", "train", "--layers", args.layers, "-o", str(acts)])
-        run(["compute-vectors", str(acts), "-o", str(vectors)])
+    spec, loaded, what = cli_model(bench)
+    layers = [8, 11, 14, 17, 20] if loaded.num_layers >= 24 else spread_layers(loaded.num_layers, 5)
+    layers = bench.pick(layers[::2], layers)
+    questions = bench.pick(6, 24)
+    multipliers = bench.pick("-1,0,1", "-2,-1,0,1,2")
+    neutral = bench.pick(4, 16)
+    pairs = caa.ingest(ROOT / "data" / "sycophancy.json")
+    path = pairs.save(work / "pairs.parquet")
+    train = PairSet(pairs.select("train").frame.head(48), pairs.meta, path)  # vectors: not timed
+    acts = caa.extract(loaded, train, layers=layers)
+    caa.compute_vectors(acts).save(work / "vectors.parquet")
+    bench.log(f"sweep-cli: vectors made ({what})")
     grid = [
-        "sweep", str(vectors), str(pairs), "--max-pairs", str(args.questions), "--multipliers",
-        args.multipliers, "--steer-positions", args.steer_positions,
+        "sweep", str(work / "vectors.parquet"), str(work / "pairs.parquet"), "-m", spec,
+        "--max-pairs", str(questions), "--multipliers", multipliers, "--neutral-count", str(neutral),
+        "--layers", ",".join(map(str, layers)),
     ]  # fmt: skip
     seconds = {}
     for engine in ("fast", "naive"):
-        seconds[engine] = run([*grid, "--engine", engine, "-o", str(work / f"{engine}.parquet")])
-        print(f"caa sweep --engine {engine}: {seconds[engine]:.1f} s", flush=True)
+        seconds[engine] = run_cli([*grid, "--engine", engine, "-o", str(work / f"{engine}.parquet")])
+        bench.log(f"sweep-cli: caa sweep --engine {engine} {seconds[engine]:.1f} s")
     tables = {e: pd.read_parquet(work / f"{e}.parquet") for e in seconds}
     columns = ["score_mean", "kl_mean", "perplexity"]
-    diff = max(float(np.abs(tables["fast"][c] - tables["naive"][c]).max()) for c in columns)
-    layers = len(args.layers.split(","))
-    print(
-        f"{args.behavior}, {args.questions} questions x {layers} layers x multipliers {args.multipliers}, "
-        f"--steer-positions {args.steer_positions}, SmolLM2-135M on CPU: default (fast) is "
-        f"{seconds['naive'] / seconds['fast']:.1f}x --engine naive end to end; "
-        f"max table difference {diff:.1e}"
+    # relative: a random model's perplexity is in the tens of thousands
+    diff = max(
+        float(
+            (
+                np.abs(tables["fast"][c] - tables["naive"][c]) / np.maximum(1.0, np.abs(tables["naive"][c]))
+            ).max()
+        )
+        for c in columns
     )
-
-
-if __name__ == "__main__":
-    main()
+    section = Section(
+        "sweep-cli",
+        f"`caa sweep` end to end on {what}: {questions} held-out sycophancy questions x layers {layers} "
+        f"x multipliers {multipliers}, {neutral} neutral prompts, default device",
+    )
+    section.add("caa sweep --engine naive", seconds["naive"], "s")
+    section.add(
+        "caa sweep (default, fast)",
+        seconds["fast"],
+        "s",
+        "--engine naive",
+        seconds["naive"] / seconds["fast"],
+        True,
+    )
+    section.add("max table difference (score, KL, perplexity)", diff, "relative")
+    return section

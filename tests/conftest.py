@@ -9,10 +9,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-from tests.helpers import AB_ROWS, DATA, FREEFORM_ROWS, REPO, make_vectors, write_pairs_file
+from tests.helpers import AB_ROWS, FREEFORM_ROWS, make_vectors, write_pairs_file
 from tests.tiny_models import ARCHITECTURES, save_tiny_model
-
-__all__ = ["AB_ROWS", "DATA", "FREEFORM_ROWS", "REPO", "write_pairs_file"]  # kept for older imports
 
 
 @pytest.fixture(scope="session")

@@ -78,3 +78,15 @@ def make_vectors(model: Path, tmp: Path) -> tuple[Path, Path]:
     )
     assert runner.invoke(app, ["compute-vectors", str(acts), "-o", str(vectors)]).exit_code == 0
     return pairs, vectors
+
+
+# Neutral texts for the fluency cost of the tiny models' sweeps.
+NEUTRAL = [
+    "the weather is warm today and the park is nice",
+    "we walk to work in the morning",
+    "music and books help",
+    "a plan for dinner",
+]
+
+# Multipliers of the tiny models' sweeps: negative, zero and a non-integer positive.
+MULTIPLIERS = [-2.0, 0.0, 1.5]

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import caa
 from caa.cli import app
-from tests.conftest import AB_ROWS, FREEFORM_ROWS
+from tests.helpers import AB_ROWS, FREEFORM_ROWS
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent

@@ -30,9 +30,10 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner, Result
 
-from caa.artifacts import ACTIVATIONS, META_KEY, VECTORS, Kind, write_artifact
+from caa.artifacts import write_artifact
 from caa.cli import app
-from tests.conftest import AB_ROWS, FREEFORM_ROWS
+from caa.schemas import ACTIVATIONS, META_KEY, VECTORS, Kind
+from tests.helpers import AB_ROWS, FREEFORM_ROWS
 
 BAD = Path(__file__).parent / "bad_inputs"
 runner = CliRunner()

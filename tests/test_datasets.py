@@ -11,11 +11,12 @@ import pytest
 from typer.testing import CliRunner
 
 from caa import cli, datasets
-from caa.artifacts import SWEEP, read_artifact
+from caa.artifacts import read_artifact
 from caa.cli import app
 from caa.errors import CaaError
 from caa.extract import read_pairs
 from caa.ingest import ingest
+from caa.schemas import SWEEP
 from tests.helpers import DATA, make_vectors
 
 runner = CliRunner()

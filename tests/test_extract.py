@@ -11,14 +11,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from caa.artifacts import ACTIVATIONS, read_artifact, vectors_of
+from caa.artifacts import read_artifact
 from caa.cli import app
 from caa.errors import CaaError
 from caa.extract import encode_pairs, extract_activations, parse_layers, read_pairs
 from caa.models import load_model
 from caa.prompts import collate, encode, prompt_format
-from caa.vectors import compute_vectors, read_activations
-from tests.conftest import AB_ROWS, FREEFORM_ROWS, REPO, write_pairs_file
+from caa.schemas import ACTIVATIONS
+from tests.helpers import AB_ROWS, FREEFORM_ROWS, REPO, write_pairs_file
 
 runner = CliRunner()
 
@@ -120,46 +120,6 @@ def test_parse_layers() -> None:
         parse_layers("x", 4)
 
 
-def test_vectors_equal_naive_mean_and_pca_sign(
-    tiny_models: dict[str, Path], pairs_file: Path, tmp_path: Path
-) -> None:
-    out = tmp_path / "acts.parquet"
-    result = runner.invoke(app, ["extract", str(pairs_file), "-m", str(tiny_models["llama"]), "-o", str(out)])
-    assert result.exit_code == 0, result.output
-    art = read_artifact(out, ACTIVATIONS)
-    assert art.meta["model"]["architecture"] == "llama"
-    assert art.meta["layers"] == [0, 1, 2, 3]
-    keys = art.table.drop_columns("activation").to_pandas()
-    values = vectors_of(art.table, "activation")
-    acts = read_activations([out])
-    mean = compute_vectors(acts, "mean")
-    pca = compute_vectors(acts, "pca")
-    for behavior in ("agree", "mood"):
-        for layer in range(4):
-            sel = (keys.behavior == behavior) & (keys.layer == layer) & (keys.split.astype(str) == "train")
-            pos = keys[sel & (keys.side == "positive")].sort_values("pair_id")
-            neg = keys[sel & (keys.side == "negative")].sort_values("pair_id")
-            naive = (values[pos.index].astype(np.float64) - values[neg.index]).mean(0)
-            row = mean[(mean.behavior == behavior) & (mean.layer == layer)].iloc[0]
-            np.testing.assert_allclose(row.vector, naive, atol=1e-6, rtol=1e-5)
-            assert row.n_train == len(pos)
-            assert row.vector_norm == pytest.approx(np.linalg.norm(naive), rel=1e-5)
-            diffs = values[pos.index].astype(np.float64) - values[neg.index]
-            cosines = [d @ naive / np.linalg.norm(d) / np.linalg.norm(naive) for d in diffs]
-            assert row.pair_consistency == pytest.approx(np.mean(cosines), rel=1e-6)
-            assert row.norm_ratio == pytest.approx(row.vector_norm / row.mean_residual_norm)
-            p = pca[(pca.behavior == behavior) & (pca.layer == layer)].iloc[0]
-            assert float(p.vector @ naive) > 0  # PCA sign agrees with the mean difference
-            assert 0.0 <= row.test_auc <= 1.0
-    middle = mean[(mean.behavior == "mood") & (mean.layer == 1)].iloc[0]
-    a = mean[(mean.behavior == "mood") & (mean.layer == 0)].iloc[0].vector
-    b = middle.vector
-    assert middle.cos_prev_layer == pytest.approx(a @ b / np.linalg.norm(a) / np.linalg.norm(b), rel=1e-5)
-    result = runner.invoke(app, ["compute-vectors", str(out), "-o", str(tmp_path / "v.parquet")])
-    assert result.exit_code == 0, result.output
-    assert "wrote" in result.output and "cons" in result.output
-
-
 def test_consistency_of_pair_differences() -> None:
     from caa.vectors import consistency
 
@@ -169,21 +129,6 @@ def test_consistency_of_pair_differences() -> None:
         1.0
     )  # a zero difference is skipped
     assert consistency(np.zeros((2, 3))) is None
-
-
-def test_compute_vectors_refuses_mixed_models(
-    tiny_models: dict[str, Path], pairs_file: Path, tmp_path: Path
-) -> None:
-    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
-    for model, out in ((tiny_models["llama"], a), (tiny_models["qwen2"], b)):
-        result = runner.invoke(
-            app, ["extract", str(pairs_file), "-m", str(model), "-o", str(out), "--layers", "1"]
-        )
-        assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["compute-vectors", str(a), str(b), "-o", str(tmp_path / "v.parquet")])
-    assert result.exit_code == 2
-    assert f"{a} and {b} come from different models: field 'model.weights_hash'" in result.output
-    assert not (tmp_path / "v.parquet").exists()
 
 
 @pytest.mark.parametrize(
@@ -290,18 +235,6 @@ def test_two_process_accelerate_launch_equals_one_process(
     pd.testing.assert_frame_equal(fa.drop(columns="activation"), fb.drop(columns="activation"))
     np.testing.assert_allclose(np.stack(fa.activation), np.stack(fb.activation), atol=1e-5)
     assert not list(tmp_path.glob("two.parquet.part*"))
-
-
-def test_fit_context_cuts_the_prompt_start_only() -> None:
-    from caa.prompts import Encoded, fit_context
-
-    enc = Encoded(list(range(10)), 7, [8, 9])
-    assert fit_context(enc, 10, False, "x") == (enc, False)
-    assert fit_context(enc, 6, True, "x") == (Encoded([4, 5, 6, 7, 8, 9], 3, [4, 5]), True)
-    with pytest.raises(CaaError, match="x is 10 tokens, longer than the model's context of 6"):
-        fit_context(enc, 6, False, "x")
-    with pytest.raises(CaaError, match="x: its completion alone is 3 tokens"):
-        fit_context(enc, 3, True, "x")
 
 
 def test_truncate_counts_the_pairs_it_cut(tiny_models: dict[str, Path], tmp_path: Path) -> None:

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from caa import models
 from caa.cli import app
 from caa.errors import CaaError, ModelError
-from caa.models import EMBEDDED, EmbeddedModel, embedded_gguf, load_model
+from caa.model_cache import EMBEDDED, EmbeddedModel, embedded_gguf
+from caa.model_specs import config_num_layers
+from caa.models import load_model
 from caa.prompts import prompt_format
 from tests.helpers import FREEFORM_ROWS, write_pairs_file
 from tests.tiny_models import save_tiny_model
@@ -169,7 +170,7 @@ def test_gemma_loads_through_its_alias_as_a_plain_text_base_model(
     assert prompt_format(loaded.tokenizer).prefix(loaded.tokenizer, "Tell me.") == "Tell me.\n"
     with pytest.raises(CaaError, match="has no chat template"):
         prompt_format(loaded.tokenizer, "on")
-    assert models.config_num_layers(GEMMA) == 18  # --layers is checked before the next load
+    assert config_num_layers(GEMMA) == 18  # --layers is checked before the next load
 
 
 @pytest.mark.slow

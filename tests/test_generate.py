@@ -9,10 +9,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from caa.artifacts import GENERATIONS, read_artifact
+from caa.artifacts import read_artifact
 from caa.cli import app
 from caa.models import load_model
 from caa.prompts import prompt_format
+from caa.schemas import GENERATIONS
 
 runner = CliRunner()
 

@@ -30,11 +30,13 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import Result
 
-from caa.artifacts import ACTIVATIONS, VECTORS, read_meta
+from caa.artifacts import read_meta
 from caa.cli import app
 from caa.errors import CaaError, InputError, ModelError
 from caa.inspection import check_input_files
-from caa.models import config_num_layers, load_model, looks_like_path
+from caa.model_specs import config_num_layers, looks_like_path
+from caa.models import load_model
+from caa.schemas import ACTIVATIONS, VECTORS
 from caa.text import MAX_JSON_DEPTH, clean, load_json, text_problem
 from caa.vectors import read_vectors
 from tests import test_bad_inputs as corpus
@@ -457,7 +459,7 @@ CASES = [
     Case(
         "sweep-neutral-nested-200", SWEEP.replace("{neutral}", "{bad}"), "nested more than 64", "neutral_deep"
     ),
-    # crafted artifact metadata: the schema declared in caa.artifacts, checked by read_meta
+    # crafted artifact metadata: the schema declared in caa.schemas, checked by read_meta
     Case(
         "extract-meta-inputs-list",
         "extract {bad} -m {model}",

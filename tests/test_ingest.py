@@ -10,9 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from caa.artifacts import PAIRS, read_artifact
+from caa.artifacts import read_artifact
 from caa.cli import app
-from tests.conftest import DATA
+from caa.schemas import PAIRS
+from tests.helpers import DATA
 
 runner = CliRunner()
 

@@ -25,10 +25,12 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from caa.artifacts import PAIRS, read_artifact
+from caa.artifacts import read_artifact
 from caa.cli import app
 from caa.errors import CaaError, InputError
-from caa.ingest import FREEFORM_FIELDS, Pair, ingest
+from caa.ingest import ingest
+from caa.pair_rows import FREEFORM_FIELDS, Pair
+from caa.schemas import PAIRS
 
 runner = CliRunner()
 FAST = settings(max_examples=40, deadline=None, database=None)

@@ -12,21 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from caa.artifacts import (
-    ACTIVATIONS,
-    GENERATIONS,
-    META_KEY,
-    PAIRS,
-    SWEEP,
-    VECTORS,
-    make_meta,
-    read_artifact,
-    write_artifact,
-)
+from caa.artifacts import make_meta, read_artifact, write_artifact
 from caa.cli import app
 from caa.errors import InputError
 from caa.inspection import inspect_artifact, layer_spans
-from tests.conftest import AB_ROWS, FREEFORM_ROWS, write_pairs_file
+from caa.schemas import ACTIVATIONS, GENERATIONS, META_KEY, PAIRS, SWEEP, VECTORS
+from tests.helpers import AB_ROWS, FREEFORM_ROWS, write_pairs_file
 
 runner = CliRunner()
 JSON_KEYS = {"path", "kind", "size_bytes", "rows", "row_groups", "meta", "summary", "breakdown", "inputs"}

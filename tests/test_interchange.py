@@ -30,10 +30,10 @@ from typer.testing import Result
 from caa.artifacts import read_meta
 from caa.cli import app
 from caa.errors import InputError
-from caa.interchange import sae_layer
+from caa.foreign import sae_layer
 from caa.vectors import read_vectors
 from tests import test_bad_inputs as corpus
-from tests.conftest import DATA
+from tests.helpers import DATA
 from tests.test_bad_inputs import BAD, Valid, _describe, runner
 
 valid = corpus.valid  # the valid artifacts of the bad-input corpus, a fixture here too
@@ -504,7 +504,8 @@ def test_llama_cpp_agrees_with_steering_at_all_positions(tmp_path: Path) -> None
     import torch
 
     import caa
-    from caa.models import embedded_gguf, load_model
+    from caa.model_cache import embedded_gguf
+    from caa.models import load_model
     from caa.prompts import prompt_format
 
     binary = _llama_binary()

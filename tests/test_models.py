@@ -183,3 +183,14 @@ def test_paths_in_datasets_are_text(tmp_path: Path) -> None:
     src.write_text(json.dumps({"prompt": str(secret), "positive": "file://" + str(secret), "negative": "x"}))
     pair = ingest([src]).pairs[0]
     assert (pair.prompt, pair.positive) == (str(secret), "file://" + str(secret))
+
+
+def test_fingerprint_and_its_metadata_schema_name_the_same_fields() -> None:
+    """The fingerprint a loaded model carries is what the 'model' metadata entry declares."""
+    import dataclasses
+    import typing
+
+    from caa.models import Fingerprint
+    from caa.schemas import ModelMeta
+
+    assert [f.name for f in dataclasses.fields(Fingerprint)] == list(typing.get_type_hints(ModelMeta))

@@ -25,28 +25,16 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from caa.artifacts import (
-    GENERATIONS,
-    PAIRS,
-    PLOT,
-    PNG_SOFTWARE,
-    SWEEP,
-    atomic_path,
-    atomic_paths,
-    check_outputs,
-    columns_table,
-    make_meta,
-    read_artifact,
-    read_meta,
-    sweep_paths,
-    write_artifact,
-)
+from caa.artifacts import columns_table, make_meta, read_artifact, read_meta, write_artifact
 from caa.checkpoint import partial_dir
 from caa.cli import app
 from caa.errors import CaaError
 from caa.extract import read_pairs, run_extract
+from caa.files import atomic_path, atomic_paths
 from caa.models import load_model
-from tests.conftest import FREEFORM_ROWS
+from caa.outputs import check_outputs, sweep_paths
+from caa.schemas import GENERATIONS, PAIRS, PLOT, PNG_SOFTWARE, SWEEP
+from tests.helpers import FREEFORM_ROWS
 from tests.test_bad_inputs import COMMANDS, Valid, _describe, _one_thread, valid
 from tests.test_resume import Interrupt, many_pairs, table_of
 

@@ -19,9 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from caa.artifacts import GENERATIONS, SWEEP, VECTORS, columns_table, make_meta, write_artifact
+from caa.artifacts import columns_table, make_meta, write_artifact
 from caa.cli import app
 from caa.report import build_report, find_artifacts
+from caa.schemas import GENERATIONS, SWEEP, VECTORS
 
 runner = CliRunner()
 MODEL = {"name": "tiny", "weights_hash": "abc123", "architecture": "llama", "num_layers": 4, "hidden_size": 4}

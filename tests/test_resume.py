@@ -14,13 +14,14 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
-from caa.artifacts import ACTIVATIONS, read_artifact
+from caa.artifacts import read_artifact
 from caa.checkpoint import partial_dir
 from caa.cli import app
 from caa.errors import CaaError, MismatchError
 from caa.extract import read_pairs, run_extract
 from caa.models import load_model
-from tests.conftest import REPO, write_pairs_file
+from caa.schemas import ACTIVATIONS
+from tests.helpers import REPO, write_pairs_file
 
 runner = CliRunner()
 

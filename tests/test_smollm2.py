@@ -14,7 +14,7 @@ from caa.extract import read_pairs
 from caa.models import load_model
 from caa.prompts import encode, prompt_format
 from caa.vectors import read_vectors
-from tests.conftest import DATA
+from tests.helpers import DATA
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -85,7 +85,8 @@ def test_steering_moves_the_demo_behavior_in_order(
     """At the layer the sweep recommends, score(-m) < score(0) < score(+m) for the demo's multiplier."""
     import json
 
-    from caa.artifacts import SWEEP, read_artifact
+    from caa.artifacts import read_artifact
+    from caa.schemas import SWEEP
 
     monkeypatch.setenv("CAA_CACHE", str(shared_cache))
     lines = (DATA / "sentiment.jsonl").read_text().splitlines()[:100]

@@ -10,24 +10,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from caa.artifacts import SWEEP, SWEEP_ITEMS, read_artifact
+from caa.artifacts import read_artifact
 from caa.budget import planner_for
 from caa.cli import app
 from caa.extract import read_pairs
 from caa.models import load_model
 from caa.prompts import encode, prompt_format
+from caa.schemas import SWEEP, SWEEP_ITEMS
 from caa.sweep import run_sweep
 from caa.vectors import read_vectors
-from tests.helpers import FREEFORM_ROWS, make_vectors, write_pairs_file  # noqa: F401 (make_vectors: re-exported)
+from tests.helpers import FREEFORM_ROWS, MULTIPLIERS, NEUTRAL, write_pairs_file
 
 runner = CliRunner()
-MULTIPLIERS = [-2.0, 0.0, 1.5]
-NEUTRAL = [
-    "the weather is warm today and the park is nice",
-    "we walk to work in the morning",
-    "music and books help",
-    "a plan for dinner",
-]
 
 
 def steered_logits(loaded, ids: list[int], layer: int, delta: torch.Tensor, start: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -183,34 +177,6 @@ def test_sweep_equals_naive_loop(
     zero = result.table[result.table.multiplier == 0]
     assert (zero.delta == 0).all() and (zero.kl_mean.abs() < 1e-6).all()
     assert (result.table[result.table.multiplier != 0].kl_mean > 0).all()
-
-
-def test_memory_budget_sets_batches_not_results(
-    pipelines: Callable[[str], tuple[Path, Path]], tiny_models: dict[str, Path], tmp_path: Path
-) -> None:
-    pairs_path, vectors_path = pipelines("llama")
-    loaded = load_model(str(tiny_models["llama"]), device="cpu")
-    test = read_pairs(pairs_path)[0]
-    test = test[test.split == "test"].reset_index(drop=True)
-    planners = {"roomy": planner_for(loaded, budget=2**30), "tight": planner_for(loaded, budget=1)}
-    lengths = [len(t) for t in NEUTRAL]
-    assert len(planners["roomy"].batches(lengths, 3, keep_all=True)) == 1
-    assert len(planners["tight"].batches(lengths, 3, keep_all=True)) == len(NEUTRAL)  # one text each
-    tables = {
-        name: run_sweep(
-            loaded,
-            read_vectors(vectors_path),
-            test,
-            NEUTRAL,
-            behaviors=["agree", "mood"],
-            layers=[1, 2],
-            multipliers=MULTIPLIERS,
-            planner=planner,
-        ).table
-        for name, planner in planners.items()
-    }
-    cols = ["score_mean", "score_sem", "kl_mean", "perplexity"]
-    np.testing.assert_allclose(tables["tight"][cols], tables["roomy"][cols], atol=1e-5, rtol=1e-5)
 
 
 def test_sweep_cli_writes_table_plot_and_recommendation(

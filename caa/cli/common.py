@@ -113,7 +113,7 @@ def _check_outputs(
     inputs: list[Any], outputs: list[tuple[Path, Any]], force: bool, show: bool = True
 ) -> None:
     """Before any work: refuse outputs that would destroy an input or other data; warn of replacements."""
-    from caa.artifacts import check_outputs
+    from caa.outputs import check_outputs
 
     try:
         notices = check_outputs(inputs, outputs, force)
@@ -169,26 +169,6 @@ TruncateOpt = Annotated[
 ]
 
 
-def _before_load(
-    model: str, chat_template: str, layers: str | None, position: str = "last"
-) -> list[int] | None:
-    """The option checks that need no model, run before it loads: --chat-template, --position and
-    --layers (its range too where the model's config gives the layer count without loading it;
-    then the layers, else None)."""
-    from caa.extract import parse_layers
-    from caa.models import config_num_layers
-    from caa.prompts import POSITIONS, TEMPLATES
-
-    templates = ", ".join(TEMPLATES)
-    _require(chat_template in TEMPLATES, f"--chat-template '{chat_template}': use one of {templates}")
-    _require(position in POSITIONS, f"--position '{position}': use one of {', '.join(POSITIONS)}")
-    if layers is None:
-        return None
-    count = config_num_layers(model)
-    chosen = parse_layers(layers, count)
-    return chosen if count is not None else None
-
-
 def _load(
     model: str,
     dtype: str,
@@ -217,6 +197,11 @@ def _load(
     if chat_template == "auto" and not loaded.has_chat_template:
         warn(f"{model} has no chat template: prompts are plain text (--chat-template auto)")
     return loaded
+
+
+def _device(accelerator: Any, device_map: str | None) -> Any:
+    """Where this process puts the model: ``--device-map`` places it, else the accelerator's device."""
+    return None if device_map else accelerator.device
 
 
 def _progress(disable: bool = False) -> object:

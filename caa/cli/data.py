@@ -69,7 +69,7 @@ def ingest(
     Example: [bold]caa ingest data/sycophancy.json data/sentiment.jsonl -o pairs.parquet[/]
     (or, with the built-in datasets, from any directory: [bold]caa ingest sycophancy sentiment[/])
     """
-    from caa.artifacts import PAIRS
+    from caa.schemas import PAIRS
 
     files = _dataset_files(files)
     _check_outputs(list(files), [(out_path, PAIRS)], force)

@@ -53,8 +53,8 @@ def report(
 
     Example: [bold]caa report demo-out -o demo-out/report.html[/]
     """
-    from caa.artifacts import REPORT
     from caa.report import build_report, find_artifacts, write_report
+    from caa.schemas import REPORT
 
     try:
         _require(max_prompts >= 1, f"--max-prompts {max_prompts}: must be at least 1")
@@ -120,10 +120,10 @@ def export_cmd(
 
     Example: [bold]caa export vectors.parquet --format gguf --layers 8-20 -o happy.gguf[/]
     """
-    from caa.artifacts import EXPORT
     from caa.extract import parse_layers
     from caa.inspection import layer_spans
     from caa.interchange import export_format, export_vectors
+    from caa.schemas import EXPORT
     from caa.vectors import read_vectors
 
     _check_outputs([vectors], [(out_path, EXPORT)], force)
@@ -186,10 +186,11 @@ def import_cmd(
 
     Example: [bold]caa import sae-dir --feature 1234 -m smollm2-135m -o vectors.parquet[/]
     """
-    from caa.artifacts import VECTORS
+    from caa.foreign import read_foreign
     from caa.inspection import layer_spans
-    from caa.interchange import check_layers, import_vectors, read_foreign
-    from caa.models import config_num_layers
+    from caa.interchange import check_layers, import_vectors
+    from caa.model_specs import config_num_layers
+    from caa.schemas import VECTORS
 
     _check_outputs([source, _model_file(model)], [(out_path, VECTORS)], force)
     options = {
@@ -250,6 +251,13 @@ def inspect_cmd(
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
         return
+    _print_inspection(file, report)
+
+
+def _print_inspection(file: Path, report: Any) -> None:
+    """An artifact's metadata, inputs, summary and breakdown, as tables."""
+    import json
+
     out.print(
         f"[bold]{escape(str(file))}[/]: {report.kind}, {_size(report.size_bytes)}, "
         f"{report.rows} rows in {report.row_groups} row group(s)"

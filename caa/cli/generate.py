@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
-
-from caa.errors import CaaError
-from caa.generate import MIN_TEMPERATURE
-
-if TYPE_CHECKING:
-    pass
 
 from caa.cli.common import (
     DeviceMapOpt,
@@ -23,8 +17,8 @@ from caa.cli.common import (
     ScaleOpt,
     SteerOpt,
     TemplateOpt,
-    _before_load,
     _check_outputs,
+    _device,
     _load,
     _model_file,
     _provenance,
@@ -35,6 +29,8 @@ from caa.cli.common import (
     out,
     warn,
 )
+from caa.errors import CaaError
+from caa.generate import MIN_TEMPERATURE
 
 
 @app.command()
@@ -67,60 +63,72 @@ def generate(
     steer_positions: SteerOpt = "answer",
     scale: ScaleOpt = "raw",
     chat_template: TemplateOpt = "auto",
+    batch_size: Annotated[
+        int, typer.Option(help="Prompts per batch (each under every multiplier), shortest first.")
+    ] = 32,
     force: ForceOpt = False,
     dtype: DtypeOpt = "auto",
     device_map: DeviceMapOpt = None,
     trust_remote_code: RemoteOpt = False,
 ) -> None:
-    """Generate with steering, every prompt under every multiplier in one batch, side by side.
+    """Generate with steering, every prompt under every multiplier, side by side.
+
+    Under `accelerate launch -m caa generate ...` the batches of prompts are shared out over the
+    processes and the main process writes every row, the rows one process writes.
 
     Example: [bold]caa generate -v vectors.parquet --behavior sentiment --layer 14 --multipliers -4,0,4
     -p "Describe your morning."[/]
     """
+    from accelerate import Accelerator
+
     from caa.api import generate as run
-    from caa.artifacts import GENERATIONS
-    from caa.generate import check_sampling, gather_prompts
-    from caa.hooks import steer_start
-    from caa.sweep import parse_multipliers
-    from caa.vectors import read_vectors
+    from caa.runs import plan_generate
+    from caa.schemas import GENERATIONS
 
-    _check_outputs([vectors, prompts_file, _model_file(model)], [(out_path, GENERATIONS)], force)
-
-    options = _provenance(ctx)
+    accelerator = Accelerator()  # under `accelerate launch`, the batches are shared out
+    main = accelerator.is_main_process
+    _check_outputs([vectors, prompts_file, _model_file(model)], [(out_path, GENERATIONS)], force, main)
     try:
-        check_sampling(max_new_tokens, temperature, top_p, seed)
-        mults = parse_multipliers(multipliers, include_zero=False)
-        steer_start(steer_positions, 0)  # an unknown policy is refused before the model loads
-        texts, labels = gather_prompts(prompt or [], prompts_file, limit)
-        vecs = read_vectors(vectors)
-        picked = vecs.pick(behavior)
-        vecs.vector(picked, layer, scale)  # the vectors and options are checked before the model loads
-        for line in vecs.absurd_norms([picked], [layer]):
+        plan = plan_generate(vectors, prompts=prompt or [], **_plan_options(ctx.params, model))
+        for line in plan.warnings if main else []:
             warn(line)
-        _before_load(model, chat_template, None)
-        loaded = _load(model, dtype, device_map, trust_remote_code, chat_template=chat_template)
-        with err.status(f"generating {len(texts)} prompts x {len(mults)} multipliers"):
+        loaded = _load(
+            model, dtype, device_map, trust_remote_code, _device(accelerator, device_map), chat_template
+        )
+        with err.status(f"generating {len(plan.prompts)} prompts x {len(plan.multipliers)} multipliers"):
             gens = run(
                 loaded,
-                vecs,
-                texts,
+                plan.vectors,
+                plan.prompts,
                 layer,
-                mults,
-                behavior=behavior,
-                max_new_tokens=max_new_tokens,
-                steer_positions=steer_positions,
-                temperature=temperature,
-                top_p=top_p,
-                seed=seed,
-                chat_template=chat_template,
-                scale=scale,
-                labels=labels,
-                provenance=options,
+                plan.multipliers,
+                behavior=plan.behavior,
+                labels=plan.labels,
+                provenance=_provenance(ctx),
                 inputs={"vectors": vectors, **({"prompts": prompts_file} if prompts_file else {})},
+                accelerator=accelerator,
+                **{k: ctx.params[k] for k in (*_SHARED, "max_new_tokens")},
             )
-        gens.save(out_path)
+        if main:
+            gens.save(out_path)
     except CaaError as e:
         fail(e)
+    if main:
+        _print_generations(gens, layer, scale, plan.multipliers)
+        out.print(f"wrote {escape(str(out_path))}")
+
+
+# The options plan_generate checks before the model loads, and those caa.api.generate takes as well.
+_CHECKED = ("layer", "behavior", "multipliers", "prompts_file", "limit", "max_new_tokens")
+_SHARED = ("temperature", "top_p", "seed", "steer_positions", "scale", "chat_template", "batch_size")
+
+
+def _plan_options(params: dict[str, Any], model: str) -> dict[str, Any]:
+    """The generate command's options that :func:`caa.runs.plan_generate` checks."""
+    return {**{k: params[k] for k in (*_CHECKED, *_SHARED)}, "model": model}
+
+
+def _print_generations(gens: Any, layer: int, scale: str, mults: list[float]) -> None:
     frame = gens.frame
     unit = "the layer's mean residual norm" if scale == "residual" else "the vector"
     title = f"{escape(frame.behavior.iloc[0])} at layer {layer} (multipliers of {unit})"
@@ -131,4 +139,3 @@ def generate(
             *[escape(t, "\n") for t in group.sort_values("multiplier").text],
         )
     out.print(table)
-    out.print(f"wrote {escape(str(out_path))}")

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich import box
 from rich.table import Column, Table
-
-from caa.errors import CaaError
-
-if TYPE_CHECKING:
-    pass
 
 from caa.cli.common import (
     DeviceMapOpt,
@@ -22,8 +17,8 @@ from caa.cli.common import (
     RemoteOpt,
     TemplateOpt,
     TruncateOpt,
-    _before_load,
     _check_outputs,
+    _device,
     _load,
     _model_file,
     _progress,
@@ -35,6 +30,7 @@ from caa.cli.common import (
     out,
     warn,
 )
+from caa.errors import CaaError
 
 
 @app.command()
@@ -91,32 +87,23 @@ def extract(
     """
     from accelerate import Accelerator
 
-    from caa.artifacts import ACTIVATIONS
-    from caa.checkpoint import check_fresh
-    from caa.extract import read_pairs, run_extract, select_pairs
+    from caa.extract import run_extract
+    from caa.runs import plan_extract
+    from caa.schemas import ACTIVATIONS
 
     accelerator = Accelerator()
-    _check_outputs([pairs, _model_file(model)], [(out_path, ACTIVATIONS)], force, accelerator.is_main_process)
+    main = accelerator.is_main_process
+    _check_outputs([pairs, _model_file(model)], [(out_path, ACTIVATIONS)], force, main)
+    planned = ("layers", "split", "position", "chat_template", "batch_size", "resume")
     try:
-        check_fresh(out_path, resume)  # OUT.partial/: an interrupted run, or a file in its way
-    except CaaError as e:
-        fail(e)
-    if batch_size < 1:
-        fail(CaaError(f"--batch-size {batch_size}: must be at least 1"))
-    options = _provenance(ctx)
-    try:
-        frame = select_pairs(read_pairs(pairs)[0], pairs, split, behavior)  # fail fast, before the model
-        _before_load(model, chat_template, layers, position)
+        frame = plan_extract(
+            pairs, out_path, model=model, behaviors=behavior, **{k: ctx.params[k] for k in planned}
+        )
         loaded = _load(
-            model,
-            dtype,
-            device_map,
-            trust_remote_code,
-            device=None if device_map else accelerator.device,
-            chat_template=chat_template,
+            model, dtype, device_map, trust_remote_code, _device(accelerator, device_map), chat_template
         )
         share = len(frame.iloc[accelerator.process_index :: accelerator.num_processes])
-        with _progress(disable=not accelerator.is_main_process) as bar:  # type: ignore[attr-defined]
+        with _progress(disable=not main) as bar:  # type: ignore[attr-defined]
             task = bar.add_task("extracting", total=share, rate="")
 
             def advance(texts: int) -> None:
@@ -124,36 +111,38 @@ def extract(
                 speed = bar.tasks[task].speed
                 bar.update(task, rate=f"{speed:.1f} pairs/s" if speed else "")
 
+            taken = ("position", "chat_template", "batch_size", "resume", "truncate")
             n = run_extract(
                 frame,
                 pairs,
                 out_path,
                 loaded,
                 layers,
-                position=position,
-                chat_template=chat_template,
-                batch_size=batch_size,
-                resume=resume,
-                truncate=truncate,
-                options=options,
+                options=_provenance(ctx),
                 on_texts=advance,
                 notice=warn,
                 accelerator=accelerator,
+                **{k: ctx.params[k] for k in taken},
             )
     except CaaError as e:
         fail(e)
     except KeyboardInterrupt:
-        from caa.checkpoint import partial_dir
-
-        if accelerator.is_main_process:
-            kept = escape(str(partial_dir(out_path)))
-            err.print(
-                f"[yellow]interrupted:[/] the finished batches are kept in {kept}; "
-                "run the same command with --resume to continue"
-            )
-        raise typer.Exit(130) from None
-    if accelerator.is_main_process:
+        _interrupted(out_path, main)
+    if main:
         out.print(f"recorded {n} pairs x 2 sides at {escape(layers)} layers -> wrote {escape(str(out_path))}")
+
+
+def _interrupted(out_path: Path, main: bool) -> NoReturn:
+    """Ctrl-C during extract: say where the finished batches are kept, and how to go on."""
+    from caa.checkpoint import partial_dir
+
+    if main:
+        kept = escape(str(partial_dir(out_path)))
+        err.print(
+            f"[yellow]interrupted:[/] the finished batches are kept in {kept}; "
+            "run the same command with --resume to continue"
+        )
+    raise typer.Exit(130) from None
 
 
 @app.command("compute-vectors")
@@ -177,7 +166,7 @@ def compute_vectors_cmd(
 
     Example: [bold]caa compute-vectors activations.parquet -o vectors.parquet[/]
     """
-    from caa.artifacts import VECTORS
+    from caa.schemas import VECTORS
     from caa.vectors import compute_vectors, read_activations, write_vectors
 
     _check_outputs(list(activations), [(out_path, VECTORS)], force)
@@ -187,6 +176,12 @@ def compute_vectors_cmd(
         write_vectors(frame, out_path, acts, _provenance(ctx))
     except CaaError as e:
         fail(e)
+    _print_vectors(frame, method)
+    out.print(f"wrote {escape(str(out_path))}")
+
+
+def _print_vectors(frame: Any, method: str) -> None:
+    """The vectors and their diagnostics, one row per behavior x layer."""
     table = Table(
         Column("behavior", no_wrap=True),
         "layer",
@@ -227,4 +222,3 @@ def compute_vectors_cmd(
             num(r.test_auc, "{:.2f}"),
         )
     out.print(table)
-    out.print(f"wrote {escape(str(out_path))}")

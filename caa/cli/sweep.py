@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich import box
 from rich.table import Table
-
-from caa.errors import CaaError
-
-if TYPE_CHECKING:
-    pass
 
 from caa.cli.common import (
     DeviceMapOpt,
@@ -24,19 +19,19 @@ from caa.cli.common import (
     SteerOpt,
     TemplateOpt,
     TruncateOpt,
-    _before_load,
     _check_outputs,
+    _device,
     _load,
     _model_file,
     _progress,
     _provenance,
-    _require,
     app,
     escape,
     fail,
     out,
     warn,
 )
+from caa.errors import CaaError
 
 
 @app.command()
@@ -131,78 +126,71 @@ def sweep(
 
     Example: [bold]caa sweep vectors.parquet pairs.parquet --layers 10,14,18 --multipliers -4,-2,0,2,4[/]
     """
-    from caa.api import sweep as run
-    from caa.artifacts import PLOT, SWEEP, SWEEP_ITEMS, sweep_paths
-    from caa.budget import parse_size
-    from caa.extract import parse_layers
-    from caa.hooks import steer_start
-    from caa.ingest import PairSet
-    from caa.sweep import default_neutral, held_out, parse_multipliers, read_neutral, sweep_work
-    from caa.vectors import read_vectors
+    from accelerate import Accelerator
 
+    from caa.api import sweep as run
+    from caa.fluency import default_neutral
+    from caa.options import parse_layers
+    from caa.outputs import sweep_paths
+    from caa.runs import plan_sweep
+    from caa.schemas import PLOT, SWEEP, SWEEP_ITEMS
+
+    accelerator = Accelerator()  # under `accelerate launch`, the grid's batches are shared out
+    main = accelerator.is_main_process
     try:
         table_path, items_path, plot = sweep_paths(out_path)
     except CaaError as e:
         fail(e)
-    if neutral is None:
-        neutral = default_neutral(steer_positions)
-    inputs = [vectors, pairs, neutral, _model_file(model)]
-    _check_outputs(inputs, [(table_path, SWEEP), (items_path, SWEEP_ITEMS), (plot, PLOT)], force)
+    neutral = neutral or default_neutral(steer_positions)
+    outputs = [(table_path, SWEEP), (items_path, SWEEP_ITEMS), (plot, PLOT)]
+    _check_outputs([vectors, pairs, neutral, _model_file(model)], outputs, force, main)
     options = {**_provenance(ctx), "neutral": str(neutral)}  # the neutral file used, default or not
     try:
-        if max_memory is not None:
-            parse_size(max_memory)  # refused before the model loads
-        _require(batch_size is None or batch_size >= 1, f"--batch-size {batch_size}: must be at least 1")
-        _require(max_pairs is None or max_pairs >= 1, f"--max-pairs {max_pairs}: must be at least 1")
-        _require(neutral_count >= 1, f"--neutral-count {neutral_count}: must be at least 1")
-        _require(max_kl >= 0, f"--max-kl {max_kl}: must be 0 or above")
-        _require(max_anti is None or 0 <= max_anti <= 1, f"--max-anti {max_anti}: must be between 0 and 1")
-        _require(0 <= seed < 2**32, f"--seed {seed}: must be between 0 and 2**32 - 1")
-        steer_start(steer_positions, 0)  # an unknown policy is refused before the model loads
-        mults = parse_multipliers(multipliers)
-        vecs, pair_set = read_vectors(vectors), PairSet.read(pairs)
-        names, test = held_out(vecs, pair_set.frame, pairs, behavior, max_pairs)
-        early = _before_load(model, chat_template, layers)  # --layers against the model's config
-        for name in names:
-            for chosen_layer in vecs.require(name, early):
-                vecs.vector(name, chosen_layer, scale)  # --scale residual needs the residual norms
-        for line in vecs.absurd_norms(names):
+        plan = plan_sweep(vectors, pairs, **_plan_options(ctx.params, model, neutral))
+        for line in plan.warnings if main else []:
             warn(line)
-        texts = read_neutral(neutral, neutral_count, steer_positions)
-        loaded = _load(model, dtype, device_map, trust_remote_code, chat_template=chat_template)
+        loaded = _load(
+            model, dtype, device_map, trust_remote_code, _device(accelerator, device_map), chat_template
+        )
         chosen = parse_layers(layers, loaded.num_layers) if layers else None
-        with _progress() as bar:  # type: ignore[attr-defined]
-            task = bar.add_task("sweeping", total=sweep_work(vecs, test, names, chosen, len(texts)), rate="")
+        with _progress(disable=not main) as bar:  # type: ignore[attr-defined]
+            task = bar.add_task("sweeping", total=plan.work(chosen), rate="")
             result = run(
                 loaded,
-                vecs,
-                pair_set,
-                chosen,
-                mults,
-                texts,
-                behaviors=names,
-                max_pairs=max_pairs,
-                steer_positions=steer_positions,
-                max_kl=max_kl,
-                max_anti=max_anti,
-                engine=engine,
-                seed=seed,
-                chat_template=chat_template,
-                truncate=truncate,
-                max_memory=max_memory,
-                batch_size=batch_size,
-                scale=scale,
-                neutral_source=str(neutral),
+                layers=chosen,
+                **plan.arguments(),
                 provenance=options,
                 inputs={"vectors": vectors, "pairs": pairs, "neutral": neutral},
                 tick=lambda n: bar.advance(task, n),
-                notice=warn,
+                notice=warn if main else None,
+                accelerator=accelerator,
+                **_run_options(ctx.params),
             )
-        result.save(table_path)  # the table, the per-item table and the plot: all three or none
+        if main:
+            result.save(table_path)  # the table, the per-item table and the plot: all three or none
     except CaaError as e:
         fail(e)
-    _print_sweep(result, max_kl, max_anti)
-    out.print(f"wrote {escape(str(table_path))}, {escape(str(items_path))} and {escape(str(plot))}")
+    if main:
+        _print_sweep(result, max_kl, max_anti)
+        out.print(f"wrote {escape(str(table_path))}, {escape(str(items_path))} and {escape(str(plot))}")
+
+
+# The options plan_sweep checks before the model loads, and those caa.api.sweep takes as they are.
+_CHECKED = ("behavior", "layers", "multipliers", "neutral_count", "max_pairs", "max_kl", "max_anti", "seed")
+_TAKEN = ("max_pairs", "max_kl", "max_anti", "seed", "truncate")
+_SHARED = ("steer_positions", "scale", "engine", "chat_template", "max_memory", "batch_size")
+
+
+def _plan_options(params: dict[str, Any], model: str, neutral: Path) -> dict[str, Any]:
+    """The sweep command's options that :func:`caa.runs.plan_sweep` checks."""
+    named = {k: params[k] for k in (*_CHECKED, *_SHARED)}
+    named["behaviors"] = named.pop("behavior")
+    return {**named, "model": model, "neutral": neutral}
+
+
+def _run_options(params: dict[str, Any]) -> dict[str, Any]:
+    """The sweep command's options that :func:`caa.api.sweep` takes as they are."""
+    return {k: params[k] for k in (*_TAKEN, *_SHARED)}
 
 
 def _print_sweep(result: Any, max_kl: float, max_anti: float | None) -> None:

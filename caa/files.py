@@ -1,0 +1,218 @@
+"""Files on disk: every write that must be all or nothing, and the one SHA-256 of a file's bytes.
+
+A writer writes to a unique temporary beside its target (``.NAME.XXXX.tmp``), syncs it and renames
+it into place, so a crash never leaves a file that looks complete; the artifacts, the report, the
+exports, the pieces of a resumable run and the model cache all write this way.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from caa.errors import CaaError
+
+_BLOCK = 1 << 22  # bytes read at a time when hashing or copying
+
+
+class WriteError(CaaError):
+    """An output that the disk refuses to write; ``oserror`` says why."""
+
+    def __init__(self, message: str, oserror: OSError):
+        super().__init__(message)
+        self.oserror = oserror
+
+
+class SpecialFileError(OSError):
+    """A file that is no regular file (a device, a pipe, a directory): it is never read."""
+
+
+def file_sha256(*paths: Path, copy_to: BinaryIO | None = None) -> str:
+    """SHA-256 of the bytes of ``paths`` one after another (usually one file), streamed in blocks.
+
+    Only regular files are read (a device, a pipe or a /proc file could block or never end:
+    :class:`SpecialFileError`), and never past the size each had when opened. With ``copy_to`` the
+    bytes are written there too: a copy and its hash in one read."""
+    h = hashlib.sha256()
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+        try:
+            info = os.fstat(fd)  # of what was opened, not of what the name points to by now
+            if not stat.S_ISREG(info.st_mode):
+                raise SpecialFileError(f"{path}: not a regular file")
+            left = info.st_size
+            while left > 0 and (block := os.read(fd, min(left, _BLOCK))):
+                h.update(block)
+                if copy_to is not None:
+                    copy_to.write(block)
+                left -= len(block)
+        finally:
+            os.close(fd)
+    return h.hexdigest()
+
+
+@contextmanager
+def atomic_paths(paths: Sequence[Path]) -> Iterator[list[Path]]:
+    """Yield one new temporary beside each of ``paths``; rename them all onto ``paths`` only once the
+    block succeeds, so the outputs of one run are replaced together or not at all.
+
+    Each temporary has a unique name (``.NAME.XXXX.tmp``), so concurrent writers of one output never
+    share one; it is synced to disk before the renames, and each directory after them. Every
+    temporary is removed when the block fails, Ctrl-C included.
+    """
+    paths = [Path(p) for p in paths]
+    check_distinct(paths)
+    tmps: list[Path] = []
+    try:
+        for path in paths:
+            tmps.append(_new_temporary(path))
+        yield list(tmps)
+        for path in paths:
+            require_replaceable(path)  # e.g. a directory made there while the block ran
+        for tmp, path in zip(tmps, paths, strict=True):
+            _sync(tmp, path)
+        for tmp, path in zip(tmps, paths, strict=True):
+            _rename(tmp, path)
+        for directory in dict.fromkeys(p.parent for p in paths):
+            _sync_directory(directory)
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds."""
+    with atomic_paths([path]) as (tmp,):
+        yield tmp
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` into ``path`` all or nothing (see :func:`atomic_paths`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+@contextmanager
+def atomic_directory(path: Path) -> Iterator[Path]:
+    """Yield a new temporary directory beside ``path``, renamed to ``path`` if the block succeeds.
+
+    If a directory ``path`` exists by then (another process made it first), it is kept and the new
+    one dropped: a directory is written once, by whichever writer finishes first. The temporary is
+    removed in any case."""
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a plain mkdir would not
+        yield tmp
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not path.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_distinct(paths: Sequence[Path]) -> None:
+    """Refuse two outputs of one run that are one file."""
+    for i, path in enumerate(paths):
+        for other in paths[:i]:
+            if same_file(other, path):
+                raise CaaError(f"{other} and {path}: two outputs of one run are the same file")
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same path once symlinks and ``..`` are resolved,
+    or (both existing) the same inode, as hard links are."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False  # one of them does not exist yet
+
+
+def require_replaceable(path: Path) -> None:
+    """Refuse an output that is a directory or no regular file, or that lies below a file."""
+    if path.is_dir():
+        raise CaaError(f"{path}: is a directory; give a file name to write")
+    if path.exists() and not path.is_file():
+        raise CaaError(f"{path}: is not a regular file; give a file name to write")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CaaError(f"{path}: cannot be created: {parent} is a file, not a directory")
+            break
+
+
+def _new_temporary(path: Path) -> Path:
+    """An empty file with a unique name beside ``path``, readable as a file written the usual way."""
+    require_replaceable(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _cannot_write(path, e) from None
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open() would not
+    finally:
+        os.close(fd)
+    return Path(name)
+
+
+def _sync(tmp: Path, path: Path) -> None:
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise _cannot_write(path, e) from None
+
+
+def _rename(tmp: Path, path: Path) -> None:
+    try:
+        os.replace(tmp, path)
+    except OSError as e:
+        raise _cannot_write(path, e) from None
+
+
+def _cannot_write(path: Path, e: OSError) -> WriteError:
+    return WriteError(f"{path}: cannot write there ({e.strerror or e})", e)
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make the renames in ``directory`` durable (a no-op where directories cannot be synced)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _umask() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

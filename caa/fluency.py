@@ -1,0 +1,111 @@
+"""The texts the sweep's fluency cost reads: neutral prompts with the unsteered model's greedy
+continuations (``answer``, ``prompt-end``), or neutral text read at every position (``all``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from caa.distributed import ONE, Shard
+from caa.engine import ScoreText
+from caa.errors import CaaError, InputError
+from caa.models import LoadedModel
+from caa.prompts import Encoded, PromptFormat, collate, read_texts
+
+CONTINUATION_TOKENS = 32
+
+
+@torch.inference_mode()
+def fluency_texts(
+    loaded: LoadedModel,
+    style: PromptFormat,
+    neutral: Sequence[str],
+    positions: str,
+    source: str = "neutral texts",
+    new_tokens: int = CONTINUATION_TOKENS,
+    batch_size: int = 16,
+    shard: Shard = ONE,
+) -> list[ScoreText]:
+    """The texts the fluency cost reads, in the regime being swept.
+
+    ``all``: each neutral text as it is, read at every position. ``answer`` and ``prompt-end``: each
+    neutral text is a prompt (chat format where the model has one), which the unsteered model
+    continues greedily for ``new_tokens`` tokens, once; the continuation is read teacher-forced, the
+    prompt left unsteered. ``source`` names the texts in errors; ``shard`` shares the continuations
+    out over processes.
+    """
+    tok = loaded.tokenizer
+    limit = loaded.context_length
+    extra = 0 if positions == "all" else new_tokens
+    encoded = []
+    for number, text in enumerate(neutral, start=1):
+        ids = tok(text)["input_ids"] if positions == "all" else _prompt_ids(tok, style, text)
+        if limit is not None and len(ids) + extra > limit:
+            grown = f" and its {extra}-token continuation" if extra else ""
+            raise CaaError(
+                f"{source}: text {number} is {len(ids)} tokens{grown}, longer than the model's context "
+                f"of {limit}: shorten it"
+            )
+        encoded.append(ids)
+    if positions == "all":
+        texts = [ScoreText(tuple(ids), 0, 0, len(ids) - 1) for ids in encoded if len(ids) > 1]
+    else:
+        texts = _continue(loaded, encoded, new_tokens, batch_size, shard)
+    if not texts:
+        raise CaaError(f"{source}: no text is long enough (two tokens or more) for the fluency cost")
+    return texts
+
+
+def _prompt_ids(tok: Any, style: PromptFormat, prompt: str) -> list[int]:
+    return list(tok(style.prefix(tok, prompt), add_special_tokens=not style.chat)["input_ids"])
+
+
+def _continue(
+    loaded: LoadedModel, prompts: Sequence[list[int]], new_tokens: int, batch_size: int, shard: Shard = ONE
+) -> list[ScoreText]:
+    """Each prompt with the unsteered model's greedy continuation (up to and with its first EOS)."""
+    tok = loaded.tokenizer
+    eos = tok.eos_token_id
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    plan = [order[at : at + batch_size] for at in range(0, len(order), batch_size)]
+    made: list[tuple[int, ScoreText]] = []
+    cost = lambda index: len(index) * max(len(prompts[i]) for i in index)  # noqa: E731
+    for index in shard.take(plan, cost, split=False):  # a split batch could change a greedy token
+        batch = collate([Encoded(prompts[i], 0, [0]) for i in index], tok.pad_token_id).to(loaded.device)
+        out = loaded.model.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=1,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
+        for i, row in zip(index, out[:, batch.input_ids.shape[1] :].tolist(), strict=True):
+            new = row[: row.index(eos) + 1] if eos in row else row
+            ids = prompts[i]
+            made.append((i, ScoreText(tuple(ids + new), len(ids), len(ids) - 1, len(new))))
+    return [text for _, text in sorted(shard.merge(made), key=lambda pair: pair[0])]
+
+
+def default_neutral(positions: str) -> Path:
+    """The project's neutral texts for the fluency cost: prompts to continue (``answer``,
+    ``prompt-end``) or text read at every position (``all``): the files shipped in the package,
+    found from any directory and in any install (caa.datasets)."""
+    from caa import datasets
+
+    return datasets.default_neutral(positions)
+
+
+def read_neutral(path: Path, limit: int, positions: str = "all") -> list[str]:
+    """Neutral texts: ``{"text": ...}`` objects for ``all``, ``{"prompt": ...}`` for the other
+    policies (.jsonl; either field is accepted), one per line (.txt), or a column (.parquet)."""
+    first, second = ("text", "prompt") if positions == "all" else ("prompt", "text")
+    try:
+        return read_texts(path, first)[:limit]
+    except InputError as e:
+        if path.suffix.lower() == ".txt" or e.field != first:
+            raise
+        return read_texts(path, second)[:limit]

@@ -295,18 +295,21 @@ def cached_grid(
             base = _tail_logits(
                 loaded, tail_ids, mask, tail_pos, keep, {cache_kwarg: prefix}, stop=zero is None
             )
-        results = {}
-        if not len(steered):  # the x0 cell alone
-            results = {
-                layer: _reduced(chunk, _with_base(None, base, zero, 1), read_at, 1, reduce)
-                for layer in vectors
-            }
+        if not len(steered):  # the x0 cell alone: nothing is steered
+            base_only = _with_base(None, base, zero, len(chunk))
+            parts.append(
+                (index, {layer: _reduced(chunk, base_only, read_at, 1, reduce) for layer in vectors})
+            )
+            if tick:
+                tick(len(index) * len(vectors))
+            continue
         repeated = unsteered()
         repeated.batch_repeat_interleave(len(steered))  # once per batch; every pass below is rewound
         rewind = _rewinder(repeated)
         mask = mask.repeat_interleave(len(steered), 0)
         start = _starts(chunk, positions, len(steered))
-        for layer, vector in vectors.items() if len(steered) else ():
+        results = {}
+        for layer, vector in vectors.items():
             deltas = steered.repeat(len(chunk))[:, None] * vector  # [rows, d_model], text-major
             skip = (
                 replaying(loaded.blocks, layer, repeat_rows(below[layer - 1], len(steered)))

@@ -58,9 +58,12 @@ class Generations:
 MIN_TEMPERATURE = 1e-3  # logits / 1e-300 overflow to inf and the sampling probabilities to NaN
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int) -> None:
+def check_sampling(
+    max_new_tokens: int, temperature: float, top_p: float, seed: int, batch_size: int = 1
+) -> None:
     """Refuse generation options that cannot work, naming the option (before any model loads)."""
     problems = [
+        (batch_size >= 1, f"--batch-size {batch_size}: must be at least 1"),
         (max_new_tokens >= 1, f"--max-new-tokens {max_new_tokens}: must be at least 1"),
         (
             temperature == 0 or MIN_TEMPERATURE <= temperature < float("inf"),
@@ -120,9 +123,7 @@ def generate_steered(
     """
     if not prompts:
         raise CaaError("no prompts given")
-    if batch_size < 1:
-        raise CaaError(f"--batch-size {batch_size}: must be at least 1")
-    check_sampling(max_new_tokens, temperature, top_p, seed)
+    check_sampling(max_new_tokens, temperature, top_p, seed, batch_size)
     style = prompt_format(loaded.tokenizer, chat_template)
     tok = loaded.tokenizer
     encoded = []

@@ -25,7 +25,7 @@ from caa.hooks import steer_start
 from caa.ingest import PairSet
 from caa.options import parse_multipliers
 from caa.prompts import POSITIONS, TEMPLATES
-from caa.sweep import ENGINES, held_out, sweep_work
+from caa.sweep import check_engine, held_out, sweep_work
 from caa.vectors import VectorSet, read_vectors
 
 
@@ -146,7 +146,7 @@ def plan_sweep(
     require(max_kl >= 0, f"--max-kl {max_kl}: must be 0 or above")
     require(max_anti is None or 0 <= max_anti <= 1, f"--max-anti {max_anti}: must be between 0 and 1")
     require(0 <= seed < 2**32, f"--seed {seed}: must be between 0 and 2**32 - 1")
-    require(engine in ENGINES, f"--engine '{engine}': use one of {', '.join(ENGINES)}")
+    check_engine(engine)
     steer_start(steer_positions, 0)  # refuses an unknown policy
     mults = parse_multipliers(multipliers)
     vecs, pair_set = read_vectors(vectors), PairSet.read(pairs)
@@ -190,8 +190,7 @@ def plan_generate(
     batch_size: int = 32,
 ) -> GeneratePlan:
     """Check a generate run's options and read its files."""
-    check_sampling(max_new_tokens, temperature, top_p, seed)
-    require(batch_size >= 1, f"--batch-size {batch_size}: must be at least 1")
+    check_sampling(max_new_tokens, temperature, top_p, seed, batch_size)
     mults = parse_multipliers(multipliers, include_zero=False)
     steer_start(steer_positions, 0)
     texts, labels = gather_prompts(prompts, prompts_file, limit)

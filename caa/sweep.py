@@ -44,6 +44,12 @@ from caa.vectors import VectorSet
 ENGINES = ("fast", "naive")
 
 
+def check_engine(engine: str) -> None:
+    """Refuse an engine that is not one of :data:`ENGINES`."""
+    if engine not in ENGINES:
+        raise CaaError(f"--engine '{engine}': use one of {', '.join(ENGINES)}")
+
+
 def held_out(
     vectors: VectorSet,
     pairs: pd.DataFrame,
@@ -208,8 +214,7 @@ def run_sweep(
     returns the whole result, the one one process computes (:mod:`caa.distributed`).
     """
     planner = planner or planner_for(loaded)
-    if engine not in ENGINES:
-        raise CaaError(f"--engine '{engine}': use one of {', '.join(ENGINES)}")
+    check_engine(engine)
     steer_start(steer_positions, 0)  # refuses an unknown policy
     if 0.0 not in multipliers:
         raise CaaError("the multipliers must include 0, the unsteered baseline")

@@ -123,6 +123,15 @@ def _check_outputs(
         warn(message)
 
 
+def _options_for(fn: Any, params: dict[str, Any], **given: Any) -> dict[str, Any]:
+    """Keyword arguments for ``fn``: the command's options that ``fn`` takes under the same name,
+    overridden and completed by ``given`` (what the command computed or names differently)."""
+    import inspect
+
+    names = inspect.signature(fn).parameters
+    return {**{k: v for k, v in params.items() if k in names}, **given}
+
+
 def _provenance(ctx: typer.Context) -> dict[str, Any]:
     """The options a command was given, as its artifacts record them: every parsed parameter."""
     return dict(ctx.params)

@@ -21,6 +21,7 @@ from caa.cli.common import (
     _device,
     _load,
     _model_file,
+    _options_for,
     _provenance,
     app,
     err,
@@ -89,7 +90,7 @@ def generate(
     main = accelerator.is_main_process
     _check_outputs([vectors, prompts_file, _model_file(model)], [(out_path, GENERATIONS)], force, main)
     try:
-        plan = plan_generate(vectors, prompts=prompt or [], **_plan_options(ctx.params, model))
+        plan = plan_generate(**_options_for(plan_generate, ctx.params, prompts=prompt or []))
         for line in plan.warnings if main else []:
             warn(line)
         loaded = _load(
@@ -97,17 +98,19 @@ def generate(
         )
         with err.status(f"generating {len(plan.prompts)} prompts x {len(plan.multipliers)} multipliers"):
             gens = run(
-                loaded,
-                plan.vectors,
-                plan.prompts,
-                layer,
-                plan.multipliers,
-                behavior=plan.behavior,
-                labels=plan.labels,
-                provenance=_provenance(ctx),
-                inputs={"vectors": vectors, **({"prompts": prompts_file} if prompts_file else {})},
-                accelerator=accelerator,
-                **{k: ctx.params[k] for k in (*_SHARED, "max_new_tokens")},
+                **_options_for(
+                    run,
+                    ctx.params,
+                    model=loaded,
+                    vectors=plan.vectors,
+                    prompts=plan.prompts,
+                    multipliers=plan.multipliers,
+                    behavior=plan.behavior,
+                    labels=plan.labels,
+                    provenance=_provenance(ctx),
+                    inputs={"vectors": vectors, **({"prompts": prompts_file} if prompts_file else {})},
+                    accelerator=accelerator,
+                )
             )
         if main:
             gens.save(out_path)
@@ -116,16 +119,6 @@ def generate(
     if main:
         _print_generations(gens, layer, scale, plan.multipliers)
         out.print(f"wrote {escape(str(out_path))}")
-
-
-# The options plan_generate checks before the model loads, and those caa.api.generate takes as well.
-_CHECKED = ("layer", "behavior", "multipliers", "prompts_file", "limit", "max_new_tokens")
-_SHARED = ("temperature", "top_p", "seed", "steer_positions", "scale", "chat_template", "batch_size")
-
-
-def _plan_options(params: dict[str, Any], model: str) -> dict[str, Any]:
-    """The generate command's options that :func:`caa.runs.plan_generate` checks."""
-    return {**{k: params[k] for k in (*_CHECKED, *_SHARED)}, "model": model}
 
 
 def _print_generations(gens: Any, layer: int, scale: str, mults: list[float]) -> None:

@@ -21,6 +21,7 @@ from caa.cli.common import (
     _device,
     _load,
     _model_file,
+    _options_for,
     _progress,
     _provenance,
     app,
@@ -94,11 +95,8 @@ def extract(
     accelerator = Accelerator()
     main = accelerator.is_main_process
     _check_outputs([pairs, _model_file(model)], [(out_path, ACTIVATIONS)], force, main)
-    planned = ("layers", "split", "position", "chat_template", "batch_size", "resume")
     try:
-        frame = plan_extract(
-            pairs, out_path, model=model, behaviors=behavior, **{k: ctx.params[k] for k in planned}
-        )
+        frame = plan_extract(**_options_for(plan_extract, ctx.params, out=out_path, behaviors=behavior))
         loaded = _load(
             model, dtype, device_map, trust_remote_code, _device(accelerator, device_map), chat_template
         )
@@ -111,18 +109,20 @@ def extract(
                 speed = bar.tasks[task].speed
                 bar.update(task, rate=f"{speed:.1f} pairs/s" if speed else "")
 
-            taken = ("position", "chat_template", "batch_size", "resume", "truncate")
             n = run_extract(
-                frame,
-                pairs,
-                out_path,
-                loaded,
-                layers,
-                options=_provenance(ctx),
-                on_texts=advance,
-                notice=warn,
-                accelerator=accelerator,
-                **{k: ctx.params[k] for k in taken},
+                **_options_for(
+                    run_extract,
+                    ctx.params,
+                    pairs=frame,
+                    pairs_path=pairs,
+                    out=out_path,
+                    loaded=loaded,
+                    layers_spec=layers,
+                    options=_provenance(ctx),
+                    on_texts=advance,
+                    notice=warn,
+                    accelerator=accelerator,
+                )
             )
     except CaaError as e:
         fail(e)

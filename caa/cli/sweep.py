@@ -23,6 +23,7 @@ from caa.cli.common import (
     _device,
     _load,
     _model_file,
+    _options_for,
     _progress,
     _provenance,
     app,
@@ -146,7 +147,7 @@ def sweep(
     _check_outputs([vectors, pairs, neutral, _model_file(model)], outputs, force, main)
     options = {**_provenance(ctx), "neutral": str(neutral)}  # the neutral file used, default or not
     try:
-        plan = plan_sweep(vectors, pairs, **_plan_options(ctx.params, model, neutral))
+        plan = plan_sweep(**_options_for(plan_sweep, ctx.params, behaviors=behavior, neutral=neutral))
         for line in plan.warnings if main else []:
             warn(line)
         loaded = _load(
@@ -156,15 +157,18 @@ def sweep(
         with _progress(disable=not main) as bar:  # type: ignore[attr-defined]
             task = bar.add_task("sweeping", total=plan.work(chosen), rate="")
             result = run(
-                loaded,
-                layers=chosen,
-                **plan.arguments(),
-                provenance=options,
-                inputs={"vectors": vectors, "pairs": pairs, "neutral": neutral},
-                tick=lambda n: bar.advance(task, n),
-                notice=warn if main else None,
-                accelerator=accelerator,
-                **_run_options(ctx.params),
+                **_options_for(
+                    run,
+                    ctx.params,
+                    model=loaded,
+                    layers=chosen,
+                    **plan.arguments(),
+                    provenance=options,
+                    inputs={"vectors": vectors, "pairs": pairs, "neutral": neutral},
+                    tick=lambda n: bar.advance(task, n),
+                    notice=warn if main else None,
+                    accelerator=accelerator,
+                )
             )
         if main:
             result.save(table_path)  # the table, the per-item table and the plot: all three or none
@@ -173,24 +177,6 @@ def sweep(
     if main:
         _print_sweep(result, max_kl, max_anti)
         out.print(f"wrote {escape(str(table_path))}, {escape(str(items_path))} and {escape(str(plot))}")
-
-
-# The options plan_sweep checks before the model loads, and those caa.api.sweep takes as they are.
-_CHECKED = ("behavior", "layers", "multipliers", "neutral_count", "max_pairs", "max_kl", "max_anti", "seed")
-_TAKEN = ("max_pairs", "max_kl", "max_anti", "seed", "truncate")
-_SHARED = ("steer_positions", "scale", "engine", "chat_template", "max_memory", "batch_size")
-
-
-def _plan_options(params: dict[str, Any], model: str, neutral: Path) -> dict[str, Any]:
-    """The sweep command's options that :func:`caa.runs.plan_sweep` checks."""
-    named = {k: params[k] for k in (*_CHECKED, *_SHARED)}
-    named["behaviors"] = named.pop("behavior")
-    return {**named, "model": model, "neutral": neutral}
-
-
-def _run_options(params: dict[str, Any]) -> dict[str, Any]:
-    """The sweep command's options that :func:`caa.api.sweep` takes as they are."""
-    return {k: params[k] for k in (*_TAKEN, *_SHARED)}
 
 
 def _print_sweep(result: Any, max_kl: float, max_anti: float | None) -> None:

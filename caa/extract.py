@@ -126,14 +126,18 @@ def extract_activations(
     style = prompt_format(loaded.tokenizer, chat_template)
     items = encode_pairs(pairs, loaded, style, position, truncate, notice, pairs_path)
     pad_id = loaded.tokenizer.pad_token_id
+    keys = _keys(pairs)
     queue = batches_by_length(items, batch_size, skip)
     while queue:
         chunk = queue.pop(0)
+        acts: torch.Tensor | None = None
         try:
             acts = forward_layers(loaded, collate([it.encoded for it in chunk], pad_id, padding_side), layers)
         except torch.cuda.OutOfMemoryError:
             if len(chunk) == 1:
                 raise CaaError("out of GPU memory with a batch of one text; try a smaller --dtype") from None
+        if acts is None:
+            # out of the except block: its traceback held the failed pass's tensors until now
             torch.cuda.empty_cache()
             half = len(chunk) // 2
             if notice:
@@ -141,20 +145,27 @@ def extract_activations(
             rest = [it for b in queue for it in b]
             queue = [chunk[:half], chunk[half:], *batches_by_length(rest, half)]
             continue
-        yield _rows(pairs, chunk, layers, acts.cpu().numpy())
+        yield _rows(keys, chunk, layers, acts.cpu().numpy())
         if on_texts:
             on_texts(len(chunk))
 
 
+def _keys(pairs: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The pair columns every row group repeats, converted once (not once per batch)."""
+    return {
+        "pair_id": pairs.pair_id.to_numpy(),
+        "behavior": pairs.behavior.to_numpy(),
+        "split": pairs.split.astype(str).to_numpy(),
+    }
+
+
 def _rows(
-    pairs: pd.DataFrame, chunk: Sequence[TextItem], layers: Sequence[int], acts: np.ndarray
+    keys: dict[str, np.ndarray], chunk: Sequence[TextItem], layers: Sequence[int], acts: np.ndarray
 ) -> dict[str, Any]:
     n_layers = len(layers)
     index = np.repeat([it.pair_index for it in chunk], n_layers)
     return {
-        "pair_id": pairs.pair_id.to_numpy()[index],
-        "behavior": pairs.behavior.to_numpy()[index],
-        "split": pairs.split.astype(str).to_numpy()[index],
+        **{name: column[index] for name, column in keys.items()},
         "side": np.repeat([it.side for it in chunk], n_layers),
         "layer": np.tile(np.asarray(layers, dtype=np.int16), len(chunk)),
         "n_tokens": np.repeat([len(it.encoded.input_ids) for it in chunk], n_layers),

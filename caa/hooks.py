@@ -123,16 +123,27 @@ class _Adder:
     def __init__(self, delta: Tensor, start: Tensor | None):
         self.delta = delta  # [d_model] or [batch, d_model]
         self.start = start  # [batch] or [1] first steered position, None = all
+        # delta and start moved to each (device, dtype) once: a blocking host-to-device copy in
+        # every call would make the host wait for the GPU's queue at every decoding step
+        self._placed: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor | None]] = {}
+
+    def _on(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+        placed = self._placed.get((device, dtype))
+        if placed is None:
+            delta = self.delta.to(device=device, dtype=dtype)
+            delta = delta.view(1, 1, -1) if delta.dim() == 1 else delta[:, None, :]
+            start = None if self.start is None else self.start.to(device)[:, None]
+            placed = self._placed[(device, dtype)] = (delta, start)
+        return placed
 
     def __call__(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
         hidden = untuple(output)  # [batch, seq, d_model]
-        delta = self.delta.to(device=hidden.device, dtype=hidden.dtype)
-        delta = delta.view(1, 1, -1) if delta.dim() == 1 else delta[:, None, :]
-        if self.start is None:
+        delta, start = self._on(hidden.device, hidden.dtype)
+        if start is None:
             steered = hidden + delta
         else:
             positions = _position_ids(kwargs, hidden.shape[1]).to(hidden.device)  # [batch or 1, seq]
-            mask = positions >= self.start.to(hidden.device)[:, None]  # [batch, seq]
+            mask = positions >= start  # [batch, seq]
             steered = hidden + mask[..., None].to(hidden.dtype) * delta
         return _retuple(output, steered)
 

@@ -54,15 +54,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=SHAPE_NAMES,
         help="smollm2: the embedded model's real weights; tiny / llama-1b / llama-8b: random weights",
     )
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        help="random shapes: a directory with SmolLM2's tokenizer files (default: the embedded model's)",
+    )
     parser.add_argument("--dtype", default="auto", help="auto: the model's default (bf16 for Llama shapes)")
     parser.add_argument("--quick", action="store_true", help="a small grid: a smoke run of every path")
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections to run")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench", help="where results.json/.md go")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="where results.json/.md go (default: bench/ for the CPU and SmolLM2, else bench/DEVICE-SHAPE/, "
+        "whose summary bench/results.md then lists)",
+    )
     args = parser.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
+    if args.out is None:
+        run = f"{args.device.replace(':', '')}-{args.shape}"
+        args.out = ROOT / "bench" if run == "cpu-smollm2" else ROOT / "bench" / run
+    if not args.only:
+        parser.error("--only: name at least one section")
     unknown = [s for s in args.only if s not in SECTIONS]
     if unknown:
         parser.error(f"unknown section(s) {', '.join(unknown)}: choose from {', '.join(SECTIONS)}")
+    if args.tokenizer is not None and args.shape == "smollm2":
+        parser.error("--tokenizer is for the random shapes: smollm2 brings its own")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device visible to torch")
     return args
@@ -90,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     failed = False
     with quiet(), tempfile.TemporaryDirectory(prefix="caa-bench-") as tmp:
-        loaded, label = load_bench_model(args.shape, args.device, args.dtype)
+        loaded, label = load_bench_model(args.shape, args.device, args.dtype, args.tokenizer)
         results["model"] = label
         log(f"model: {label}; device {args.device}; {'quick' if args.quick else 'full'} grid")
         bench = Bench(loaded, args.shape, args.device, args.quick, Path(tmp), label, log)
@@ -105,8 +122,10 @@ def main(argv: list[str] | None = None) -> int:
                 results["sections"][name] = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
                 failed = True
             log(f"== {name} done in {time.perf_counter() - t0:.0f} s")
-    results["total_seconds"] = time.perf_counter() - started
-    js, md = bench_report.write(results, args.out)
+            # written after every section: a run killed later (a time limit, Ctrl-C) keeps these
+            results["unfinished"] = [s for s in args.only if s not in results["sections"]]
+            results["total_seconds"] = time.perf_counter() - started
+            js, md = bench_report.write(results, args.out)
     log(f"wrote {js} and {md}")
     print(md.read_text())
     return 1 if failed else 0

@@ -82,7 +82,8 @@ def _row(r: dict[str, Any], stage: str | None = None) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def markdown(results: dict[str, Any]) -> str:
+def markdown(results: dict[str, Any], others: dict[str, Any] | None = None) -> str:
+    """The page of one run; ``others``: the runs whose summaries follow its own (see other_runs)."""
     m, o = results["machine"], results["options"]
     gpu = f"{m['gpu']} ({m['gpu_memory_gib']} GiB, CUDA {m['cuda']})" if "gpu" in m else "none used"
     lines = [
@@ -99,16 +100,19 @@ def markdown(results: dict[str, Any]) -> str:
         f"Python {m['python']}, {m['platform']}",
         f"- **Grid:** {'quick (smoke run)' if o['quick'] else 'full'}; shape `{o['shape']}`",
         "",
+        *(
+            [f"- **Unfinished:** the run stopped before {', '.join(results['unfinished'])}", ""]
+            if results.get("unfinished")
+            else []
+        ),
         "## Summary",
         "",
         "| stage | measure | value | vs | ratio |",
         "|---|---|---|---|---|",
     ]
     sections = results["sections"]
-    for name, s in sections.items():
-        lines += [_row(r, name) for r in s.get("rows", []) if r["headline"]]
-        if "error" in s:
-            lines.append(f"| {name} | failed: {s['error']} | | | |")
+    lines += _summary(results)
+    lines += _other_runs(others or {})
     for name, s in sections.items():
         lines += ["", f"## {name}", ""]
         if "error" in s:
@@ -121,9 +125,52 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _summary(results: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, s in results["sections"].items():
+        lines += [_row(r, name) for r in s.get("rows", []) if r["headline"]]
+        if "error" in s:
+            lines.append(f"| {name} | failed: {s['error']} | | | |")
+    return lines
+
+
+def _other_runs(others: dict[str, Any]) -> list[str]:
+    """The summaries of the runs in the output's subdirectories (a GPU, another shape), each with
+    its device and date: one page shows every number measured."""
+    lines = []
+    for sub, other in others.items():
+        m, o = other["machine"], other["options"]
+        lines += [
+            "",
+            f"### [{sub}]({sub}/results.md): shape `{o['shape']}` on `{o['device']}`"
+            f" ({m.get('gpu', m['cpu'])}), {m['date'][:10]}",
+            "",
+            f"`{o['command']}`; {other['model']}",
+            "",
+            "| stage | measure | value | vs | ratio |",
+            "|---|---|---|---|---|",
+            *_summary(other),
+        ]
+    return ["", "## Other runs", *lines] if lines else []
+
+
+def other_runs(out: Path) -> dict[str, Any]:
+    """results.json of each subdirectory of ``out`` (the runs on other devices and shapes)."""
+    runs = {}
+    for path in sorted(out.glob("*/results.json")):
+        try:
+            runs[path.parent.name] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a run being written, or not a benchmark's file: not listed
+    return runs
+
+
 def write(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    """results.json and results.md in ``out``, each replaced whole (never left half-written)."""
     out.mkdir(parents=True, exist_ok=True)
     js, md = out / "results.json", out / "results.md"
-    js.write_text(json.dumps(results, indent=2) + "\n")
-    md.write_text(markdown(results))
+    for path, text in ((js, json.dumps(results, indent=2) + "\n"), (md, markdown(results, other_runs(out)))):
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
     return js, md

@@ -41,7 +41,10 @@ def best_time(bench: Bench, fn: Callable[[], object]) -> float:
 
 def extract_time(bench: Bench, frame: pd.DataFrame, depth: int) -> float:
     layers = list(range(depth))
-    return best_time(bench, lambda: list(extract_activations(frame, bench.loaded, layers, batch_size=16)))
+    batch_size = 64 if bench.cuda else 16
+    return best_time(
+        bench, lambda: list(extract_activations(frame, bench.loaded, layers, batch_size=batch_size))
+    )
 
 
 def sweep_time(bench: Bench, frame: pd.DataFrame, layers: Sequence[int]) -> float:
@@ -76,9 +79,9 @@ def fit(
 
 def run(bench: Bench) -> Section:
     n = bench.loaded.num_layers
-    counts = bench.pick([4, 8, 16], [8, 16, 32, 64])
+    counts = bench.pick([4, 8, 16], [8, 16, 32, 64], gpu=[32, 64, 128, 256])
     words = bench.pick([4, 32, 96], [4, 24, 64, 160])
-    fixed = bench.pick(4, 16)
+    fixed = bench.pick(4, 16, gpu=64)
     section = Section(
         "scaling",
         f"fitted exponent of time in size (log-log least squares); fixed: {fixed} pairs, all "

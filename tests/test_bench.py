@@ -17,7 +17,8 @@ SECTIONS = ("extract", "sweep", "sweep-cli", "generate", "memory", "scaling")
 
 
 @pytest.mark.slow
-def test_quick_tiny_run_writes_every_section(tmp_path: Path) -> None:
+def test_quick_tiny_run_writes_every_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, "scripts/bench.py", "--quick", "--shape", "tiny", "--out", str(tmp_path)],
@@ -49,6 +50,31 @@ def test_quick_tiny_run_writes_every_section(tmp_path: Path) -> None:
     assert len(results["sections"]["scaling"]["series"]) == 6
     markdown = (tmp_path / "results.md").read_text()
     assert "## Summary" in markdown and all(f"## {name}" in markdown for name in SECTIONS)
+    assert results["unfinished"] == [] and "Unfinished" not in markdown
+    # a run in a subdirectory (another device or shape) is listed on the main page, a broken file is not
+    import bench_report
+
+    (tmp_path / "cuda-tiny").mkdir()
+    (tmp_path / "cuda-tiny" / "results.json").write_text(json.dumps(results))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "results.json").write_text("{")
+    results["unfinished"] = ["scaling"]
+    bench_report.write(results, tmp_path)
+    markdown = (tmp_path / "results.md").read_text()
+    assert "## Other runs" in markdown and "[cuda-tiny](cuda-tiny/results.md)" in markdown
+    assert "broken" not in markdown and "the run stopped before scaling" in markdown
+    assert markdown.count("| extract | caa extract |") == 2  # its summary and the other run's
+
+
+def test_default_output_directory_per_device_and_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    from bench import parse_args
+
+    assert parse_args([]).out == ROOT / "bench"
+    assert parse_args(["--shape", "tiny"]).out == ROOT / "bench" / "cpu-tiny"
+    assert parse_args(["--out", "/tmp/x"]).out == Path("/tmp/x")
+    with pytest.raises(SystemExit):
+        parse_args(["--shape", "smollm2", "--tokenizer", "/tmp"])
 
 
 def test_loglog_exponent_recovers_a_power_law(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -207,3 +207,20 @@ def test_steer_positions_need_the_prompt_length_or_a_start(tiny_models: dict[str
         caa.steer(loaded, torch.ones(32), 1, prompt_length=3, start=2),
     ):
         pass
+
+
+def test_the_adder_moves_its_vector_once_per_device_and_dtype() -> None:
+    """The steering delta is placed on the block's device and dtype once, not copied in every call
+    (a blocking copy per decoding step would stall a GPU), and each dtype gets its own copy."""
+    from caa.hooks import _Adder
+
+    delta = torch.tensor([[1.0, 2.0], [3.0, 4.0]])  # [batch, d_model]
+    adder = _Adder(delta, torch.tensor([1, 0]))
+    positions = {"position_ids": torch.tensor([[0, 1], [0, 1]])}
+    for dtype in (torch.float32, torch.float32, torch.bfloat16, torch.float32):
+        hidden = torch.zeros(2, 2, 2, dtype=dtype)
+        out = adder(torch.nn.Identity(), (), positions, (hidden,))[0]
+        assert out.dtype == dtype
+        expected = torch.tensor([[[0.0, 0.0], [1.0, 2.0]], [[3.0, 4.0], [3.0, 4.0]]], dtype=dtype)
+        assert torch.equal(out, expected)
+    assert sorted(str(dtype) for _, dtype in adder._placed) == ["torch.bfloat16", "torch.float32"]

@@ -30,7 +30,15 @@ from caa.ingest import read_pairs as read_pairs  # the reader lives beside its w
 from caa.ingest import select_pairs as select_pairs
 from caa.models import LoadedModel
 from caa.options import parse_layers as parse_layers
-from caa.prompts import Batch, Encoded, PromptFormat, collate, encode, fit_context, prompt_format
+from caa.prompts import (
+    Batch,
+    Encoded,
+    PromptFormat,
+    collate,
+    encode_many,
+    fit_context,
+    prompt_format,
+)
 from caa.schemas import ACTIVATIONS
 
 
@@ -59,11 +67,16 @@ def encode_pairs(
     items = []
     cut: set[int] = set()
     limit = loaded.context_length
-    for index, row in enumerate(pairs.itertuples(index=False)):
+    rows = list(pairs.itertuples(index=False))
+    texts = [
+        (row.prompt, getattr(row, side), row.format, "answer" if row.format == "ab" else position)
+        for row in rows
+        for side in SIDES
+    ]
+    encoded = iter(encode_many(loaded.tokenizer, style, texts))
+    for index, row in enumerate(rows):
         for side in SIDES:
-            rule = "answer" if row.format == "ab" else position
-            enc = encode(loaded.tokenizer, style, row.prompt, getattr(row, side), row.format, rule)
-            enc, was_cut = fit_context(enc, limit, truncate, describe_pair(row, side, pairs_path))
+            enc, was_cut = fit_context(next(encoded), limit, truncate, describe_pair(row, side, pairs_path))
             if was_cut:
                 cut.add(index)
             items.append(TextItem(index, side, enc))

@@ -92,14 +92,45 @@ def encode(
     ``position``: ``answer`` (the answer-letter token; the rule for A/B pairs), ``last`` (the last
     completion token) or ``mean`` (all completion tokens).
     """
-    if position not in POSITIONS:
-        raise CaaError(f"--position '{position}': use one of {', '.join(POSITIONS)}")
-    prefix = style.prefix(tokenizer, prompt)
-    tail = completion_text(fmt, completion)
-    text = prefix + tail
-    enc = tokenizer(text, add_special_tokens=not style.chat, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    start_char = len(prefix)
+    return encode_many(tokenizer, style, [(prompt, completion, fmt, position)])[0]
+
+
+def encode_many(
+    tokenizer: Any, style: PromptFormat, texts: Sequence[tuple[str, str, str, str]]
+) -> list[Encoded]:
+    """:func:`encode` of each (prompt, completion, format, position), the same tokens and positions:
+    each prompt templated once (a pair's two sides share it) and one tokeniser call for all (a fast
+    tokeniser encodes a list on every core)."""
+    for *_, position in texts:
+        if position not in POSITIONS:
+            raise CaaError(f"--position '{position}': use one of {', '.join(POSITIONS)}")
+    prefixes: dict[str, str] = {}
+    for prompt, *_ in texts:
+        if prompt not in prefixes:
+            prefixes[prompt] = style.prefix(tokenizer, prompt)
+    tails = [completion_text(fmt, completion) for _, completion, fmt, _ in texts]
+    starts = [len(prefixes[prompt]) for prompt, *_ in texts]
+    whole = [prefixes[prompt] + tail for (prompt, *_), tail in zip(texts, tails, strict=True)]
+    if not whole:
+        return []
+    enc = tokenizer(whole, add_special_tokens=not style.chat, return_offsets_mapping=True)
+    return [
+        _locate(ids, offsets, start, tail, fmt, position)
+        for ids, offsets, start, tail, (_, _, fmt, position) in zip(
+            enc["input_ids"], enc["offset_mapping"], starts, tails, texts, strict=True
+        )
+    ]
+
+
+def _locate(
+    ids: Sequence[int],
+    offsets: Sequence[tuple[int, int]],
+    start_char: int,
+    tail: str,
+    fmt: str,
+    position: str,
+) -> Encoded:
+    """The completion's first token and the tokens to read, from the character offsets."""
     spans = [(i, s, e) for i, (s, e) in enumerate(offsets) if e > s]
     completion_tokens = [i for i, s, e in spans if e > start_char]
     if not completion_tokens:

@@ -17,3 +17,32 @@ def test_fit_context_cuts_the_prompt_start_only() -> None:
         fit_context(enc, 6, False, "x")
     with pytest.raises(CaaError, match="x: its completion alone is 3 tokens"):
         fit_context(enc, 3, True, "x")
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_encode_many_equals_encoding_each_text_alone(chat: bool) -> None:
+    """One batched tokeniser call and each prompt templated once give every text exactly the tokens
+    and read positions it gets alone, A/B and free-form, every position rule."""
+    from caa.prompts import encode, encode_many, prompt_format
+    from tests.helpers import AB_ROWS, FREEFORM_ROWS
+    from tests.tiny_models import make_tokenizer
+
+    tok = make_tokenizer(chat=chat)
+    style = prompt_format(tok)
+    assert style.chat == chat
+    texts = [
+        (r["question"], r[key], "ab", "answer")
+        for r in AB_ROWS
+        for key in ("answer_matching_behavior", "answer_not_matching_behavior")
+    ]
+    texts += [
+        (r["prompt"], r[side], "freeform", position)
+        for r in FREEFORM_ROWS
+        for side in ("positive", "negative")
+        for position in ("last", "mean")
+    ]
+    assert len({t[0] for t in texts}) < len(texts)  # prompts repeat, as a pair's two sides do
+    assert encode_many(tok, style, texts) == [encode(tok, style, *t) for t in texts]
+    assert encode_many(tok, style, []) == []
+    with pytest.raises(CaaError, match="--position 'first'"):
+        encode_many(tok, style, [("a", "b", "freeform", "first")])

@@ -14,17 +14,28 @@ The Python API (in memory; every value saves the file the command line writes)::
         ...
 """
 
-# caa.api imports the stage modules (caa.ingest, caa.extract, caa.sweep, caa.generate) before the
-# functions of the same names are bound here, so these names stay the functions.
-from caa.api import compute_vectors, extract, generate, ingest, sweep
-from caa.errors import CaaError, InputError, MismatchError, ModelError
-from caa.extract import Activations
-from caa.generate import Generations
-from caa.hooks import steer, steering
-from caa.ingest import Pair, PairSet
-from caa.models import LoadedModel, decoder_blocks, load_model
-from caa.sweep import SweepResult
-from caa.vectors import VectorSet
+import gc as _gc
+
+# These imports bring in torch, pandas and pyarrow: hundreds of thousands of long-lived objects, which
+# the cyclic garbage collector would scan over and over while they are made (a tenth of the import
+# time). It is paused meanwhile, and left as it was.
+_collecting = _gc.isenabled()
+_gc.disable()
+try:
+    # caa.api imports the stage modules (caa.ingest, caa.extract, caa.sweep, caa.generate) before the
+    # functions of the same names are bound here, so these names stay the functions.
+    from caa.api import compute_vectors, extract, generate, ingest, sweep
+    from caa.errors import CaaError, InputError, MismatchError, ModelError
+    from caa.extract import Activations
+    from caa.generate import Generations
+    from caa.hooks import steer, steering
+    from caa.ingest import Pair, PairSet
+    from caa.models import LoadedModel, decoder_blocks, load_model
+    from caa.sweep import SweepResult
+    from caa.vectors import VectorSet
+finally:
+    if _collecting:
+        _gc.enable()
 
 __version__ = "0.1.0"
 

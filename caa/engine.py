@@ -10,10 +10,11 @@ outlives its batch. Two engines give the same numbers:
   and are replayed (exact: they are unsteered).
 - :func:`cached_grid` also runs each text's unsteered prefix (every position before the first steered
   or read one) once, and reuses its KV cache for every (layer, multiplier), and runs the unsteered
-  tail once for the x0 cell of every layer.
+  tail once for the x0 cell of every layer; a :class:`SplitReduce` (the fluency cost) is handed
+  the raw logits of the steered cells, the unsteered cell apart.
 
 Under ``accelerate launch`` each process runs its share of the batches (:mod:`caa.distributed`).
-The two engines share one module (about 400 lines) on purpose: the fast one is only trustworthy
+The two engines share one module (about 550 lines) on purpose: the fast one is only trustworthy
 read side by side with the reference it must equal.
 """
 
@@ -24,10 +25,11 @@ import inspect
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from torch import nn
 
 from caa.budget import Planner, planner_for
 from caa.distributed import ONE, Shard
@@ -60,6 +62,31 @@ class ScoreText:
 
 # reduce(texts, logp [texts, multipliers, width, vocab], valid [texts, width]) -> [texts, multipliers, k]
 Reduce = Callable[[Sequence[ScoreText], torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@runtime_checkable
+class SplitReduce(Protocol):
+    """A reduction the fast engine runs on raw logits with the unsteered cell apart: what every cell
+    needs from the unsteered distribution is computed once per batch, not once per layer, and no
+    log-softmax of a steered cell is kept. Called as a :data:`Reduce` (the reference engine's way),
+    it gives the same numbers."""
+
+    def __call__(self, texts: Sequence[ScoreText], logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The reference: log-probabilities of every cell [texts, multipliers, width, vocab]."""
+        ...
+
+    def unsteered(
+        self, texts: Sequence[ScoreText], logits: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, Any]:
+        """The unsteered cell's logits [texts, width, vocab] -> (its results [texts, 1, k], what
+        :meth:`steered` needs from them)."""
+        ...
+
+    def steered(
+        self, texts: Sequence[ScoreText], logits: torch.Tensor, valid: torch.Tensor, unsteered: Any
+    ) -> torch.Tensor:
+        """Steered logits [texts, multipliers, width, vocab] -> [texts, multipliers, k]."""
+        ...
 
 
 def _starts(texts: Sequence[ScoreText], positions: str, reps: int) -> torch.Tensor | None:
@@ -243,9 +270,10 @@ def cached_grid(
 
     Positions before each text's first steered (and first read) position are the same in every cell
     of the grid (causal attention): they run once per text, unsteered, and their KV cache is reused
-    for every (layer, multiplier); the blocks below each layer run once on the rest; only the steered
-    tail runs per cell, multipliers in the batch dimension. Every prefix must be at least one token
-    (:func:`prefix_lengths`).
+    for every (layer, multiplier); the tokens all prefixes of a batch start with run once for all of
+    them. Blocks 0..l run once on the rest (steering adds to block l's output, not its input); only
+    the blocks above l run per cell, multipliers in the batch dimension, up to the last read
+    position. Every prefix must be at least one token (:func:`prefix_lengths`).
     """
     m = torch.tensor(list(multipliers), dtype=torch.float32)
     reps = len(multipliers)
@@ -262,36 +290,27 @@ def cached_grid(
     for index in _plan(planner or planner_for(loaded), texts, reps, shard):
         chunk = [texts[i] for i in index]
         cut = [heads_of[i] for i in index]
-        heads = [t.input_ids[:c] for t, c in zip(chunk, cut, strict=True)]
-        tails = [t.input_ids[c:] for t, c in zip(chunk, cut, strict=True)]
-        p_len, s_len = max(map(len, heads)), max(map(len, tails))
-        head_ids = torch.full((len(chunk), p_len), pad, dtype=torch.long)
-        head_mask = torch.zeros((len(chunk), p_len), dtype=torch.long)
+        # a tail ends at its last read position: a later one cannot change a read position's logits
+        tails = [t.input_ids[c : t.read_from + t.reads] for t, c in zip(chunk, cut, strict=True)]
+        s_len = max(map(len, tails))
         tail_ids = torch.full((len(chunk), s_len), pad, dtype=torch.long)
         tail_mask = torch.zeros((len(chunk), s_len), dtype=torch.long)
-        for r, (h, t) in enumerate(zip(heads, tails, strict=True)):
-            head_ids[r, p_len - len(h) :] = torch.tensor(h)  # prefix padded on the left
-            head_mask[r, p_len - len(h) :] = 1
-            tail_ids[r, : len(t)] = torch.tensor(t)  # the rest padded on the right
+        for r, t in enumerate(tails):
+            tail_ids[r, : len(t)] = torch.tensor(t)  # padded on the right
             tail_mask[r, : len(t)] = 1
-        head_pos = (head_mask.cumsum(-1) - 1).clamp(min=0)
-        tail_pos = head_mask.sum(-1, keepdim=True) + torch.arange(s_len)[None, :]  # real positions
-        first = loaded.model(
-            input_ids=head_ids.to(device),
-            attention_mask=head_mask.to(device),
-            position_ids=head_pos.to(device),
-            use_cache=True,
-            logits_to_keep=1,
+        prefix, head_mask = _prefix_cache(
+            loaded, [t.input_ids[:c] for t, c in zip(chunk, cut, strict=True)], cache_kwarg
         )
-        prefix = first.get("cache") or first.get("past_key_values")
+        tail_pos = head_mask.sum(-1, keepdim=True) + torch.arange(s_len)[None, :]  # real positions
         unsteered = _rewinder(prefix)
         mask = torch.cat([head_mask, tail_mask], 1).to(device)
         read_at = torch.tensor([t.read_from - c for t, c in zip(chunk, cut, strict=True)])
         keep = s_len - int(read_at.min())  # logits are kept from the first read position on
-        read_at = read_at.repeat_interleave(reps) - (s_len - keep)  # each row's first read, in the kept
+        read_at -= s_len - keep  # each text's first read position, among the kept ones
         # The tail runs once unsteered: its logits are the x0 cell of every layer, and it records the
-        # input of every block l of the grid, so the steered passes skip the blocks below l.
-        with capturing(loaded.blocks, _inputs_of(vectors), stop=zero is None) as below:
+        # output of every block l of the grid, so the steered passes skip blocks 0..l (steering adds
+        # to block l's output, not its input).
+        with capturing(loaded.blocks, list(vectors), stop=zero is None) as below:
             base = _tail_logits(
                 loaded, tail_ids, mask, tail_pos, keep, {cache_kwarg: prefix}, stop=zero is None
             )
@@ -308,15 +327,13 @@ def cached_grid(
         rewind = _rewinder(repeated)
         mask = mask.repeat_interleave(len(steered), 0)
         start = _starts(chunk, positions, len(steered))
+        split = _split(reduce, chunk, base, read_at, zero)
         results = {}
+        reused_logits = _ReusedLogits(loaded)  # each pass's logits are reduced before the next one
         for layer, vector in vectors.items():
             deltas = steered.repeat(len(chunk))[:, None] * vector  # [rows, d_model], text-major
-            skip = (
-                replaying(loaded.blocks, layer, repeat_rows(below[layer - 1], len(steered)))
-                if layer
-                else nullcontext()
-            )
-            with skip, steering(loaded.blocks, {layer: deltas}, start):
+            skip = replaying(loaded.blocks, layer + 1, repeat_rows(below[layer], len(steered)))
+            with skip, steering(loaded.blocks, {layer: deltas}, start), reused_logits:
                 logits = _tail_logits(
                     loaded,
                     tail_ids.repeat_interleave(len(steered), 0),
@@ -325,12 +342,149 @@ def cached_grid(
                     keep,
                     {cache_kwarg: rewind()},
                 )
-            logits = _with_base(logits, base, zero, len(chunk))
-            results[layer] = _reduced(chunk, logits, read_at, reps, reduce)
+            if split is not None and logits is not None:
+                results[layer] = split(logits, read_at.repeat_interleave(len(steered)))
+            else:
+                logits = _with_base(logits, base, zero, len(chunk))
+                results[layer] = _reduced(chunk, logits, read_at.repeat_interleave(reps), reps, reduce)
         parts.append((index, results))
         if tick:
             tick(len(index) * len(vectors))
     return _collect(parts, list(vectors), len(texts), shard, tick)
+
+
+class _ReusedLogits:
+    """While open, the model's linear LM head writes the logits of every pass into the same tensor:
+    a pass's logits are hundreds of MB, and on a CPU a fresh allocation that large is paged in anew
+    on every pass (about a fifth of the head's time). A pass's logits are valid until the next one.
+    Other heads (quantised, dispatched across devices) and CUDA (whose allocator reuses memory) are
+    left as they are."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.model = loaded.model
+        self.head = self.model.get_output_embeddings()
+        self.out: torch.Tensor | None = None
+        self.active = (
+            type(self.head) is nn.Linear
+            and loaded.device.type == "cpu"
+            and not hasattr(self.head, "_hf_hook")
+            and not getattr(self.model, "hf_device_map", None)
+        )
+
+    def __enter__(self) -> None:
+        if self.active:
+            self.model.set_output_embeddings(_LinearInto(self.head, self))
+
+    def __exit__(self, *exc: object) -> None:
+        if self.active:
+            self.model.set_output_embeddings(self.head)
+
+
+class _LinearInto(nn.Module):
+    """Stands in for a linear layer, writing its output into ``kept.out`` (grown when too small)."""
+
+    def __init__(self, linear: nn.Linear, kept: _ReusedLogits):
+        super().__init__()
+        self.linear = linear
+        self.kept = kept
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.linear.weight, self.linear.bias
+        rows = hidden.reshape(-1, hidden.shape[-1])  # [positions, d_model]
+        size = rows.shape[0] * weight.shape[0]
+        if self.kept.out is None or self.kept.out.numel() < size:
+            self.kept.out = hidden.new_empty(size)
+        out = self.kept.out[:size].view(rows.shape[0], -1)  # [positions, vocab]
+        torch.mm(rows, weight.t(), out=out)  # what nn.Linear computes
+        if bias is not None:
+            out += bias
+        return out.view(*hidden.shape[:-1], -1)
+
+
+def _shared_length(heads: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every one of ``heads`` has in common."""
+    shortest = min(map(len, heads))
+    for at in range(shortest):
+        if any(h[at] != heads[0][at] for h in heads):
+            return at
+    return shortest
+
+
+def _prefix_cache(
+    loaded: LoadedModel, heads: Sequence[Sequence[int]], cache_kwarg: str
+) -> tuple[Any, torch.Tensor]:
+    """The KV cache of a batch's prefixes and its attention mask [texts, columns].
+
+    The tokens every prefix starts with (a chat template's system prompt, say) run once, in one row
+    whose cache is repeated for every text; the rest of each prefix follows, padded on the left:
+    columns [shared | padding | rest], with the model's own position ids (real tokens from 0).
+    """
+    pad = loaded.tokenizer.pad_token_id
+    device = loaded.device
+    shared = _shared_length(heads) if len(heads) > 1 else 0
+    rest = [h[shared:] for h in heads]
+    r_len = max(map(len, rest))
+    ids = torch.full((len(heads), shared + r_len), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    ids[:, :shared] = torch.tensor(heads[0][:shared])
+    mask[:, :shared] = 1
+    for r, h in enumerate(rest):
+        ids[r, shared + r_len - len(h) :] = torch.tensor(h)
+        mask[r, shared + r_len - len(h) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def run(rows: slice, columns: slice, cache: Any) -> Any:
+        out = loaded.model(
+            input_ids=ids[rows, columns].to(device),
+            attention_mask=mask[rows, : columns.stop].to(device),  # the cached columns and these
+            position_ids=positions[rows, columns].to(device),
+            use_cache=True,
+            logits_to_keep=1,
+            **({cache_kwarg: cache} if cache is not None else {}),
+        )
+        return out.get("cache") or out.get("past_key_values")
+
+    cache = None
+    if shared:
+        cache = run(slice(0, 1), slice(0, shared), None)
+        cache.batch_repeat_interleave(len(heads))
+    if r_len:
+        cache = run(slice(None), slice(shared, shared + r_len), cache)
+    return cache, mask
+
+
+def _reads(logits: torch.Tensor, first: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows' logits at ``first[r] .. first[r] + width - 1``: [rows, width, vocab], a view (no copy)
+    when every row starts at the same position."""
+    at = int(first[0])
+    if bool((first == at).all()) and at + width <= logits.shape[1]:
+        return logits[:, at : at + width]
+    return _gather_reads(logits, first, width)
+
+
+def _split(
+    reduce: Reduce,
+    chunk: Sequence[ScoreText],
+    base: torch.Tensor | None,
+    read_at: torch.Tensor,
+    zero: int | None,
+) -> Callable[[torch.Tensor, torch.Tensor], np.ndarray] | None:
+    """For a :class:`SplitReduce`, what turns a layer's steered logits [texts x steered, kept, vocab]
+    (each row's first read at ``first``) into the layer's results [texts, multipliers, k], the
+    unsteered cell (``base``, [texts, kept, vocab], each text's first read at ``read_at``) reduced
+    once here and put in as multiplier ``zero``. None for another reduction."""
+    if not isinstance(reduce, SplitReduce) or base is None or zero is None:
+        return None
+    width = max(t.reads for t in chunk)
+    valid = _valid(chunk, width).to(base.device)
+    base_row, state = reduce.unsteered(chunk, _reads(base, read_at, width), valid)
+
+    def layer_results(logits: torch.Tensor, first: torch.Tensor) -> np.ndarray:
+        reads = _reads(logits, first, width)  # [texts x steered, width, vocab]
+        rows = reduce.steered(chunk, reads.view(len(chunk), -1, *reads.shape[1:]), valid, state)
+        return torch.cat([rows[:, :zero], base_row, rows[:, zero:]], 1).cpu().numpy()
+
+    return layer_results
 
 
 def _tail_logits(

@@ -49,6 +49,8 @@ def plot_sweep(result: SweepResult, out: Path, max_kl: float) -> None:
             ax.legend(fontsize=8)
         _plot_slopes(slope_ax, result.items[result.items.behavior == behavior], part, behavior)
     fig.tight_layout()
+    # tight_layout leaves a placeholder layout engine, which makes savefig draw the figure twice
+    fig.set_layout_engine(None)
     try:  # into ``out`` as it is: a temporary of ``atomic_paths``, committed with the table
         fig.savefig(out, dpi=110, format="png", metadata={"Software": PNG_SOFTWARE})
     finally:

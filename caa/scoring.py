@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from caa.engine import Reduce, ScoreText
+from caa.engine import ScoreText
 from caa.errors import CaaError
 from caa.reliability import paired_interval, sem, slopes, steerability
 
@@ -28,7 +28,7 @@ def ab_scores(texts: Sequence[ScoreText], logp: torch.Tensor, valid: torch.Tenso
 
 
 def _next_logp(texts: Sequence[ScoreText], logp: torch.Tensor) -> torch.Tensor:
-    """log p of each read position's next token: [texts, multipliers, width]."""
+    """log p (or the logit) of each read position's next token: [texts, multipliers, width]."""
     width = logp.shape[2]
     ids = torch.zeros((len(texts), width), dtype=torch.long)
     for i, t in enumerate(texts):
@@ -42,20 +42,72 @@ def completion_logprobs(texts: Sequence[ScoreText], logp: torch.Tensor, valid: t
     return (_next_logp(texts, logp) * valid[:, None]).sum(-1, keepdim=True)
 
 
-def fluency_sums(zero: int) -> Reduce:
+def fluency_sums(zero: int) -> FluencySums:
     """Per text and multiplier: the summed KL(unsteered || steered) over its read positions, the
     summed negative log-likelihood of the tokens they predict, and their count: [texts, mults, 3].
     The unsteered distribution is the multiplier-0 row (``zero``), computed in the same pass."""
+    return FluencySums(zero)
 
-    def reduce(texts: Sequence[ScoreText], logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        base = logp[:, zero : zero + 1]  # [texts, 1, width, vocab]
+
+class FluencySums:
+    """The fluency reduction (:func:`fluency_sums`), also as a :class:`caa.engine.SplitReduce`.
+
+    On raw logits ``z`` (the fast engine), with ``p0`` the unsteered distribution of the same
+    position, KL(p0 || p) = sum_v p0 log p0 - sum_v p0 z + logsumexp(z) sum_v p0: two passes over
+    a steered cell's logits (a log-sum-exp and a dot product with ``p0``) instead of a log-softmax
+    and its temporaries; ``p0`` and sum_v p0 log p0 are computed once per batch.
+    """
+
+    def __init__(self, zero: int):
+        self.zero = zero
+
+    def __call__(self, texts: Sequence[ScoreText], logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        base = logp[:, self.zero : self.zero + 1]  # [texts, 1, width, vocab]
         kl = (base.exp() * (base - logp)).sum(-1)  # [texts, multipliers, width]
-        nll = -_next_logp(texts, logp)
-        weights = valid[:, None].to(kl.dtype)
-        count = weights.sum(-1).expand(-1, logp.shape[1])
-        return torch.stack([(kl * weights).sum(-1), (nll * weights).sum(-1), count], -1)
+        return _sums(kl, -_next_logp(texts, logp), valid)
 
-    return reduce
+    def unsteered(
+        self, texts: Sequence[ScoreText], logits: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        z0 = logits.float()[:, None]  # [texts, 1, width, vocab]
+        # log_softmax normalises with a plain float32 sum (off by several 1e-6 over 49k tokens);
+        # logsumexp sums more exactly, as steered() does: the same normaliser on both sides of the KL
+        logp0 = z0 - torch.logsumexp(z0, -1, keepdim=True)
+        p0 = logp0.exp()
+        nll = -_next_logp(texts, logp0)  # [texts, 1, width]
+        state = (p0[:, 0], (p0 * logp0).sum(-1), p0.sum(-1))  # p0, sum p0 log p0, sum p0: [texts, 1, width]
+        return _sums(torch.zeros_like(nll), nll, valid), state
+
+    def steered(
+        self,
+        texts: Sequence[ScoreText],
+        logits: torch.Tensor,
+        valid: torch.Tensor,
+        unsteered: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        p0, plogp0, mass = unsteered
+        lse = torch.empty(logits.shape[:-1], device=logits.device)  # [texts, multipliers, width]
+        cross = torch.empty_like(lse)  # sum_v p0 z
+        # A few positions at a time (about 2 MB of logits): logsumexp makes four passes over its
+        # input, which then stay in the CPU's cache, and the allocator reuses temporaries this small,
+        # while a whole batch's (hundreds of MB) would be fresh pages, faulted in on every call.
+        step = max(1, (2 << 20) // (logits.shape[1] * logits.shape[-1] * 4))
+        for t in range(len(texts)):
+            for at in range(0, logits.shape[2], step):
+                z = logits[t, :, at : at + step].float()  # [multipliers, step, vocab]
+                lse[t, :, at : at + step] = torch.logsumexp(z, -1)
+                # not a matmul: BLAS dot products of this length are off by ~1e-5 and more
+                cross[t, :, at : at + step] = (z * p0[t, at : at + step]).sum(-1)
+        kl = plogp0 - cross + lse * mass
+        nll = lse - _next_logp(texts, logits).float()
+        return _sums(kl, nll, valid)
+
+
+def _sums(kl: torch.Tensor, nll: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Summed KL, summed NLL and the count of the valid read positions: [texts, multipliers, 3]."""
+    weights = valid[:, None].to(kl.dtype)
+    count = weights.sum(-1).expand(-1, kl.shape[1])
+    return torch.stack([(kl * weights).sum(-1), (nll * weights).sum(-1), count], -1)
 
 
 def check_finite(table: pd.DataFrame, columns: Sequence[str]) -> None:

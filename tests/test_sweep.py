@@ -330,3 +330,49 @@ def test_sliding_window_models_use_the_prefix_cache_when_every_batch_fits(
     for layer in vectors:
         np.testing.assert_allclose(fast[layer], ref[layer], atol=1e-5, rtol=1e-5)
     assert bool(notices) == (window == 4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fast_engine_equals_the_reference_with_a_shared_start_and_edge_layers(
+    tiny_models: dict[str, Path], arch: str
+) -> None:
+    """Texts that all start with the same tokens (as a chat template's system prompt makes them): the
+    fast engine runs that start once, replays blocks 0..l, and reduces the fluency cost on raw logits;
+    every cell equals the reference engine's, at block 0 and at the last block too."""
+    from caa.engine import ScoreText, reference_grid, run_grid
+    from caa.scoring import completion_logprobs, fluency_sums
+
+    loaded = load_model(str(tiny_models[arch]), device="cpu")
+    torch.manual_seed(7)
+    start = torch.randint(10, 100, (6,)).tolist()
+    texts = [
+        ScoreText(tuple(start + torch.randint(10, 100, (n,)).tolist()), 6 + n - 4, 6 + n - 5, 4)
+        for n in (5, 8, 11, 6)
+    ]
+    vectors = {0: torch.randn(loaded.hidden_size), loaded.num_layers - 1: torch.randn(loaded.hidden_size)}
+    multipliers = [-1.0, 0.0, 2.0]
+    planner = planner_for(loaded, max_rows=6)  # two texts a batch
+    for reduce in (fluency_sums(1), completion_logprobs):
+        fast = run_grid("fast", loaded, texts, vectors, multipliers, reduce, "answer", planner)
+        ref = reference_grid(loaded, texts, vectors, multipliers, reduce, "answer", planner)
+        for layer in vectors:
+            np.testing.assert_allclose(fast[layer], ref[layer], atol=1e-5, rtol=1e-4)
+
+
+def test_fluency_reduction_on_raw_logits_equals_the_log_probability_one() -> None:
+    """The fast engine's way (the unsteered cell apart, raw logits) gives the reference's numbers."""
+    from caa.engine import ScoreText, SplitReduce
+    from caa.scoring import fluency_sums
+
+    torch.manual_seed(3)
+    texts = [ScoreText(tuple(range(10, 20)), 5, 4, 5), ScoreText(tuple(range(30, 37)), 3, 2, 3)]
+    logits = torch.randn(2, 3, 5, 50) * 4  # [texts, multipliers, width, vocab]; multiplier 1 is x0
+    valid = torch.arange(5)[None, :] < torch.tensor([5, 3])[:, None]
+    reduce = fluency_sums(1)
+    assert isinstance(reduce, SplitReduce)
+    ref = reduce(texts, torch.log_softmax(logits, -1), valid)
+    base, state = reduce.unsteered(texts, logits[:, 1], valid)
+    steered = reduce.steered(texts, logits[:, [0, 2]], valid, state)
+    got = torch.cat([steered[:, :1], base, steered[:, 1:]], 1)
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+    assert (base[..., 0] == 0).all()  # KL of the unsteered cell with itself

@@ -3,6 +3,9 @@ model quietly, progress bars, and the checks that run before any work."""
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -178,6 +181,20 @@ TruncateOpt = Annotated[
 ]
 
 
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector for a block that makes many long-lived objects and
+    little garbage (imports, loading a model, a plot): the collector would scan them over and over,
+    about a second of a run. Left as it was afterwards."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
+
+
 def _load(
     model: str,
     dtype: str,
@@ -188,21 +205,22 @@ def _load(
 ) -> LoadedModel:
     """Load a model quietly (transformers' own progress bars off), with a status line for slow steps;
     with ``chat_template`` auto, say once when the model has no template (prompts are plain text)."""
-    from transformers.utils import logging as hf_logging
+    with _gc_paused():  # transformers' imports and the model's modules: long-lived objects
+        from transformers.utils import logging as hf_logging
 
-    from caa.models import load_model
+        from caa.models import load_model
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    with err.status(f"loading {escape(model)}"):
-        loaded = load_model(
-            model,
-            dtype=dtype,
-            device=device,
-            device_map=device_map,
-            trust_remote_code=trust_remote_code,
-            progress=lambda m: err.print(escape(m)),
-        )
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        with err.status(f"loading {escape(model)}"):
+            loaded = load_model(
+                model,
+                dtype=dtype,
+                device=device,
+                device_map=device_map,
+                trust_remote_code=trust_remote_code,
+                progress=lambda m: err.print(escape(m)),
+            )
     if chat_template == "auto" and not loaded.has_chat_template:
         warn(f"{model} has no chat template: prompts are plain text (--chat-template auto)")
     return loaded

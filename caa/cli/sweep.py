@@ -21,6 +21,7 @@ from caa.cli.common import (
     TruncateOpt,
     _check_outputs,
     _device,
+    _gc_paused,
     _load,
     _model_file,
     _options_for,
@@ -171,7 +172,8 @@ def sweep(
                 )
             )
         if main:
-            result.save(table_path)  # the table, the per-item table and the plot: all three or none
+            with _gc_paused():  # matplotlib's import and the figure
+                result.save(table_path)  # the table, the per-item table and the plot: all three or none
     except CaaError as e:
         fail(e)
     if main:

@@ -226,10 +226,12 @@ def generate(
     inputs: Mapping[str, Path] | None = None,
     batch_size: int = 32,
     accelerator: Any = None,
+    notice: Callable[[str], None] | None = None,
 ) -> Generations:
     """Every prompt under every multiplier, ``batch_size`` prompts per batch (greedy unless
     ``temperature`` > 0). ``labels`` name the prompts in errors; ``provenance`` and ``inputs`` (files,
-    hashed) go into the result's metadata. Under ``accelerate launch``, pass the ``Accelerator``: the
+    hashed) go into the result's metadata; ``notice`` receives one-line notes (a batch retried in
+    halves after running out of CUDA memory). Under ``accelerate launch``, pass the ``Accelerator``: the
     batches are shared out, and every process returns all the rows."""
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -263,6 +265,7 @@ def generate(
         labels=labels,
         batch_size=batch_size,
         shard=Shard.of(accelerator),
+        notice=notice,
         options={**options, **(provenance or {})},
         inputs=dict(inputs or {}),
     )

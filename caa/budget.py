@@ -11,11 +11,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
+from caa.errors import CaaError
 from caa.models import LoadedModel
 from caa.options import parse_size as parse_size
+
+T = TypeVar("T")
 
 CPU_DEFAULT = 4 * 2**30
 MAX_ROWS_DEFAULT = 256  # beyond this a CPU or GPU batch is no faster per row, and progress is coarse
@@ -91,3 +95,43 @@ def planner_for(loaded: LoadedModel, budget: int | None = None, max_rows: int | 
         row_bytes,
         max_rows or MAX_ROWS_DEFAULT,
     )
+
+
+def run_halving(
+    plan: Sequence[list[int]],
+    run: Callable[[list[int]], T],
+    notice: Callable[[str], None] | None = None,
+    unit: str = "texts",
+) -> list[T]:
+    """``run`` on each batch of ``plan`` (lists of item indices), its results in the order run.
+
+    On a CUDA out-of-memory error the batch is retried in halves, and every later batch is cut to
+    that size (the estimate that sized them was too low); with a batch of one it is an error. A
+    batch's results must not depend on which other items share it beyond float rounding.
+    """
+    queue = [list(batch) for batch in plan]
+    cap: int | None = None
+    done: list[T] = []
+    while queue:
+        batch = queue.pop(0)
+        if cap is not None and len(batch) > cap:
+            queue[:0] = [batch[at : at + cap] for at in range(0, len(batch), cap)]
+            continue
+        failed = False
+        try:
+            done.append(run(batch))
+        except torch.cuda.OutOfMemoryError:
+            if len(batch) == 1:
+                raise CaaError(
+                    f"out of GPU memory with a batch of one of the {unit}; lower --max-memory, or try a "
+                    "smaller --dtype"
+                ) from None
+            failed = True
+        if failed:
+            # out of the except block: its traceback held the failed pass's tensors until now
+            torch.cuda.empty_cache()
+            cap = len(batch) // 2
+            if notice:
+                notice(f"CUDA out of memory at {len(batch)} {unit} a batch; retrying at {cap}")
+            queue.insert(0, batch)
+    return done

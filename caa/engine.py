@@ -14,7 +14,7 @@ outlives its batch. Two engines give the same numbers:
   the raw logits of the steered cells, the unsteered cell apart.
 
 Under ``accelerate launch`` each process runs its share of the batches (:mod:`caa.distributed`).
-The two engines share one module (about 550 lines) on purpose: the fast one is only trustworthy
+The two engines share one module (about 610 lines) on purpose: the fast one is only trustworthy
 read side by side with the reference it must equal.
 """
 
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from caa.budget import Planner, planner_for
+from caa.budget import Planner, planner_for, run_halving
 from caa.distributed import ONE, Shard
 from caa.hooks import capturing, repeat_rows, replaying, run_until_stop, steer_start, steering
 from caa.models import LoadedModel
@@ -141,17 +141,20 @@ def reference_grid(
     skip_layers: bool = False,
     tick: Tick | None = None,
     shard: Shard = ONE,
+    notice: Callable[[str], None] | None = None,
 ) -> dict[int, np.ndarray]:
     """``reduce`` of every text under every (layer, multiplier): {layer: [texts, multipliers, k]}.
 
     One batched forward pass per (texts, layer), left-padded, with the model's own position ids;
     ``skip_layers`` runs the blocks below each layer once per batch instead of once per layer.
-    Under ``shard`` this process runs its share of the batches and returns everyone's results.
+    Under ``shard`` this process runs its share of the batches and returns everyone's results. A
+    batch that runs out of CUDA memory is retried in halves (:func:`caa.budget.run_halving`, said
+    in ``notice``).
     """
     m = torch.tensor(list(multipliers), dtype=torch.float32)
     reps = len(multipliers)
-    parts: list[Part] = []
-    for index in _plan(planner or planner_for(loaded), texts, reps, shard):
+
+    def one(index: list[int]) -> Part:
         chunk = [texts[i] for i in index]
         rows = [t for t in chunk for _ in range(reps)]
         keep = max(len(t.input_ids) - t.read_from for t in chunk)
@@ -187,9 +190,11 @@ def reference_grid(
                     logits_to_keep=keep,
                 ).logits
             results[layer] = _reduced(chunk, logits, first, reps, reduce)
-        parts.append((index, results))
         if tick:
             tick(len(index) * len(vectors))
+        return index, results
+
+    parts = run_halving(_plan(planner or planner_for(loaded), texts, reps, shard), one, notice)
     return _collect(parts, list(vectors), len(texts), shard, tick)
 
 
@@ -233,6 +238,63 @@ def _rewinder(cache: Any) -> Callable[[], Any]:
     return rewind
 
 
+def _repeated(cache: Any, reps: int) -> Callable[[], Any]:
+    """Each row of ``cache`` repeated ``reps`` times (once per batch), and its rewinder."""
+    cache.batch_repeat_interleave(reps)
+    return _rewinder(cache)
+
+
+def _repeated_in_place(cache: Any, reps: int, tail: int) -> Callable[[], Any] | None:
+    """Like :func:`_repeated`, for a dynamic cache of plain layers (else None): each layer's rows
+    are repeated into tensors with room for ``tail`` more positions, which a pass writes in place.
+    A pass then copies only its own keys and values, where concatenation copies the whole cache, in
+    every block of every pass; rewinding is forgetting how far they were written."""
+    layers = getattr(cache, "layers", None)
+    if type(cache).__name__ != "DynamicCache" or not layers:
+        return None
+    if any(
+        type(layer).__name__ != "DynamicLayer" or layer.keys is None or layer.keys.dim() != 4
+        for layer in layers
+    ):
+        return None
+    start = []
+    for layer in layers:
+        filled = []
+        for states in (layer.keys, layer.values):
+            rows, heads, length, dim = states.shape
+            room = states.new_empty(rows * reps, heads, length + tail, dim)
+            room.view(rows, reps, heads, length + tail, dim)[:, :, :, :length] = states[:, None]
+            filled.append(room)
+        layer.update = _writer(layer, *filled)  # shadows DynamicLayer.update for this cache only
+        start.append((filled[0][:, :, :length], filled[1][:, :, :length]))
+
+    def rewind() -> Any:
+        for layer, (keys, values) in zip(layers, start, strict=True):
+            layer.keys, layer.values = keys, values
+        return cache
+
+    rewind()
+    return rewind
+
+
+def _writer(
+    layer: Any, keys: torch.Tensor, values: torch.Tensor
+) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """``DynamicLayer.update`` writing into ``keys`` and ``values`` after the positions held."""
+
+    def update(
+        new_keys: torch.Tensor, new_values: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        at = layer.keys.shape[-2]
+        end = at + new_keys.shape[-2]
+        keys[:, :, at:end] = new_keys
+        values[:, :, at:end] = new_values
+        layer.keys, layer.values = keys[:, :, :end], values[:, :, :end]
+        return layer.keys, layer.values
+
+    return update
+
+
 def prefix_lengths(texts: Sequence[ScoreText], positions: str) -> list[int]:
     """Each text's unsteered, unread prefix: what the cached engine runs once and reuses."""
     first = steer_start(positions, torch.tensor([t.prompt_length for t in texts]))
@@ -265,6 +327,7 @@ def cached_grid(
     planner: Planner | None = None,
     tick: Tick | None = None,
     shard: Shard = ONE,
+    notice: Callable[[str], None] | None = None,
 ) -> dict[int, np.ndarray]:
     """Like :func:`reference_grid`, computing what steering cannot change once.
 
@@ -280,14 +343,11 @@ def cached_grid(
     zero = list(multipliers).index(0.0) if 0.0 in multipliers else None
     steered = m if zero is None else torch.cat([m[:zero], m[zero + 1 :]])  # x0 needs no steered pass
     heads_of = prefix_lengths(texts, positions)
-    parts: list[Part] = []
     device = loaded.device
     pad = loaded.tokenizer.pad_token_id
-    # transformers renamed past_key_values to cache during 5.x: use the model's own name
-    cache_kwarg = (
-        "cache" if "cache" in inspect.signature(loaded.model.forward).parameters else "past_key_values"
-    )
-    for index in _plan(planner or planner_for(loaded), texts, reps, shard):
+    cache_kwarg = cache_argument(loaded)
+
+    def one(index: list[int]) -> Part:
         chunk = [texts[i] for i in index]
         cut = [heads_of[i] for i in index]
         # a tail ends at its last read position: a later one cannot change a read position's logits
@@ -298,7 +358,7 @@ def cached_grid(
         for r, t in enumerate(tails):
             tail_ids[r, : len(t)] = torch.tensor(t)  # padded on the right
             tail_mask[r, : len(t)] = 1
-        prefix, head_mask = _prefix_cache(
+        prefix, _, head_mask = prefix_cache(
             loaded, [t.input_ids[:c] for t, c in zip(chunk, cut, strict=True)], cache_kwarg
         )
         tail_pos = head_mask.sum(-1, keepdim=True) + torch.arange(s_len)[None, :]  # real positions
@@ -316,15 +376,10 @@ def cached_grid(
             )
         if not len(steered):  # the x0 cell alone: nothing is steered
             base_only = _with_base(None, base, zero, len(chunk))
-            parts.append(
-                (index, {layer: _reduced(chunk, base_only, read_at, 1, reduce) for layer in vectors})
-            )
             if tick:
                 tick(len(index) * len(vectors))
-            continue
-        repeated = unsteered()
-        repeated.batch_repeat_interleave(len(steered))  # once per batch; every pass below is rewound
-        rewind = _rewinder(repeated)
+            return index, {layer: _reduced(chunk, base_only, read_at, 1, reduce) for layer in vectors}
+        rewind = _repeated_in_place(unsteered(), len(steered), s_len) or _repeated(unsteered(), len(steered))
         mask = mask.repeat_interleave(len(steered), 0)
         start = _starts(chunk, positions, len(steered))
         split = _split(reduce, chunk, base, read_at, zero)
@@ -347,9 +402,11 @@ def cached_grid(
             else:
                 logits = _with_base(logits, base, zero, len(chunk))
                 results[layer] = _reduced(chunk, logits, read_at.repeat_interleave(reps), reps, reduce)
-        parts.append((index, results))
         if tick:
             tick(len(index) * len(vectors))
+        return index, results
+
+    parts = run_halving(_plan(planner or planner_for(loaded), texts, reps, shard), one, notice)
     return _collect(parts, list(vectors), len(texts), shard, tick)
 
 
@@ -410,10 +467,17 @@ def _shared_length(heads: Sequence[Sequence[int]]) -> int:
     return shortest
 
 
-def _prefix_cache(
+def cache_argument(loaded: LoadedModel) -> str:
+    """The name the model's forward (and generate) takes a KV cache under: transformers renamed
+    ``past_key_values`` to ``cache`` during 5.x."""
+    return "cache" if "cache" in inspect.signature(loaded.model.forward).parameters else "past_key_values"
+
+
+def prefix_cache(
     loaded: LoadedModel, heads: Sequence[Sequence[int]], cache_kwarg: str
-) -> tuple[Any, torch.Tensor]:
-    """The KV cache of a batch's prefixes and its attention mask [texts, columns].
+) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """The KV cache of a batch's prefixes, with their ids and attention mask [texts, columns] (on
+    the CPU).
 
     The tokens every prefix starts with (a chat template's system prompt, say) run once, in one row
     whose cache is repeated for every text; the rest of each prefix follows, padded on the left:
@@ -450,7 +514,7 @@ def _prefix_cache(
         cache.batch_repeat_interleave(len(heads))
     if r_len:
         cache = run(slice(None), slice(shared, shared + r_len), cache)
-    return cache, mask
+    return cache, ids, mask
 
 
 def _reads(logits: torch.Tensor, first: torch.Tensor, width: int) -> torch.Tensor:
@@ -536,17 +600,21 @@ def run_grid(
     or ``naive`` (the reference: every block of every row in every pass)."""
     if engine == "naive":
         return reference_grid(
-            loaded, texts, vectors, multipliers, reduce, positions, planner, False, tick, shard
+            loaded, texts, vectors, multipliers, reduce, positions, planner, False, tick, shard, notice
         )
     heads = prefix_lengths(texts, positions)
     width = max(heads) + max(len(t.input_ids) - h for t, h in zip(texts, heads, strict=True))  # any batch's
     if all(h > 0 for h in heads):
         if supports_prefix_cache(loaded, width):
-            return cached_grid(loaded, texts, vectors, multipliers, reduce, positions, planner, tick, shard)
+            return cached_grid(
+                loaded, texts, vectors, multipliers, reduce, positions, planner, tick, shard, notice
+            )
         if notice:
             window = loaded.model.config.get_text_config().sliding_window
             notice(
                 f"{loaded.fingerprint.architecture} has sliding-window layers narrower than these texts "
                 f"(window {window}): using the reference engine"
             )
-    return reference_grid(loaded, texts, vectors, multipliers, reduce, positions, planner, True, tick, shard)
+    return reference_grid(
+        loaded, texts, vectors, multipliers, reduce, positions, planner, True, tick, shard, notice
+    )

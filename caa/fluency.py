@@ -3,14 +3,15 @@ continuations (``answer``, ``prompt-end``), or neutral text read at every positi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from caa.budget import run_halving
 from caa.distributed import ONE, Shard
-from caa.engine import ScoreText
+from caa.engine import ScoreText, cache_argument, prefix_cache, supports_prefix_cache
 from caa.errors import CaaError, InputError
 from caa.models import LoadedModel
 from caa.prompts import Encoded, PromptFormat, collate, read_texts
@@ -28,6 +29,7 @@ def fluency_texts(
     new_tokens: int = CONTINUATION_TOKENS,
     batch_size: int = 16,
     shard: Shard = ONE,
+    notice: Callable[[str], None] | None = None,
 ) -> list[ScoreText]:
     """The texts the fluency cost reads, in the regime being swept.
 
@@ -35,7 +37,7 @@ def fluency_texts(
     neutral text is a prompt (chat format where the model has one), which the unsteered model
     continues greedily for ``new_tokens`` tokens, once; the continuation is read teacher-forced, the
     prompt left unsteered. ``source`` names the texts in errors; ``shard`` shares the continuations
-    out over processes.
+    out over processes; ``notice`` hears of batches retried after running out of CUDA memory.
     """
     tok = loaded.tokenizer
     limit = loaded.context_length
@@ -53,7 +55,7 @@ def fluency_texts(
     if positions == "all":
         texts = [ScoreText(tuple(ids), 0, 0, len(ids) - 1) for ids in encoded if len(ids) > 1]
     else:
-        texts = _continue(loaded, encoded, new_tokens, batch_size, shard)
+        texts = _continue(loaded, encoded, new_tokens, batch_size, shard, notice)
     if not texts:
         raise CaaError(f"{source}: no text is long enough (two tokens or more) for the fluency cost")
     return texts
@@ -64,29 +66,54 @@ def _prompt_ids(tok: Any, style: PromptFormat, prompt: str) -> list[int]:
 
 
 def _continue(
-    loaded: LoadedModel, prompts: Sequence[list[int]], new_tokens: int, batch_size: int, shard: Shard = ONE
+    loaded: LoadedModel,
+    prompts: Sequence[list[int]],
+    new_tokens: int,
+    batch_size: int,
+    shard: Shard = ONE,
+    notice: Callable[[str], None] | None = None,
 ) -> list[ScoreText]:
-    """Each prompt with the unsteered model's greedy continuation (up to and with its first EOS)."""
+    """Each prompt with the unsteered model's greedy continuation (up to and with its first EOS).
+    A batch that runs out of CUDA memory is retried in halves (said in ``notice``)."""
     tok = loaded.tokenizer
     eos = tok.eos_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     plan = [order[at : at + batch_size] for at in range(0, len(order), batch_size)]
-    made: list[tuple[int, ScoreText]] = []
     cost = lambda index: len(index) * max(len(prompts[i]) for i in index)  # noqa: E731
-    for index in shard.take(plan, cost, split=False):  # a split batch could change a greedy token
-        batch = collate([Encoded(prompts[i], 0, [0]) for i in index], tok.pad_token_id).to(loaded.device)
+    cache_kwarg = cache_argument(loaded)
+
+    def one(index: list[int]) -> list[tuple[int, ScoreText]]:
+        batch = [prompts[i] for i in index]
+        width = max(map(len, batch)) + new_tokens
+        if len(batch) > 1 and min(map(len, batch)) > 1 and supports_prefix_cache(loaded, width):
+            # all but each prompt's last token run as the engine runs prefixes: the tokens every
+            # prompt starts with (a chat template's system prompt) once for the whole batch
+            cache, ids, mask = prefix_cache(loaded, [p[:-1] for p in batch], cache_kwarg)
+            last = torch.tensor([[p[-1]] for p in batch])
+            ids, mask = torch.cat([ids, last], 1), torch.cat([mask, torch.ones_like(last)], 1)
+            given = {cache_kwarg: cache}
+        else:
+            padded = collate([Encoded(p, 0, [0]) for p in batch], tok.pad_token_id)
+            ids, mask, given = padded.input_ids, padded.attention_mask, {}
         out = loaded.model.generate(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
+            input_ids=ids.to(loaded.device),
+            attention_mask=mask.to(loaded.device),
             max_new_tokens=new_tokens,
             min_new_tokens=1,
             do_sample=False,
             pad_token_id=tok.pad_token_id,
+            **given,
         )
-        for i, row in zip(index, out[:, batch.input_ids.shape[1] :].tolist(), strict=True):
+        made = []
+        for i, row in zip(index, out[:, ids.shape[1] :].tolist(), strict=True):
             new = row[: row.index(eos) + 1] if eos in row else row
-            ids = prompts[i]
-            made.append((i, ScoreText(tuple(ids + new), len(ids), len(ids) - 1, len(new))))
+            prompt = prompts[i]
+            made.append((i, ScoreText(tuple(prompt + new), len(prompt), len(prompt) - 1, len(new))))
+        return made
+
+    # a split batch could change a greedy token: the plan's batches, split only on running out of memory
+    mine = shard.take(plan, cost, split=False)
+    made = [pair for done in run_halving(mine, one, notice, "neutral prompts") for pair in done]
     return [text for _, text in sorted(shard.merge(made), key=lambda pair: pair[0])]
 
 

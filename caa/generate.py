@@ -7,7 +7,7 @@ process gets every row back (:mod:`caa.distributed`), the rows one process gener
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ import pyarrow as pa
 import torch
 
 from caa.artifacts import make_meta, read_artifact, write_artifact
+from caa.budget import run_halving
 from caa.checks import check_model, check_template
 from caa.distributed import ONE, Shard
 from caa.errors import CaaError
@@ -112,6 +113,7 @@ def generate_steered(
     labels: Sequence[str] | None = None,
     batch_size: int = 32,
     shard: Shard = ONE,
+    notice: Callable[[str], None] | None = None,
 ) -> Generations:
     """Generate every prompt under every multiplier, ``batch_size`` prompts per batch.
 
@@ -120,6 +122,8 @@ def generate_steered(
     prompt, so the first new token is predicted from the unsteered last prompt position. Greedy unless
     ``temperature`` > 0 (batch k samples from seed ``seed + k``). ``labels`` name the prompts in errors
     (default: ``prompt N``). Under ``shard`` each process generates its batches and all get every row.
+    A batch that runs out of CUDA memory is retried in halves, said in ``notice`` (a retried half
+    samples from its batch's seed).
     """
     if not prompts:
         raise CaaError("no prompts given")
@@ -140,8 +144,9 @@ def generate_steered(
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i].input_ids))
     plan = [sorted(order[at : at + batch_size]) for at in range(0, len(order), batch_size)]
     cost = lambda index: len(index) * max(len(encoded[i].input_ids) for i in index)  # noqa: E731
-    records = []
-    for index in shard.take(plan, cost, split=False):  # a split batch could change a greedy token
+    batch_of = {i: k for k, index in enumerate(plan) for i in index}  # a retried half keeps its seed
+
+    def one(index: list[int]) -> list[dict[str, Any]]:
         new = _generate_batch(
             loaded,
             [encoded[i] for i in index],
@@ -152,13 +157,14 @@ def generate_steered(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,
-            seed=seed + plan.index(index),
+            seed=seed + batch_of[index[0]],
         )
         rows = [(i, m) for i in index for m in multipliers]
+        made = []
         for (i, m), ids in zip(rows, new, strict=True):
             if tok.eos_token_id in ids:
                 ids = ids[: ids.index(tok.eos_token_id)]
-            records.append(
+            made.append(
                 {
                     "prompt_index": i,
                     "prompt": prompts[i],
@@ -169,6 +175,11 @@ def generate_steered(
                     "n_tokens": len(ids),
                 }
             )
+        return made
+
+    # a split batch could change a greedy token: the plan's batches, split only on running out of memory
+    mine = shard.take(plan, cost, split=False)
+    records = [record for made in run_halving(mine, one, notice, "prompts") for record in made]
     column = {float(m): k for k, m in enumerate(multipliers)}
     records = sorted(shard.merge(records), key=lambda r: (r["prompt_index"], column[r["multiplier"]]))
     return Generations(pd.DataFrame(records))

@@ -36,7 +36,7 @@ from caa.ingest import SIDES, describe_pair, select_pairs
 from caa.models import LoadedModel
 from caa.outputs import sweep_paths
 from caa.plots import plot_sweep
-from caa.prompts import Encoded, PromptFormat, encode, fit_context, prompt_format
+from caa.prompts import Encoded, PromptFormat, encode, encode_many, fit_context, prompt_format
 from caa.schemas import SWEEP, SWEEP_ITEMS, Kind
 from caa.scoring import ab_scores, check_finite, completion_logprobs, fluency_sums, recommend, summarise
 from caa.vectors import VectorSet
@@ -86,7 +86,15 @@ def sweep_work(
 def ab_text(loaded: LoadedModel, style: PromptFormat, prompt: str, positive: str, negative: str) -> ScoreText:
     """The context up to the answer letter, read at its last position, and the two letters' token ids."""
     pos = encode(loaded.tokenizer, style, prompt, positive, "ab", "answer")
-    neg = encode(loaded.tokenizer, style, prompt, negative, "ab", "answer")
+    return _ab(pos, encode(loaded.tokenizer, style, prompt, negative, "ab", "answer"), prompt)
+
+
+def freeform_text(loaded: LoadedModel, style: PromptFormat, prompt: str, completion: str) -> ScoreText:
+    """Prompt and completion, read at every position that predicts a completion token."""
+    return _freeform(encode(loaded.tokenizer, style, prompt, completion, "freeform", "mean"))
+
+
+def _ab(pos: Encoded, neg: Encoded, prompt: str) -> ScoreText:
     r = pos.read[0]
     if pos.input_ids[:r] != neg.input_ids[: neg.read[0]]:
         raise CaaError(f"the answer letters of {prompt[:40]!r}... tokenize into different contexts")
@@ -94,9 +102,7 @@ def ab_text(loaded: LoadedModel, style: PromptFormat, prompt: str, positive: str
     return ScoreText(tuple(pos.input_ids[:r]), pos.completion_start, r - 1, 1, targets)
 
 
-def freeform_text(loaded: LoadedModel, style: PromptFormat, prompt: str, completion: str) -> ScoreText:
-    """Prompt and completion, read at every position that predicts a completion token."""
-    enc = encode(loaded.tokenizer, style, prompt, completion, "freeform", "mean")
+def _freeform(enc: Encoded) -> ScoreText:
     start = enc.completion_start
     return ScoreText(tuple(enc.input_ids), start, start - 1, len(enc.input_ids) - start)
 
@@ -120,11 +126,15 @@ def pair_texts(
     positive then negative), and the ids of the pairs ``truncate`` cut."""
     texts, cut = [], set()
     is_ab = bool((pairs.format == "ab").all())
-    for r in pairs.itertuples():
+    rows = list(pairs.itertuples())
+    fmt, position = ("ab", "answer") if is_ab else ("freeform", "mean")
+    wanted = [(r.prompt, getattr(r, side), fmt, position) for r in rows for side in SIDES]
+    encoded = encode_many(loaded.tokenizer, style, wanted)  # one tokeniser call; [pos, neg] per pair
+    for r, pos, neg in zip(rows, encoded[0::2], encoded[1::2], strict=True):
         made = (
-            [(ab_text(loaded, style, r.prompt, r.positive, r.negative), None)]
+            [(_ab(pos, neg, r.prompt), None)]
             if is_ab
-            else [(freeform_text(loaded, style, r.prompt, getattr(r, s)), s) for s in SIDES]
+            else [(_freeform(enc), side) for enc, side in zip((pos, neg), SIDES, strict=True)]
         )
         for text, side in made:
             fitted, was_cut = _fit(text, loaded.context_length, truncate, describe_pair(r, side, pairs_path))
@@ -234,7 +244,9 @@ def run_sweep(
             said.add(message)
             notice(message)
 
-    fluent = fluency_texts(loaded, style, neutral, steer_positions, neutral_source, shard=shard)
+    fluent = fluency_texts(
+        loaded, style, neutral, steer_positions, neutral_source, shard=shard, notice=notice
+    )
     zero = list(multipliers).index(0.0)
     rows, items = [], []
     for behavior in behaviors:

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import pandas as pd
+import pytest
+import torch
 from typer.testing import CliRunner
+
+from caa.models import LoadedModel
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data"
@@ -78,6 +84,33 @@ def make_vectors(model: Path, tmp: Path) -> tuple[Path, Path]:
     )
     assert runner.invoke(app, ["compute-vectors", str(acts), "-o", str(vectors)]).exit_code == 0
     return pairs, vectors
+
+
+def held_out(pairs: Path) -> pd.DataFrame:
+    """The test split of a pairs file (what a sweep scores), indexed from 0."""
+    from caa.extract import read_pairs
+
+    frame = read_pairs(pairs)[0]
+    return frame[frame.split == "test"].reset_index(drop=True)
+
+
+def inject_oom(monkeypatch: pytest.MonkeyPatch, loaded: LoadedModel, max_rows: int) -> list[int]:
+    """Make the model's base forward pass (what extract, the sweep engines and generation all run)
+    raise CUDA's out-of-memory error on batches of more than ``max_rows`` rows; returns the list
+    that records every batch size it is called with."""
+    base = loaded.model.base_model  # under the LM head's forward too
+    forward = base.forward
+    sizes: list[int] = []
+
+    def limited(*args: Any, **kwargs: Any) -> Any:
+        rows = int(kwargs["input_ids"].shape[0])
+        sizes.append(rows)
+        if rows > max_rows:
+            raise torch.cuda.OutOfMemoryError(f"injected: {rows} rows > {max_rows}")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(base, "forward", limited)
+    return sizes
 
 
 # Neutral texts for the fluency cost of the tiny models' sweeps.

@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from caa.budget import planner_for
-from caa.extract import read_pairs
 from caa.models import load_model
 from caa.sweep import run_sweep
 from caa.vectors import read_vectors
-from tests.helpers import MULTIPLIERS, NEUTRAL
+from tests.helpers import MULTIPLIERS, NEUTRAL, held_out
 
 
 def test_memory_budget_sets_batches_not_results(
@@ -20,8 +19,7 @@ def test_memory_budget_sets_batches_not_results(
 ) -> None:
     pairs_path, vectors_path = pipelines("llama")
     loaded = load_model(str(tiny_models["llama"]), device="cpu")
-    test = read_pairs(pairs_path)[0]
-    test = test[test.split == "test"].reset_index(drop=True)
+    test = held_out(pairs_path)
     planners = {"roomy": planner_for(loaded, budget=2**30), "tight": planner_for(loaded, budget=1)}
     lengths = [len(t) for t in NEUTRAL]
     assert len(planners["roomy"].batches(lengths, 3, keep_all=True)) == 1

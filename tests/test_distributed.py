@@ -18,12 +18,11 @@ import pytest
 
 from caa.budget import planner_for
 from caa.distributed import Shard
-from caa.extract import read_pairs
 from caa.generate import Generations
 from caa.models import load_model
 from caa.sweep import SweepResult, run_sweep
 from caa.vectors import read_vectors
-from tests.helpers import NEUTRAL, REPO
+from tests.helpers import NEUTRAL, REPO, held_out
 
 
 def test_take_partitions_the_plan_and_balances_it() -> None:
@@ -78,8 +77,7 @@ def test_two_shards_of_a_sweep_merge_into_the_one_process_result(
     pairs_path, vectors_path = pipelines("llama")
     models = [load_model(str(tiny_models["llama"]), device="cpu") for _ in range(2)]  # one per process
     vectors = read_vectors(vectors_path)
-    test = read_pairs(pairs_path)[0]
-    test = test[test.split == "test"].reset_index(drop=True)
+    test = held_out(pairs_path)
 
     def run(shard: Shard, rank: int = 0) -> SweepResult:
         ticks: list[int] = []

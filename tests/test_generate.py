@@ -97,3 +97,30 @@ def test_generate_bad_input(
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not out.exists()
+
+
+def test_a_generate_batch_out_of_cuda_memory_is_retried_in_halves(
+    pipelines: Callable[[str], tuple[Path, Path]],
+    tiny_models: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Generation whose batch runs out of CUDA memory (injected on the CPU) retries it in halves,
+    says so, and writes the greedy text of the run without errors."""
+    import caa
+    from tests.helpers import inject_oom
+
+    loaded = load_model(str(tiny_models["llama"]), device="cpu")
+    vectors = caa.VectorSet.read(pipelines("llama")[1])
+    prompts = ["tell me about the city", "describe a walk", "a plan for dinner", "music and books"]
+
+    def run(notice: Callable[[str], None] | None = None) -> list[str]:
+        gens = caa.generate(loaded, vectors, prompts, layer=2, behavior="mood", multipliers=[-4, 0, 4],
+                            max_new_tokens=5, batch_size=4, notice=notice)  # fmt: skip
+        return list(gens.frame.text)
+
+    clean = run()
+    sizes = inject_oom(monkeypatch, loaded, max_rows=6)  # two prompts x three multipliers
+    notices: list[str] = []
+    assert run(notices.append) == clean
+    assert notices == ["CUDA out of memory at 4 prompts a batch; retrying at 2"]
+    assert sizes[0] == 12 and max(sizes[1:]) <= 6

@@ -23,7 +23,7 @@ import torch
 import caa
 from caa.extract import extract_in_memory
 from caa.prompts import Encoded, collate, prompt_format
-from tests.helpers import AB_ROWS, FREEFORM_ROWS, MULTIPLIERS, NEUTRAL, write_pairs_file
+from tests.helpers import AB_ROWS, FREEFORM_ROWS, MULTIPLIERS, NEUTRAL, inject_oom, write_pairs_file
 from tests.tiny_models import make_tokenizer
 
 gpu = pytest.mark.gpu
@@ -322,24 +322,6 @@ def test_steered_generation_under_kv_cache_equals_recomputation(
 
 
 # --- 4. out of memory in extract -----------------------------------------------------------------------
-
-
-def inject_oom(monkeypatch: pytest.MonkeyPatch, loaded: caa.LoadedModel, max_rows: int) -> list[int]:
-    """Make the forward pass extract runs raise CUDA's out-of-memory error on batches of more than
-    ``max_rows`` rows; returns the list that records every batch size it is called with."""
-    base = loaded.model.base_model  # what extract's forward_layers calls
-    forward = base.forward
-    sizes: list[int] = []
-
-    def limited(*args: Any, **kwargs: Any) -> Any:
-        rows = int(kwargs["input_ids"].shape[0])
-        sizes.append(rows)
-        if rows > max_rows:
-            raise torch.cuda.OutOfMemoryError(f"injected: {rows} rows > {max_rows}")
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(base, "forward", limited)
-    return sizes
 
 
 def check_oom_halving(

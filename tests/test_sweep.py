@@ -13,13 +13,12 @@ from typer.testing import CliRunner
 from caa.artifacts import read_artifact
 from caa.budget import planner_for
 from caa.cli import app
-from caa.extract import read_pairs
 from caa.models import load_model
 from caa.prompts import encode, prompt_format
 from caa.schemas import SWEEP, SWEEP_ITEMS
 from caa.sweep import run_sweep
 from caa.vectors import read_vectors
-from tests.helpers import FREEFORM_ROWS, MULTIPLIERS, NEUTRAL, write_pairs_file
+from tests.helpers import FREEFORM_ROWS, MULTIPLIERS, NEUTRAL, held_out, inject_oom, write_pairs_file
 
 runner = CliRunner()
 
@@ -147,8 +146,7 @@ def test_sweep_equals_naive_loop(
     pairs_path, vectors_path = pipelines(arch)
     loaded = load_model(str(tiny_models[arch]), device="cpu")
     vectors = read_vectors(vectors_path)
-    test = read_pairs(pairs_path)[0]
-    test = test[test.split == "test"].reset_index(drop=True)
+    test = held_out(pairs_path)
     layers = [1, 3]
     notices: list[str] = []
     result = run_sweep(
@@ -376,3 +374,102 @@ def test_fluency_reduction_on_raw_logits_equals_the_log_probability_one() -> Non
     got = torch.cat([steered[:, :1], base, steered[:, 1:]], 1)
     np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
     assert (base[..., 0] == 0).all()  # KL of the unsteered cell with itself
+
+
+def test_steered_passes_write_the_repeated_cache_in_place(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast engine repeats each batch's prefix cache into tensors with room for the tail, which
+    every pass writes in place: the same numbers, bit for bit, as concatenating, and used for a plain
+    dynamic cache (a spy counts it)."""
+    import caa.engine as engine
+    from caa.engine import ScoreText, run_grid
+    from caa.scoring import completion_logprobs, fluency_sums
+
+    loaded = load_model(str(tiny_models["llama"]), device="cpu")
+    torch.manual_seed(11)
+    start = torch.randint(10, 100, (5,)).tolist()
+    texts = [
+        ScoreText(tuple(start + torch.randint(10, 100, (n,)).tolist()), 5 + n - 3, 5 + n - 4, 3)
+        for n in (4, 9, 6)
+    ]
+    vectors = {1: torch.randn(loaded.hidden_size), 2: torch.randn(loaded.hidden_size)}
+    used = []
+    in_place = engine._repeated_in_place
+
+    def spy(*args: object) -> object:
+        rewind = in_place(*args)
+        used.append(rewind is not None)
+        return rewind
+
+    for reduce in (fluency_sums(1), completion_logprobs):
+        monkeypatch.setattr(engine, "_repeated_in_place", spy)
+        written = run_grid("fast", loaded, texts, vectors, [-1.0, 0.0, 2.0], reduce, "answer")
+        monkeypatch.setattr(engine, "_repeated_in_place", lambda *args: None)
+        concatenated = run_grid("fast", loaded, texts, vectors, [-1.0, 0.0, 2.0], reduce, "answer")
+        for layer in vectors:
+            np.testing.assert_array_equal(written[layer], concatenated[layer])
+    assert used and all(used)
+
+
+def test_continuations_run_the_shared_start_once_and_equal_greedy_generation(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fluency cost's continuations of prompts that start alike (a chat template's system
+    prompt) continue a prefix cache in which that start ran once: each equals the prompt's own
+    unbatched greedy continuation, and the shared start is run as one row."""
+    import caa.engine as engine
+    from caa.fluency import _continue
+
+    loaded = load_model(str(tiny_models["llama"]), device="cpu")
+    torch.manual_seed(13)
+    start = torch.randint(10, 100, (7,)).tolist()
+    prompts = [start + torch.randint(10, 100, (n,)).tolist() for n in (3, 6, 1, 4)]
+    widths: list[tuple[int, ...]] = []
+    prefix_cache = engine.prefix_cache
+
+    def spy(loaded_: object, heads: list[list[int]], kwarg: str) -> object:
+        widths.append((len(heads), engine._shared_length(heads)))
+        return prefix_cache(loaded_, heads, kwarg)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("caa.fluency.prefix_cache", spy)
+    texts = _continue(loaded, prompts, 6, batch_size=4)
+    assert widths == [(4, 7)]
+    for prompt, text in zip(prompts, texts, strict=True):
+        assert list(text.input_ids) == prompt + greedy_continuation(loaded, prompt, 6)
+        assert (text.prompt_length, text.read_from) == (len(prompt), len(prompt) - 1)
+
+
+@pytest.mark.parametrize("engine", ["fast", "naive"])
+def test_a_batch_out_of_cuda_memory_is_retried_in_halves(
+    pipelines: Callable[[str], tuple[Path, Path]],
+    tiny_models: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    engine: str,
+) -> None:
+    """A sweep whose batches run out of CUDA memory (injected on the CPU) retries them in halves,
+    says so, and gives the table of the run without errors; at one text a batch it is an error."""
+    from caa.errors import CaaError
+
+    pairs_path, vectors_path = pipelines("llama")
+    loaded = load_model(str(tiny_models["llama"]), device="cpu")
+    vectors, test = read_vectors(vectors_path), held_out(pairs_path)
+
+    def run(notice: Callable[[str], None] | None = None) -> pd.DataFrame:
+        return run_sweep(
+            loaded, vectors, test, NEUTRAL, behaviors=["agree", "mood"], layers=[1, 3],
+            multipliers=[-1.0, 0.0, 2.0], planner=planner_for(loaded, max_rows=24), engine=engine,
+            notice=notice,
+        ).table  # fmt: skip
+
+    clean = run()
+    sizes = inject_oom(monkeypatch, loaded, max_rows=6)  # two texts x three multipliers
+    notices: list[str] = []
+    halved = run(notices.append)
+    assert any(s > 6 for s in sizes) and any(n.startswith("CUDA out of memory at ") for n in notices)
+    assert all("retrying at" in n for n in notices if n.startswith("CUDA")), notices
+    columns = ["score_mean", "kl_mean", "perplexity"]
+    np.testing.assert_allclose(halved[columns], clean[columns], rtol=1e-4, atol=1e-6)
+    inject_oom(monkeypatch, loaded, max_rows=0)
+    with pytest.raises(CaaError, match="out of GPU memory with a batch of one of the"):
+        run()

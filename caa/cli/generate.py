@@ -110,6 +110,7 @@ def generate(
                     provenance=_provenance(ctx),
                     inputs={"vectors": vectors, **({"prompts": prompts_file} if prompts_file else {})},
                     accelerator=accelerator,
+                    notice=warn if main else None,
                 )
             )
         if main:

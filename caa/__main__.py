@@ -1,6 +1,6 @@
 """``python -m caa`` (and ``accelerate launch -m caa``) runs the command line."""
 
-from caa.cli import app
+from caa.cli import main
 
 if __name__ == "__main__":
-    app()
+    main()

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from caa.budget import Planner
 from caa.errors import CaaError
 from caa.options import parse_multipliers, parse_size
+from tests.helpers import REPO
 
 
 def test_planner_fits_the_budget() -> None:
@@ -42,3 +48,34 @@ def test_parse_multipliers() -> None:
     assert parse_multipliers("2,-1", include_zero=False) == [-1.0, 2.0]
     with pytest.raises(CaaError, match="not finite"):
         parse_multipliers("inf")
+
+
+def run_main(*args: str, before: str = "") -> subprocess.CompletedProcess[str]:
+    """``caa.cli.main`` (the console script) in a fresh process, after ``before`` (Python)."""
+    code = f"import sys\n{before}\nsys.argv = ['caa', *{list(args)!r}]\nfrom caa.cli import main\nmain()\n"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_the_command_line_exits_with_its_status_without_tearing_the_interpreter_down(tmp_path: Path) -> None:
+    """The console script ends the process after the command: the exit status and all the output
+    are the command's, atexit handlers run, and module globals are not finalised one by one."""
+    before = (
+        "import atexit\n"
+        "atexit.register(lambda: print('atexit ran'))\n"
+        "class Noisy:\n"
+        "    def __del__(self): print('torn down')\n"
+        "kept = Noisy()\n"
+    )
+    done = run_main("--help", before=before)
+    assert done.returncode == 0, done.stderr
+    assert "caa ingest" in done.stdout or "ingest" in done.stdout
+    assert done.stdout.rstrip().endswith("atexit ran")  # flushed, in order
+    assert "torn down" not in done.stdout
+    bad = run_main("ingest", str(tmp_path / "missing.json"), "-o", str(tmp_path / "pairs.parquet"))
+    assert bad.returncode == 2 and "missing.json" in bad.stderr
+    assert run_main("--no-such-option").returncode == 2
+    plain = subprocess.run(
+        [sys.executable, "-c", before + "raise SystemExit(0)"], capture_output=True, text=True, timeout=60
+    )
+    assert "torn down" in plain.stdout  # what a normal exit does, and main() skips

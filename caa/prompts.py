@@ -95,12 +95,18 @@ def encode(
     return encode_many(tokenizer, style, [(prompt, completion, fmt, position)])[0]
 
 
+# Texts per tokeniser call: enough for a fast tokeniser to use every core, few enough that the token
+# offsets of a whole dataset (Python tuples, several times the size of the ids kept) are never held at
+# once.
+ENCODE_CHUNK = 1024
+
+
 def encode_many(
     tokenizer: Any, style: PromptFormat, texts: Sequence[tuple[str, str, str, str]]
 ) -> list[Encoded]:
     """:func:`encode` of each (prompt, completion, format, position), the same tokens and positions:
-    each prompt templated once (a pair's two sides share it) and one tokeniser call for all (a fast
-    tokeniser encodes a list on every core)."""
+    each prompt templated once (a pair's two sides share it) and one tokeniser call per
+    ``ENCODE_CHUNK`` texts (a fast tokeniser encodes a list on every core)."""
     for *_, position in texts:
         if position not in POSITIONS:
             raise CaaError(f"--position '{position}': use one of {', '.join(POSITIONS)}")
@@ -111,15 +117,24 @@ def encode_many(
     tails = [completion_text(fmt, completion) for _, completion, fmt, _ in texts]
     starts = [len(prefixes[prompt]) for prompt, *_ in texts]
     whole = [prefixes[prompt] + tail for (prompt, *_), tail in zip(texts, tails, strict=True)]
-    if not whole:
-        return []
-    enc = tokenizer(whole, add_special_tokens=not style.chat, return_offsets_mapping=True)
-    return [
-        _locate(ids, offsets, start, tail, fmt, position)
-        for ids, offsets, start, tail, (_, _, fmt, position) in zip(
-            enc["input_ids"], enc["offset_mapping"], starts, tails, texts, strict=True
+    made: list[Encoded] = []
+    for at in range(0, len(whole), ENCODE_CHUNK):
+        enc = tokenizer(
+            whole[at : at + ENCODE_CHUNK], add_special_tokens=not style.chat, return_offsets_mapping=True
         )
-    ]
+        chunk = slice(at, at + ENCODE_CHUNK)
+        made += [
+            _locate(ids, offsets, start, tail, fmt, position)
+            for ids, offsets, start, tail, (_, _, fmt, position) in zip(
+                enc["input_ids"],
+                enc["offset_mapping"],
+                starts[chunk],
+                tails[chunk],
+                texts[chunk],
+                strict=True,
+            )
+        ]
+    return made
 
 
 def _locate(

@@ -19,11 +19,17 @@ def test_fit_context_cuts_the_prompt_start_only() -> None:
         fit_context(enc, 3, True, "x")
 
 
+@pytest.mark.parametrize("chunk", [1024, 7])
 @pytest.mark.parametrize("chat", [True, False])
-def test_encode_many_equals_encoding_each_text_alone(chat: bool) -> None:
-    """One batched tokeniser call and each prompt templated once give every text exactly the tokens
-    and read positions it gets alone, A/B and free-form, every position rule."""
+def test_encode_many_equals_encoding_each_text_alone(
+    chat: bool, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batched tokeniser calls (one, or several of ``chunk`` texts) and each prompt templated once
+    give every text exactly the tokens and read positions it gets alone, A/B and free-form, every
+    position rule."""
     from caa.prompts import encode, encode_many, prompt_format
+
+    monkeypatch.setattr("caa.prompts.ENCODE_CHUNK", chunk)
     from tests.helpers import AB_ROWS, FREEFORM_ROWS
     from tests.tiny_models import make_tokenizer
 
@@ -42,6 +48,7 @@ def test_encode_many_equals_encoding_each_text_alone(chat: bool) -> None:
         for position in ("last", "mean")
     ]
     assert len({t[0] for t in texts}) < len(texts)  # prompts repeat, as a pair's two sides do
+    assert len(texts) > 2 * 7  # several chunks of 7
     assert encode_many(tok, style, texts) == [encode(tok, style, *t) for t in texts]
     assert encode_many(tok, style, []) == []
     with pytest.raises(CaaError, match="--position 'first'"):

@@ -12,9 +12,13 @@ The Python API (in memory; every value saves the file the command line writes)::
     gens = caa.generate(model, vectors, ["Hi."], layer=18)       # Generations
     with caa.steer(model, vectors, layer=18, multiplier=2.0):    # steer any forward pass
         ...
+
+This module only names things: the functions are :mod:`caa.api`'s, the values live in the packages
+that make them (``caa.stages``, ``caa.models``, ...), and no name here shadows a module.
 """
 
 import gc as _gc
+import importlib.metadata as _metadata
 
 # These imports bring in torch, pandas and pyarrow: hundreds of thousands of long-lived objects, which
 # the cyclic garbage collector would scan over and over while they are made (a tenth of the import
@@ -22,22 +26,23 @@ import gc as _gc
 _collecting = _gc.isenabled()
 _gc.disable()
 try:
-    # caa.api imports the stage modules (caa.ingest, caa.extract, caa.sweep, caa.generate) before the
-    # functions of the same names are bound here, so these names stay the functions.
-    from caa.api import compute_vectors, extract, generate, ingest, sweep
+    from caa.api import compute_vectors, extract, generate, ingest, load_model, steer, sweep
+    from caa.core.hooks import steering
     from caa.errors import CaaError, InputError, MismatchError, ModelError
-    from caa.extract import Activations
-    from caa.generate import Generations
-    from caa.hooks import steer, steering
-    from caa.ingest import Pair, PairSet
-    from caa.models import LoadedModel, decoder_blocks, load_model
-    from caa.sweep import SweepResult
-    from caa.vectors import VectorSet
+    from caa.models.loading import LoadedModel, decoder_blocks
+    from caa.stages.extract import Activations
+    from caa.stages.generate import Generations
+    from caa.stages.ingest import Pair, PairSet
+    from caa.stages.sweep import SweepResult
+    from caa.stages.vectors import VectorSet
 finally:
     if _collecting:
         _gc.enable()
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("caa")
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "unknown"
 
 __all__ = [
     "Activations",

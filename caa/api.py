@@ -16,24 +16,29 @@ these same functions.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeAlias
 
+import numpy as np
 import pandas as pd
+import torch
+from torch import Tensor
 
-from caa.budget import parse_size, planner_for
-from caa.distributed import Shard
+from caa.core.budget import parse_size, planner_for
+from caa.core.distributed import Shard
+from caa.core.hooks import steer_start, steering
 from caa.errors import CaaError
-from caa.extract import Activations, extract_in_memory, parse_layers
-from caa.fluency import default_neutral, read_neutral
-from caa.generate import Generations, run_generate
-from caa.ingest import PairSet, ingest_records, pair_set
-from caa.ingest import ingest as ingest_files
-from caa.models import LoadedModel, load_model
-from caa.sweep import SweepResult, held_out, run_sweep
-from caa.vectors import VectorSet, vector_set
-from caa.vectors import compute_vectors as vector_rows
+from caa.evaluation.fluency import default_neutral, read_neutral
+from caa.models.loading import LoadedModel, decoder_blocks, load_model
+from caa.stages.extract import Activations, extract_in_memory, parse_layers
+from caa.stages.generate import Generations, run_generate
+from caa.stages.ingest import PairSet, ingest_records, pair_set
+from caa.stages.ingest import ingest as ingest_files
+from caa.stages.sweep import SweepResult, held_out, run_sweep
+from caa.stages.vectors import VectorSet, vector_set
+from caa.stages.vectors import compute_vectors as vector_rows
 
 Source: TypeAlias = str | os.PathLike[str] | Sequence[Any] | pd.DataFrame
 
@@ -160,7 +165,7 @@ def sweep(
     reliability and the recommendation. ``neutral``: texts for the fluency cost (default: the
     project's neutral prompts, or neutral text with ``steer_positions="all"``; ``neutral_source``
     names given ones in messages). ``provenance`` and ``inputs`` (files, hashed) go into the
-    result's metadata; ``tick`` counts texts scored (:func:`caa.sweep.sweep_work` is the total);
+    result's metadata; ``tick`` counts texts scored (:func:`caa.stages.sweep.sweep_work` is the total);
     ``notice`` receives one-line notes. Under ``accelerate launch``, pass the ``Accelerator``: each
     process runs its share of the batches and every process returns the whole result."""
     loaded = _model(model)
@@ -269,3 +274,62 @@ def generate(
         options={**options, **(provenance or {})},
         inputs=dict(inputs or {}),
     )
+
+
+@contextmanager
+def steer(
+    model: Any,
+    vector: Any,
+    layer: int,
+    multiplier: float | Sequence[float] = 1.0,
+    *,
+    behavior: str | None = None,
+    positions: str = "answer",
+    prompt_length: Tensor | Sequence[int] | int | None = None,
+    start: Tensor | int | None = None,
+    scale: str = "raw",
+) -> Iterator[None]:
+    """Steer ``model`` while the context is open: add ``multiplier * vector`` to block ``layer``'s output.
+
+    ``model`` is a :class:`caa.LoadedModel` or a transformers model; ``vector`` is a [d_model] array or
+    tensor, or a :class:`caa.stages.vectors.VectorSet` (then ``behavior`` picks its vector, and may be left
+    out when the file holds one behavior; ``scale="residual"`` makes the multiplier one of the layer's
+    mean residual norm). ``multiplier`` is one number, or one per batch row.
+
+    Which positions: give ``prompt_length`` (the prompt's token count, per row or for all) and
+    ``positions`` = ``answer`` (the paper's: every position after the prompt), ``prompt-end`` (the
+    prompt's last token too) or ``all``; or give ``start``, the first steered position (an int or a
+    [batch] tensor); with neither, every position is steered. Positions are the model's own
+    ``position_ids``, so two ``generate`` calls in one context are steered alike. Example::
+
+        inputs = loaded.tokenizer(["Tell me about your day."], return_tensors="pt")
+        with caa.steer(loaded, read_vectors("vectors.parquet"), layer=12, multiplier=1.5,
+                       prompt_length=inputs["attention_mask"].sum(-1)):
+            out = loaded.model.generate(**inputs)
+    """
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        blocks = decoder_blocks(model)
+    if scale != "raw" and not isinstance(vector, VectorSet):
+        raise CaaError(f"scale='{scale}' needs a VectorSet: it holds each layer's mean residual norm")
+    if isinstance(vector, VectorSet):
+        names = vector.behaviors()
+        if behavior is None and len(names) != 1:
+            raise CaaError(f"{vector.path} holds several behaviors ({', '.join(names)}): pass behavior=")
+        vector = vector.vector(behavior or names[0], layer, scale)
+    if isinstance(vector, Tensor):
+        v = vector.detach().float().flatten()  # [d_model]
+    else:  # a copy: numpy arrays read from Parquet are read-only
+        v = torch.tensor(np.array(vector, dtype=np.float32)).flatten()
+    if isinstance(multiplier, (int, float)):
+        delta = float(multiplier) * v
+    else:
+        delta = torch.as_tensor(list(multiplier), dtype=torch.float32)[:, None] * v  # [batch, d_model]
+    if prompt_length is not None:
+        if start is not None:
+            raise CaaError("give prompt_length= (with positions=) or start=, not both")
+        first = steer_start(positions, torch.as_tensor(prompt_length))
+    else:
+        first = None if start is None else torch.as_tensor(start, dtype=torch.long).reshape(-1)
+    with steering(blocks, {layer: delta}, first):
+        yield

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from caa.ingest import ingest, pairs_table  # noqa: E402
-from caa.models import LoadedModel, load_model  # noqa: E402
+from caa.models.loading import LoadedModel, load_model  # noqa: E402
+from caa.stages.ingest import ingest, pairs_table  # noqa: E402
 
 DATA = ROOT / "data"
 EMBEDDED = "smollm2-135m"

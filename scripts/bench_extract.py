@@ -12,8 +12,8 @@ import pandas as pd
 import torch
 from bench_common import Bench, Section, real_pairs
 
-from caa.extract import batches_by_length, encode_pairs, extract_activations
-from caa.prompts import collate, prompt_format
+from caa.core.prompts import collate, prompt_format
+from caa.stages.extract import batches_by_length, encode_pairs, extract_activations
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from NVIDIA's datasheets. Matched in order
 # against torch.cuda.get_device_name(): "NVIDIA H100 80GB HBM3" is the SXM card.

@@ -10,8 +10,8 @@ from contextlib import nullcontext
 import torch
 from bench_common import DATA, Bench, Section
 
-from caa.hooks import steer_start, steering
-from caa.prompts import Encoded, collate, prompt_format
+from caa.core.hooks import steer_start, steering
+from caa.core.prompts import Encoded, collate, prompt_format
 
 
 def tokens_per_second(bench: Bench, batch_size: int, new_tokens: int, repeats: int) -> tuple[float, float]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from bench_common import ROOT, Bench, Section, synthetic_records
 
 import caa
-from caa.ingest import PairSet
+from caa.stages.ingest import PairSet
 
 # run argv[1:] as a child and print its peak RSS in MiB (Linux reports ru_maxrss in KiB)
 WRAPPER = (

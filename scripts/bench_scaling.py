@@ -16,12 +16,12 @@ import pandas as pd
 import torch
 from bench_common import Bench, Section, loglog_exponent, synthetic_records
 
-from caa.engine import run_grid
-from caa.extract import encode_pairs, extract_activations
-from caa.ingest import ingest_records, pairs_table
-from caa.prompts import prompt_format
-from caa.scoring import ab_scores
-from caa.sweep import ab_text
+from caa.core.prompts import prompt_format
+from caa.evaluation.engines import run_grid
+from caa.evaluation.scoring import ab_scores
+from caa.stages.extract import encode_pairs, extract_activations
+from caa.stages.ingest import ingest_records, pairs_table
+from caa.stages.sweep import ab_text
 
 
 def frame_of(records: list[dict[str, str]]) -> pd.DataFrame:

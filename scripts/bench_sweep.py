@@ -13,12 +13,12 @@ import numpy as np
 import torch
 from bench_common import Bench, Section, real_pairs, spread_layers
 
-from caa.budget import planner_for
-from caa.engine import ScoreText, reference_grid, run_grid
-from caa.extract import encode_pairs, forward_layers
-from caa.prompts import collate, prompt_format
-from caa.scoring import ab_scores, completion_logprobs
-from caa.sweep import ab_text, freeform_text
+from caa.core.budget import planner_for
+from caa.core.prompts import collate, prompt_format
+from caa.evaluation.engines import ScoreText, reference_grid, run_grid
+from caa.evaluation.scoring import ab_scores, completion_logprobs
+from caa.stages.extract import encode_pairs, forward_layers
+from caa.stages.sweep import ab_text, freeform_text
 
 MULTIPLIERS = (-2.0, -1.0, 0.0, 1.0, 2.0)
 Engine = Callable[[Sequence[ScoreText]], dict[int, np.ndarray]]
@@ -130,7 +130,8 @@ def run(bench: Bench) -> Section:
     n_layers = bench.pick(2, 3)
     section = Section(
         "sweep",
-        "engine level, scores only (caa.engine.run_grid); 'one forward per cell' is the paper's loop: "
+        "engine level, scores only (caa.evaluation.engines.run_grid); "
+        "'one forward per cell' is the paper's loop: "
         "one unbatched pass per text, layer and multiplier",
     )
     run_kind(bench, section, "sycophancy", bench.pick(3, 8, gpu=32), n_layers, multipliers)

@@ -20,7 +20,7 @@ import pandas as pd
 from bench_common import EMBEDDED, ROOT, Bench, Section, spread_layers
 
 import caa
-from caa.ingest import PairSet
+from caa.stages.ingest import PairSet
 
 CAA = [sys.executable, "-m", "caa"]
 

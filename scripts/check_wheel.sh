@@ -30,7 +30,7 @@ echo "== wheel: install into a fresh virtual environment (torch pinned first: it
 echo "== wheel: run from an empty directory"
 cd "$TMP/run"
 CAA="$TMP/venv/bin/caa"
-where=$("$TMP/venv/bin/python" -c "import caa, caa.datasets; print(caa.__file__, caa.datasets.data_dir())")
+where=$("$TMP/venv/bin/python" -c "import caa, caa.store.datasets; print(caa.__file__, caa.store.datasets.data_dir())")
 case "$where" in
   "$TMP/venv/"*" $TMP/venv/"*) echo "caa and its data from the wheel: $where" ;;
   *) echo "error: caa or its data is not the installed wheel's: $where" >&2; exit 1 ;;

@@ -26,7 +26,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1
 {
   # caa itself, without its dependencies (nothing to download): an editable install maps caa._data
   # to data/; where pip cannot build it, the checkout on the path with caa/_data linked to data/
-  if ! "$PY" -c 'import caa.datasets as d; d.data_dir()' >/dev/null 2>&1; then
+  if ! "$PY" -c 'import caa.store.datasets as d; d.data_dir()' >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . ||
       { ln -sfn ../data caa/_data && export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"; }
   fi

@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from caa.models import LoadedModel
+from caa.models.loading import LoadedModel
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data"
@@ -55,7 +55,7 @@ def write_pairs_file(
     """A pairs.parquet made through the real ingest code."""
     import json
 
-    from caa.ingest import ingest, write_pairs
+    from caa.stages.ingest import ingest, write_pairs
 
     files = []
     for name, rows in rows_by_behavior.items():
@@ -88,7 +88,7 @@ def make_vectors(model: Path, tmp: Path) -> tuple[Path, Path]:
 
 def held_out(pairs: Path) -> pd.DataFrame:
     """The test split of a pairs file (what a sweep scores), indexed from 0."""
-    from caa.extract import read_pairs
+    from caa.stages.extract import read_pairs
 
     frame = read_pairs(pairs)[0]
     return frame[frame.split == "test"].reset_index(drop=True)

@@ -25,7 +25,7 @@ def test_public_api_names_every_stage_and_value() -> None:
         assert callable(getattr(caa, name)) and name in caa.__all__
     for name in ("PairSet", "Activations", "VectorSet", "SweepResult", "Generations", "LoadedModel"):
         assert isinstance(getattr(caa, name), type) and name in caa.__all__
-    import caa.sweep as stage  # importing a stage module again keeps the function on the package
+    import caa.stages.sweep as stage  # importing a stage module again keeps the function on the package
 
     assert callable(caa.sweep) and stage is caa.sweep
 

@@ -30,9 +30,9 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner, Result
 
-from caa.artifacts import write_artifact
 from caa.cli import app
-from caa.schemas import ACTIVATIONS, META_KEY, VECTORS, Kind
+from caa.store.artifacts import write_artifact
+from caa.store.schemas import ACTIVATIONS, META_KEY, VECTORS, Kind
 from tests.helpers import AB_ROWS, FREEFORM_ROWS
 
 BAD = Path(__file__).parent / "bad_inputs"

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 import caa
-from caa.extract import extract_in_memory
-from caa.prompts import Encoded, collate, prompt_format
+from caa.core.prompts import Encoded, collate, prompt_format
+from caa.stages.extract import extract_in_memory
 from tests.helpers import AB_ROWS, FREEFORM_ROWS, MULTIPLIERS, NEUTRAL, inject_oom, write_pairs_file
 from tests.tiny_models import make_tokenizer
 
@@ -180,7 +180,7 @@ SWEEP_COLUMNS = [
 def test_fast_sweep_equals_reference_engine(
     gpu_device: torch.device, gpu_models: dict[str, Path], gpu_pairs: caa.PairSet, name: str, positions: str
 ) -> None:
-    """``caa.sweep`` with the prefix-cache engine gives the reference engine's table to 1e-4 in
+    """``caa.stages.sweep`` with the prefix-cache engine gives the reference engine's table to 1e-4 in
     float32, in several padded batches per layer."""
     loaded = load(gpu_models[name], gpu_device)
     vectors = caa.compute_vectors(caa.extract(loaded, gpu_pairs, split="train"))
@@ -264,7 +264,7 @@ def recomputed_generation(
 def test_steered_generation_under_kv_cache_equals_recomputation(
     gpu_device: torch.device, gpu_models: dict[str, Path], gpu_pairs: caa.PairSet, name: str
 ) -> None:
-    """Batched, left-padded generation with the KV cache under ``caa.steer`` (and ``caa.generate``),
+    """Batched, left-padded generation with the KV cache under ``caa.steer`` (and ``caa.stages.generate``),
     default ``answer`` policy, gives the tokens and logits of a recomputation without cache that steers
     the same positions; the first new token is unsteered, later ones are steered."""
     loaded = load(gpu_models[name], gpu_device)

@@ -30,15 +30,15 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import Result
 
-from caa.artifacts import read_meta
 from caa.cli import app
 from caa.errors import CaaError, InputError, ModelError
-from caa.inspection import check_input_files
-from caa.model_specs import config_num_layers, looks_like_path
-from caa.models import load_model
-from caa.schemas import ACTIVATIONS, VECTORS
-from caa.text import MAX_JSON_DEPTH, clean, load_json, text_problem
-from caa.vectors import read_vectors
+from caa.models.loading import load_model
+from caa.models.specs import config_num_layers, looks_like_path
+from caa.report.summary import check_input_files
+from caa.stages.vectors import read_vectors
+from caa.store.artifacts import read_meta
+from caa.store.schemas import ACTIVATIONS, VECTORS
+from caa.store.text import MAX_JSON_DEPTH, clean, load_json, text_problem
 from tests import test_bad_inputs as corpus
 from tests.test_bad_inputs import BAD, Valid, _artifact, _meta, _with, runner
 

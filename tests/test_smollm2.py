@@ -10,10 +10,10 @@ import torch
 from typer.testing import CliRunner
 
 from caa.cli import app
-from caa.extract import read_pairs
-from caa.models import load_model
-from caa.prompts import encode, prompt_format
-from caa.vectors import read_vectors
+from caa.core.prompts import encode, prompt_format
+from caa.models.loading import load_model
+from caa.stages.extract import read_pairs
+from caa.stages.vectors import read_vectors
 from tests.helpers import DATA
 
 pytestmark = pytest.mark.slow
@@ -85,8 +85,8 @@ def test_steering_moves_the_demo_behavior_in_order(
     """At the layer the sweep recommends, score(-m) < score(0) < score(+m) for the demo's multiplier."""
     import json
 
-    from caa.artifacts import read_artifact
-    from caa.schemas import SWEEP
+    from caa.store.artifacts import read_artifact
+    from caa.store.schemas import SWEEP
 
     monkeypatch.setenv("CAA_CACHE", str(shared_cache))
     lines = (DATA / "sentiment.jsonl").read_text().splitlines()[:100]
@@ -138,9 +138,9 @@ def test_sweep_scores_equal_the_papers_masking_rule(
     question, the vector added where position > instruction_end (the prompt's last token)."""
     import json
 
-    from caa.engine import run_grid
-    from caa.scoring import ab_scores
-    from caa.sweep import ab_text
+    from caa.evaluation.engines import run_grid
+    from caa.evaluation.scoring import ab_scores
+    from caa.stages.sweep import ab_text
 
     monkeypatch.setenv("CAA_CACHE", str(shared_cache))
     loaded = load_model("smollm2-135m", device="cpu")

@@ -15,10 +15,10 @@ from rich.markup import escape as escape_markup
 from typer.core import TyperGroup
 
 from caa.errors import CaaError
-from caa.text import clean, text_problem
+from caa.store.text import clean, text_problem
 
 if TYPE_CHECKING:
-    from caa.models import LoadedModel
+    from caa.models.loading import LoadedModel
 
 
 class _CheckedGroup(TyperGroup):
@@ -61,7 +61,7 @@ err = Console(stderr=True, soft_wrap=True)
 def escape(text: str, keep: str = "") -> str:
     """Text from data or the user, ready for a rich markup string: control characters (ANSI
     escapes, carriage returns, bells; line breaks too unless ``keep`` holds them) shown as escapes
-    (caa.text.clean), and markup brackets escaped. Every message and table cell goes through it."""
+    (caa.store.text.clean), and markup brackets escaped. Every message and table cell goes through it."""
     return escape_markup(clean(text, keep))
 
 
@@ -116,7 +116,7 @@ def _check_outputs(
     inputs: list[Any], outputs: list[tuple[Path, Any]], force: bool, show: bool = True
 ) -> None:
     """Before any work: refuse outputs that would destroy an input or other data; warn of replacements."""
-    from caa.outputs import check_outputs
+    from caa.store.outputs import check_outputs
 
     try:
         notices = check_outputs(inputs, outputs, force)
@@ -211,7 +211,7 @@ def _load(
     with _gc_paused():  # transformers' imports and the model's modules: long-lived objects
         from transformers.utils import logging as hf_logging
 
-        from caa.models import load_model
+        from caa.models.loading import load_model
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()

@@ -69,12 +69,12 @@ def ingest(
     Example: [bold]caa ingest data/sycophancy.json data/sentiment.jsonl -o pairs.parquet[/]
     (or, with the built-in datasets, from any directory: [bold]caa ingest sycophancy sentiment[/])
     """
-    from caa.schemas import PAIRS
+    from caa.store.schemas import PAIRS
 
     files = _dataset_files(files)
     _check_outputs(list(files), [(out_path, PAIRS)], force)
-    from caa.ingest import ingest as run_ingest
-    from caa.ingest import parse_mapping, write_pairs
+    from caa.stages.ingest import ingest as run_ingest
+    from caa.stages.ingest import parse_mapping, write_pairs
 
     options = _provenance(ctx)
     try:
@@ -106,7 +106,7 @@ def ingest(
 
 def _dataset_files(files: list[Path]) -> list[Path]:
     """The inputs of `caa ingest`, a built-in dataset's file in place of its name (said on stderr)."""
-    from caa.datasets import resolve_dataset
+    from caa.store.datasets import resolve_dataset
 
     resolved = []
     for arg in files:
@@ -128,7 +128,7 @@ def datasets() -> None:
 
     Example: [bold]caa datasets[/], then [bold]caa ingest sentiment formality -o pairs.parquet[/]
     """
-    from caa.datasets import cards, data_dir
+    from caa.store.datasets import cards, data_dir
 
     try:
         found = cards()

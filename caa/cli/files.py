@@ -53,8 +53,8 @@ def report(
 
     Example: [bold]caa report demo-out -o demo-out/report.html[/]
     """
-    from caa.report import build_report, find_artifacts, write_report
-    from caa.schemas import REPORT
+    from caa.report.page import build_report, find_artifacts, write_report
+    from caa.store.schemas import REPORT
 
     try:
         _require(max_prompts >= 1, f"--max-prompts {max_prompts}: must be at least 1")
@@ -120,11 +120,11 @@ def export_cmd(
 
     Example: [bold]caa export vectors.parquet --format gguf --layers 8-20 -o happy.gguf[/]
     """
-    from caa.extract import parse_layers
-    from caa.inspection import layer_spans
-    from caa.interchange import export_format, export_vectors
-    from caa.schemas import EXPORT
-    from caa.vectors import read_vectors
+    from caa.report.summary import layer_spans
+    from caa.stages.extract import parse_layers
+    from caa.stages.interchange import export_format, export_vectors
+    from caa.stages.vectors import read_vectors
+    from caa.store.schemas import EXPORT
 
     _check_outputs([vectors], [(out_path, EXPORT)], force)
     try:
@@ -186,11 +186,11 @@ def import_cmd(
 
     Example: [bold]caa import sae-dir --feature 1234 -m smollm2-135m -o vectors.parquet[/]
     """
-    from caa.foreign import read_foreign
-    from caa.inspection import layer_spans
-    from caa.interchange import check_layers, import_vectors
-    from caa.model_specs import config_num_layers
-    from caa.schemas import VECTORS
+    from caa.models.specs import config_num_layers
+    from caa.report.summary import layer_spans
+    from caa.stages.foreign import read_foreign
+    from caa.stages.interchange import check_layers, import_vectors
+    from caa.store.schemas import VECTORS
 
     _check_outputs([source, _model_file(model)], [(out_path, VECTORS)], force)
     options = {
@@ -242,7 +242,7 @@ def inspect_cmd(
     """
     import json
 
-    from caa.inspection import inspect_artifact
+    from caa.report.summary import inspect_artifact
 
     try:
         report = inspect_artifact(file, check_inputs=check_inputs)
@@ -317,7 +317,7 @@ def _key_value_table(title: str) -> Table:
 
 def _shown(key: str, value: Any, inline: bool = False) -> str:
     """One metadata or summary value as table text: layers as spans, ranges as a..b, dicts as lines."""
-    from caa.inspection import layer_spans
+    from caa.report.summary import layer_spans
 
     if value is None or value == [] or value == {}:
         return "-"

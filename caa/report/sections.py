@@ -1,0 +1,279 @@
+"""The sections of `caa report` drawn from artifacts: the vectors' diagnostics, the sweep (scores,
+fluency cost, reliability and the recommendation) and the generations side by side, per behavior.
+
+Only the columns shown are read (never the vectors themselves).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from caa.report.html import esc, figure, new_figure, num, number, table, wrap
+from caa.report.plots import draw_score_and_cost
+from caa.report.summary import layer_spans
+from caa.store.artifacts import read_artifact
+from caa.store.schemas import GENERATIONS, SWEEP, VECTORS
+
+VECTOR_COLUMNS = [
+    "behavior",
+    "layer",
+    "method",
+    "n_train",
+    "n_test",
+    "vector_norm",
+    "mean_residual_norm",
+    "norm_ratio",
+    "pair_consistency",
+    "cos_prev_layer",
+    "cos_next_layer",
+    "test_accuracy",
+    "test_auc",
+]
+GENERATION_COLUMNS = ["prompt_index", "prompt", "behavior", "layer", "multiplier", "text"]
+
+# --- vectors -------------------------------------------------------------------------------------
+
+
+def vectors_section(path: Path) -> str:
+    frame = read_artifact(path, VECTORS, columns=VECTOR_COLUMNS).table.to_pandas()  # never the vectors
+    frame["ratio"] = frame.norm_ratio  # |v| / |h|, as compute-vectors stored it
+    parts = [
+        '<p class="note">Per layer: |v| the vector\'s norm, |h| the mean residual norm there, their ratio; '
+        "cons: mean cosine of the training pairs' differences with their mean; cos−1 / cos+1: cosine with "
+        "the adjacent layers' vectors; acc, AUC: separability of the held-out pairs along the vector.</p>"
+    ]
+    for behavior, part in frame.groupby("behavior", sort=False):
+        part = part.sort_values("layer")
+        parts.append(f"<h3>{esc(behavior)}</h3>")
+        parts.append(_vectors_figure(part))
+        parts.append(_vectors_table(part))
+    return "\n".join(parts)
+
+
+def _vectors_figure(part: pd.DataFrame) -> str:
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (ratio_ax, sep_ax, cos_ax) = new_figure(3, 12, 2.8)
+    ratio_ax.plot(part.layer, part.ratio, marker="o")
+    ratio_ax.set_title("|v| / |h|", fontsize=10)
+    sep_ax.plot(part.layer, part.test_auc, marker="o", label="test AUC")
+    sep_ax.plot(part.layer, part.pair_consistency, marker="s", label="pair consistency")
+    sep_ax.set_title("separability and consistency", fontsize=10)
+    sep_ax.legend(fontsize=8)
+    cos_ax.plot(part.layer, part.cos_prev_layer, marker="o")
+    cos_ax.set_title("cosine with the previous layer's vector", fontsize=10)
+    for ax in (ratio_ax, sep_ax, cos_ax):
+        ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    layers = layer_spans(int(x) for x in part.layer)
+    return figure(fig, f"Diagnostics at layers {layers} ({esc(part.method.iloc[0])} vectors).")
+
+
+def _vectors_table(part: pd.DataFrame) -> str:
+    headers = ["layer", "n train", "n test", "|v|", "|h|", "|v|/|h|", "AUC", "acc", "cons", "cos−1", "cos+1"]
+    rows = [
+        [
+            f"={r.layer}",
+            f"={r.n_train}",
+            f"={r.n_test}",
+            "=" + num(r.vector_norm, "{:.2f}"),
+            "=" + num(r.mean_residual_norm, "{:.1f}"),
+            "=" + num(r.ratio),
+            "=" + num(r.test_auc),
+            "=" + num(r.test_accuracy),
+            "=" + num(r.pair_consistency),
+            "=" + num(r.cos_prev_layer),
+            "=" + num(r.cos_next_layer),
+        ]
+        for r in part.itertuples()
+    ]
+    return table(headers, rows)
+
+
+# --- sweep ---------------------------------------------------------------------------------------
+
+
+def sweep_section(path: Path) -> str:
+    art = read_artifact(path, SWEEP)
+    frame, meta = art.table.to_pandas(), art.meta
+    options = meta.get("options") or {}
+    parts = [f"<p>Fluency cost: {_fluency(meta.get('fluency') or {})}.</p>"]
+    for behavior, part in frame.groupby("behavior", sort=False):
+        part = part.sort_values(["layer", "multiplier"])
+        pick = _cell((meta.get("recommended") or {}).get(behavior))
+        parts.append(f"<h3>{esc(behavior)}</h3>")
+        parts.append(_recommendation(meta, str(behavior), part, options))
+        parts.append(_sweep_figure(part, pick, options.get("max_kl")))
+        parts.append(_sweep_table(part, pick))
+        parts.append("<h4>Reliability per layer</h4>")
+        parts.append(_reliability_table(part))
+    return "\n".join(parts)
+
+
+def _cell(value: Any) -> tuple[int, float] | None:
+    return (int(value[0]), float(value[1])) if value else None
+
+
+def _fluency(fluency: Mapping[str, Any]) -> str:
+    """What the KL and perplexity columns measured (the sweep's ``fluency`` metadata), as HTML."""
+    source = f" from <code>{esc(fluency['source'])}</code>" if fluency.get("source") else ""
+    tokens = f", {esc(fluency['tokens'])} tokens in all" if fluency.get("tokens") is not None else ""
+    if fluency.get("kind") == "continuation":
+        return (
+            "mean KL(unsteered ‖ steered) per token, and the perplexity, over the unsteered model's "
+            f"{esc(fluency.get('continuation_tokens'))}-token greedy continuations of "
+            f"{esc(fluency.get('texts'))} neutral prompts{source}{tokens}"
+        )
+    if fluency.get("kind") == "text":
+        return (
+            "mean KL(unsteered ‖ steered) per token, and the perplexity, at every position of "
+            f"{esc(fluency.get('texts'))} neutral texts{source}{tokens}"
+        )
+    return "the file does not say what the KL and perplexity were measured on"
+
+
+def _recommendation(
+    meta: Mapping[str, Any], behavior: str, part: pd.DataFrame, options: Mapping[str, Any]
+) -> str:
+    max_kl, max_anti = options.get("max_kl"), options.get("max_anti")
+    budget = f"KL ≤ {number(max_kl)}"
+    if max_anti is not None:
+        budget += f", anti-steerable ≤ {number(max_anti)}"
+    pick = _cell((meta.get("recommended") or {}).get(behavior))
+    best = _cell((meta.get("best_unreliable") or {}).get(behavior))
+
+    def anti(layer: int) -> str:
+        value = part[part.layer == layer].anti_fraction
+        share = value.iloc[0] if len(value) else None
+        return (
+            ""
+            if share is None or share != share
+            else f"; {share:.0%} of the items steer backwards at this layer"
+        )
+
+    if pick:
+        return (
+            f'<p class="recommend"><strong>Recommended: layer {pick[0]}, multiplier {pick[1]:g}</strong> '
+            f"(the largest gain whose paired 95% interval lies above 0, with {budget}{anti(pick[0])}).</p>"
+        )
+    if best:
+        return (
+            f'<p class="unreliable"><strong>No cell steers this behavior reliably</strong> with {budget}: '
+            f"the best, layer {best[0]} ×{best[1]:g}, has a gain whose 95% interval includes 0"
+            f"{anti(best[0])}.</p>"
+        )
+    return f'<p class="unreliable">No (layer, multiplier) raises the score with {budget}.</p>'
+
+
+def _sweep_figure(part: pd.DataFrame, pick: tuple[int, float] | None, max_kl: Any) -> str:
+    fig, (score_ax, kl_ax) = new_figure(2, 10, 3.4)
+    draw_score_and_cost(score_ax, kl_ax, part, pick)  # the same lines as sweep.png
+    if isinstance(max_kl, (int, float)):
+        kl_ax.axhline(max_kl, color="grey", linestyle="--", linewidth=1, label=f"--max-kl {max_kl:g}")
+    score_p = part.score_kind.iloc[0] == "p_match"
+    score_ax.set_ylabel("p(matching answer)" if score_p else "log p(pos) − log p(neg)")
+    score_ax.set_title(f"score on {part.n.iloc[0]} held-out pairs (± sem)", fontsize=10)
+    kl_ax.set_ylabel("KL, nats/token")
+    kl_ax.set_title("fluency cost", fontsize=10)
+    kl_ax.set_yscale("symlog", linthresh=0.01)
+    highest = max([float(part.kl_mean.max()), max_kl if isinstance(max_kl, (int, float)) else 0, 0.01])
+    kl_ax.set_ylim(0, highest * 2)  # room above the highest point on the log part of the scale
+    multipliers = sorted(set(part.multiplier))
+    for ax in (score_ax, kl_ax):
+        ax.set_xlabel("multiplier")
+        if len(multipliers) <= 11:
+            ax.set_xticks(multipliers, [f"{m:g}" for m in multipliers])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return figure(fig, "Score (mean ± standard error) and fluency cost per layer and multiplier.")
+
+
+def _sweep_table(part: pd.DataFrame, pick: tuple[int, float] | None) -> str:
+    digits = 3 if part.score_kind.iloc[0] == "p_match" else 2
+    rows, classes = [], []
+    for r in part.itertuples():
+        ci = (
+            ""
+            if r.multiplier == 0
+            else f"{num(r.delta_low, f'{{:+.{digits}f}}')} .. {num(r.delta_high, f'{{:+.{digits}f}}')}"
+        )
+        rows.append(
+            [
+                f"={r.layer}",
+                f"={r.multiplier:g}",
+                "=" + num(r.score_mean),
+                "=" + num(r.score_sem),
+                f"={r.delta:+.3f}",
+                "=" + ci,
+                "=" + num(r.kl_mean),
+                "=" + num(r.perplexity, "{:.2f}"),
+                "=" + num(r.perplexity_delta, "{:+.2f}"),
+            ]
+        )
+        classes.append("picked" if pick == (r.layer, r.multiplier) else "")
+    headers = ["layer", "mult", "score", "± sem", "delta", "delta 95% CI", "KL", "ppl", "Δppl"]
+    return table(headers, rows, classes)
+
+
+def _reliability_table(part: pd.DataFrame) -> str:
+    rows = []
+    for r in part.drop_duplicates("layer").itertuples():
+        backward = ", ".join(str(i) for i in list(r.backward_items)[:3])
+        rows.append(
+            [
+                f"={r.layer}",
+                "=" + num(r.slope_mean, "{:+.4f}"),
+                "=" + num(r.slope_median, "{:+.4f}"),
+                "=" + num(r.anti_fraction, "{:.0%}"),
+                "=" + f"{num(r.anti_low, '{:.0%}')} .. {num(r.anti_high, '{:.0%}')}",
+                f"<code>{esc(backward)}</code>" if backward else "",
+            ]
+        )
+    headers = ["layer", "mean slope", "median slope", "anti-steerable", "95% CI", "most backwards (ids)"]
+    note = (
+        '<p class="note">Each held-out item\'s score is fitted against the multiplier; anti-steerable is the '
+        "share of items with a negative slope (seeded bootstrap interval).</p>"
+    )
+    return note + table(headers, rows)
+
+
+# --- generations ---------------------------------------------------------------------------------
+
+
+def generations_section(path: Path, max_prompts: int) -> str:
+    frame = read_artifact(path, GENERATIONS, columns=GENERATION_COLUMNS).table.to_pandas()
+    parts = []
+    for (behavior, layer), part in frame.groupby(["behavior", "layer"], sort=False):
+        multipliers = sorted(set(part.multiplier))
+        prompts = sorted(set(part.prompt_index))
+        parts.append(f"<h3>{esc(behavior)} at layer {esc(layer)}</h3>")
+        if len(prompts) > max_prompts:
+            parts.append(f'<p class="note">The first {max_prompts} of {len(prompts)} prompts.</p>')
+        texts = {(r.prompt_index, r.multiplier): r.text for r in part.itertuples()}
+        first = part.drop_duplicates("prompt_index").set_index("prompt_index").prompt
+        rows = [
+            [esc(first[i]), *(f"{esc(texts.get((i, m), ''))}" for m in multipliers)]
+            for i in prompts[:max_prompts]
+        ]
+        headers = ["prompt", *(f"×{m:g}" + (" (unsteered)" if m == 0 else "") for m in multipliers)]
+        parts.append(_generation_table(headers, rows, [m == 0 for m in multipliers]))
+    return "\n".join(parts)
+
+
+def _generation_table(headers: list[str], rows: list[list[str]], zero: list[bool]) -> str:
+    head = "".join(f"<th>{h}</th>" for h in headers)
+    body = "".join(
+        "<tr>"
+        + f'<td class="gen">{row[0]}</td>'
+        + "".join(
+            f'<td class="gen{" zero" if z else ""}">{c}</td>' for c, z in zip(row[1:], zero, strict=True)
+        )
+        + "</tr>"
+        for row in rows
+    )
+    return wrap(head, body)

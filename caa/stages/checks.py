@@ -1,0 +1,95 @@
+"""Do these artifacts belong together? The rules every stage applies before it runs a model.
+
+Vectors and the model they steer (fingerprint, width, layers), the prompt format they were read with,
+the held-out pairs a sweep scores, and the multipliers a model's activations can hold.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from caa.core.prompts import PromptFormat
+from caa.errors import CaaError, MismatchError
+from caa.models.loading import LoadedModel
+from caa.stages.vectors import VectorSet
+
+MODEL_FIELDS = ("hidden_size", "weights_hash")  # a vector of another model is refused on these
+
+
+def check_model(vectors: VectorSet, loaded: LoadedModel) -> None:
+    """Refuse vectors made with another model or hidden size, naming the file and the field; and
+    vectors whose width or layers do not fit the loaded model."""
+    made = vectors.meta.get("model") or {}
+    here = loaded.fingerprint.to_dict()
+    for name in MODEL_FIELDS:
+        if made.get(name) != here[name]:
+            raise MismatchError(
+                f"{vectors.path}: field 'model.{name}' is {made.get(name)!r} but the loaded model "
+                f"'{loaded.fingerprint.name}' has {here[name]!r}: these vectors were made with another model"
+            )
+    if vectors.values.shape[1] != loaded.hidden_size:
+        raise MismatchError(
+            f"{vectors.path}: field 'vector' has width {vectors.values.shape[1]} but the model's "
+            f"hidden_size is {loaded.hidden_size}"
+        )
+    bad = vectors.frame.layer[(vectors.frame.layer < 0) | (vectors.frame.layer >= loaded.num_layers)]
+    if len(bad):
+        raise MismatchError(
+            f"{vectors.path}: field 'layer': layer {bad.iloc[0]} is out of range; the model has "
+            f"{loaded.num_layers} blocks (layers 0-{loaded.num_layers - 1})"
+        )
+
+
+def check_template(vectors: VectorSet, style: PromptFormat, option: str = "--chat-template") -> None:
+    """Refuse to use vectors read under one prompt format with the other (chat template or plain)."""
+    made = (vectors.meta.get("prompt") or {}).get("chat_template")
+    if made is not None and bool(made) != style.chat:
+
+        def name(chat: bool) -> str:
+            return "the chat template" if chat else "plain text (no chat template)"
+
+        raise MismatchError(
+            f"{vectors.path}: field 'prompt.chat_template': its activations were read with "
+            f"{name(bool(made))}, but this run uses {name(style.chat)}; set {option} to match"
+        )
+
+
+def check_held_out(
+    vectors: VectorSet, pairs: pd.DataFrame, pairs_path: Path, notice: Callable[[str], None] | None = None
+) -> None:
+    """Refuse to score pairs that trained the vectors (another pairs file, or another split).
+    Vectors that list no training pairs (imported ones) leave nothing to check: ``notice`` says so."""
+    trained = set(vectors.meta.get("train_pair_ids") or [])
+    if not trained and notice:
+        notice(
+            f"{vectors.path}: no training pairs recorded (field 'train_pair_ids', empty for imported "
+            "vectors): the held-out check was skipped"
+        )
+    leaked = pairs.pair_id[pairs.pair_id.isin(trained)]
+    if len(leaked):
+        raise MismatchError(
+            f"{pairs_path}: {len(leaked)} of its test pairs (e.g. '{leaked.iloc[0]}') trained the vectors "
+            f"in {vectors.path} (field 'train_pair_ids'): score held-out pairs only"
+        )
+
+
+def check_strength(
+    vectors: dict[int, torch.Tensor], multipliers: Sequence[float], loaded: LoadedModel
+) -> None:
+    """Refuse (before any work) a multiplier and vector whose product overflows the model's dtype."""
+    dtype = next(loaded.model.parameters()).dtype
+    top = float(torch.finfo(dtype).max) ** 0.5  # norms square the residual: beyond this they overflow
+    biggest = max(abs(m) for m in multipliers)
+    for layer, vector in vectors.items():
+        peak = biggest * float(vector.double().abs().max())
+        if not math.isfinite(peak) or peak >= top:
+            raise CaaError(
+                f"--multipliers: x{biggest:g} times the layer-{layer} vector (largest entry "
+                f"{float(vector.abs().max()):.3g}) is {peak:.3g}, beyond what {dtype} activations hold "
+                f"(about {top:.3g}): lower the multipliers"
+            )

@@ -1,0 +1,423 @@
+"""`caa extract`: residual-stream activations of every pair, per layer, batched, streamed to Parquet.
+
+"Layer l" is the output of decoder block l (0-based): ``hidden_states[l + 1]`` in transformers for
+every block but the last, where transformers returns the output after the final norm instead; we
+always record the block's own output.
+
+One module (about 400 lines) for the stage's three layers, each small: the batched forward pass
+that records, the in-memory result (:class:`Activations`), and the run that streams to Parquet
+with checkpoints and shards over processes; they share the encoding and the batch loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from caa.core.hooks import recording, run_until_stop
+from caa.core.options import parse_layers as parse_layers
+from caa.core.prompts import (
+    Batch,
+    Encoded,
+    PromptFormat,
+    collate,
+    encode_many,
+    fit_context,
+    prompt_format,
+)
+from caa.errors import CaaError, InputError, MismatchError
+from caa.models.loading import LoadedModel
+from caa.stages.ingest import SIDES, describe_pair
+from caa.stages.ingest import read_pairs as read_pairs  # the reader lives beside its writer
+from caa.stages.ingest import select_pairs as select_pairs
+from caa.store import checkpoint
+from caa.store.artifacts import Artifact, StreamWriter, columns_table, make_meta, read_artifact, vectors_of
+from caa.store.schemas import ACTIVATIONS
+
+
+@dataclass(frozen=True)
+class TextItem:
+    """One side of one pair, encoded."""
+
+    pair_index: int
+    side: str
+    encoded: Encoded
+
+
+def encode_pairs(
+    pairs: pd.DataFrame,
+    loaded: LoadedModel,
+    style: PromptFormat,
+    position: str,
+    truncate: bool = False,
+    notice: Callable[[str], None] | None = None,
+    pairs_path: Path | None = None,
+) -> list[TextItem]:
+    """Both sides of every pair, encoded with their read positions (the answer letter for A/B).
+
+    A text longer than the model's context is an error naming its pair, or with ``truncate`` loses
+    the start of its prompt (``notice`` gets the count of pairs cut)."""
+    items = []
+    cut: set[int] = set()
+    limit = loaded.context_length
+    rows = list(pairs.itertuples(index=False))
+    texts = [
+        (row.prompt, getattr(row, side), row.format, "answer" if row.format == "ab" else position)
+        for row in rows
+        for side in SIDES
+    ]
+    encoded = iter(encode_many(loaded.tokenizer, style, texts))
+    for index, row in enumerate(rows):
+        for side in SIDES:
+            enc, was_cut = fit_context(next(encoded), limit, truncate, describe_pair(row, side, pairs_path))
+            if was_cut:
+                cut.add(index)
+            items.append(TextItem(index, side, enc))
+    if cut and notice:
+        notice(
+            f"--truncate: cut the start of {len(cut)} of {len(pairs)} pairs to the context of {limit} tokens"
+        )
+    return items
+
+
+def batches_by_length(items: Sequence[TextItem], batch_size: int, skip: int = 0) -> list[list[TextItem]]:
+    """Sort by length (least padding; ties keep their order), leave out the first ``skip``, and cut
+    into batches."""
+    ordered = sorted(items, key=lambda it: len(it.encoded.input_ids))[skip:]
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+@torch.inference_mode()
+def forward_layers(loaded: LoadedModel, batch: Batch, layers: Sequence[int]) -> torch.Tensor:
+    """Block outputs at the batch's read positions: float32 [batch, len(layers), d_model].
+
+    Runs the model's decoder only as far as the deepest requested block.
+    """
+    batch = batch.to(loaded.device)
+    with recording(loaded.blocks, layers, batch.read_weights) as records:
+        run_until_stop(
+            loaded.model.base_model,
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        )
+    return torch.stack([records[layer] for layer in layers], dim=1)
+
+
+def extract_activations(
+    pairs: pd.DataFrame,
+    loaded: LoadedModel,
+    layers: Sequence[int],
+    *,
+    position: str = "last",
+    chat_template: str = "auto",
+    batch_size: int = 16,
+    padding_side: str = "left",
+    on_texts: Callable[[int], None] | None = None,
+    notice: Callable[[str], None] | None = None,
+    skip: int = 0,
+    truncate: bool = False,
+    pairs_path: Path | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Yield row groups of the activations table (column arrays), one per batch.
+
+    Each text is one side of one pair; its rows are one per layer. Texts run in order of length
+    (ties in pair order), and each row group holds the next texts of that order; ``skip`` leaves
+    out its first texts (done before an interruption). On a CUDA out-of-memory error the batch is
+    retried in halves and the batch size stays halved. ``truncate``: see :func:`encode_pairs`.
+    """
+    if pairs.empty:
+        raise CaaError("no pairs to extract")
+    style = prompt_format(loaded.tokenizer, chat_template)
+    items = encode_pairs(pairs, loaded, style, position, truncate, notice, pairs_path)
+    pad_id = loaded.tokenizer.pad_token_id
+    keys = _keys(pairs)
+    queue = batches_by_length(items, batch_size, skip)
+    while queue:
+        chunk = queue.pop(0)
+        acts: torch.Tensor | None = None
+        try:
+            acts = forward_layers(loaded, collate([it.encoded for it in chunk], pad_id, padding_side), layers)
+        except torch.cuda.OutOfMemoryError:
+            if len(chunk) == 1:
+                raise CaaError("out of GPU memory with a batch of one text; try a smaller --dtype") from None
+        if acts is None:
+            # out of the except block: its traceback held the failed pass's tensors until now
+            torch.cuda.empty_cache()
+            half = len(chunk) // 2
+            if notice:
+                notice(f"CUDA out of memory at batch size {len(chunk)}; retrying at {half}")
+            rest = [it for b in queue for it in b]
+            queue = [chunk[:half], chunk[half:], *batches_by_length(rest, half)]
+            continue
+        yield _rows(keys, chunk, layers, acts.cpu().numpy())
+        if on_texts:
+            on_texts(len(chunk))
+
+
+def _keys(pairs: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The pair columns every row group repeats, converted once (not once per batch)."""
+    return {
+        "pair_id": pairs.pair_id.to_numpy(),
+        "behavior": pairs.behavior.to_numpy(),
+        "split": pairs.split.astype(str).to_numpy(),
+    }
+
+
+def _rows(
+    keys: dict[str, np.ndarray], chunk: Sequence[TextItem], layers: Sequence[int], acts: np.ndarray
+) -> dict[str, Any]:
+    n_layers = len(layers)
+    index = np.repeat([it.pair_index for it in chunk], n_layers)
+    return {
+        **{name: column[index] for name, column in keys.items()},
+        "side": np.repeat([it.side for it in chunk], n_layers),
+        "layer": np.tile(np.asarray(layers, dtype=np.int16), len(chunk)),
+        "n_tokens": np.repeat([len(it.encoded.input_ids) for it in chunk], n_layers),
+        "activation": acts.reshape(len(chunk) * n_layers, -1),  # [texts * layers, d_model]
+    }
+
+
+@dataclass
+class Activations:
+    """Activation rows (keys as a DataFrame) and their vectors as one float32 array [rows, d_model],
+    with the provenance of the run (model, prompt format, layers). ``caa.stages.extract`` makes one in
+    memory; :meth:`read` reads one or more ``activations.parquet`` files, :meth:`save` writes one."""
+
+    keys: pd.DataFrame  # pair_id, behavior, split, side, layer, n_tokens
+    values: np.ndarray  # [rows, d_model] float32
+    meta: dict[str, Any]
+    paths: list[Path] = field(default_factory=list)
+
+    @property
+    def label(self) -> Path:
+        """What errors call these activations: their (first) file, or ``<activations in memory>``."""
+        return self.paths[0] if self.paths else Path("<activations in memory>")
+
+    def save(self, path: Path | str) -> Path:
+        """Write ``activations.parquet`` (streamed in row groups), with its provenance."""
+        schema = ACTIVATIONS.schema(self.values.shape[1])
+        step = 65536
+        with StreamWriter(Path(path), ACTIVATIONS, self.meta, d_model=self.values.shape[1]) as writer:
+            for at in range(0, len(self.keys), step):
+                part = self.keys.iloc[at : at + step]
+                columns = {name: part[name].to_numpy() for name in schema.names if name != "activation"}
+                writer.write_table(
+                    columns_table({**columns, "activation": self.values[at : at + step]}, schema)
+                )
+        return Path(path)
+
+    @classmethod
+    def read(cls, *paths: Path | str) -> Activations:
+        """One or more activation files of the same model and prompt format."""
+        return read_activations([Path(p) for p in paths])
+
+
+def read_activations(paths: Sequence[Path]) -> Activations:
+    """Read one or more activation files of the same model and hidden size."""
+    if not paths:
+        raise CaaError("no activation files given")
+    resolved = [Path(p).resolve() for p in paths]
+    for i, p in enumerate(resolved):
+        if p in resolved[:i]:
+            raise CaaError(f"{paths[i]}: given twice; each activations file counts once")
+    arts = [read_artifact(Path(p), ACTIVATIONS) for p in paths]
+    first = arts[0]
+    for art in arts[1:]:
+        check_same_model(first, art)
+    for art in arts:
+        if art.table.num_rows == 0:
+            raise InputError(art.path, "has no activation rows")
+    keys = pd.concat(
+        [a.table.drop_columns("activation").to_pandas().assign(file=i) for i, a in enumerate(arts)],
+        ignore_index=True,
+    )
+    keys["split"] = keys["split"].astype(str)
+    values = np.concatenate([vectors_of(a.table, "activation") for a in arts])
+    bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+    if len(bad):
+        r = keys.iloc[int(bad[0])]
+        raise InputError(
+            arts[r.file].path,
+            f"the {r.side} activation of pair '{r.pair_id}' at layer {r.layer} has NaN or infinite values",
+            where=f"row {int(bad[0]) - int((keys.file < r.file).sum())}",
+            field="activation",
+        )
+    key = ["pair_id", "side", "layer"]
+    repeated = keys.duplicated(key, keep=False)
+    if repeated.any():
+        r = keys[repeated].iloc[0]
+        twins = keys[repeated & (keys[key] == r[key]).all(axis=1)]
+        where = " and ".join(dict.fromkeys(str(arts[i].path) for i in twins.file))
+        raise CaaError(
+            f"{where}: duplicate rows: the {r.side} activation of pair '{r.pair_id}' "
+            f"at layer {r.layer} appears twice"
+        )
+    return Activations(keys.drop(columns="file"), values, first.meta, [a.path for a in arts])
+
+
+SAME_MODEL = (
+    ("model", "hidden_size", "come from different models"),
+    ("model", "weights_hash", "come from different models"),
+    ("prompt", "chat_template", "were read differently"),
+    ("prompt", "position", "were read differently"),
+)
+
+
+def check_same_model(a: Artifact, b: Artifact) -> None:
+    """Refuse artifacts of different models or prompt formats, naming both files and the field."""
+    for section, f, problem in SAME_MODEL:
+        va, vb = (a.meta.get(section) or {}).get(f), (b.meta.get(section) or {}).get(f)
+        if va != vb:
+            raise MismatchError(
+                f"{a.path} and {b.path} {problem}: field '{section}.{f}' is "
+                f"{va!r} in the first and {vb!r} in the second"
+            )
+
+
+def activations_meta(
+    loaded: LoadedModel,
+    layers: Sequence[int],
+    position: str,
+    chat_template: str,
+    options: Mapping[str, Any] | None = None,
+    inputs: Mapping[str, Path] | None = None,
+) -> dict[str, Any]:
+    """The provenance of an activations table: options, inputs, the model, how texts were read."""
+    style = prompt_format(loaded.tokenizer, chat_template)
+    return make_meta(
+        ACTIVATIONS,
+        options or {},
+        inputs=inputs,
+        model=loaded.fingerprint.to_dict(),
+        prompt={**style.describe(), "position": position, "ab_position": "answer"},
+        layers=list(layers),
+    )
+
+
+def extract_in_memory(
+    loaded: LoadedModel,
+    pairs: pd.DataFrame,
+    layers: Sequence[int],
+    *,
+    position: str = "last",
+    chat_template: str = "auto",
+    batch_size: int = 16,
+    truncate: bool = False,
+    options: Mapping[str, Any] | None = None,
+    pairs_path: Path | None = None,
+    on_texts: Callable[[int], None] | None = None,
+    notice: Callable[[str], None] | None = None,
+) -> Activations:
+    """The activations of ``pairs`` at ``layers`` as an :class:`Activations` (no files): the rows
+    :func:`run_extract` writes, in the same order."""
+    groups = list(
+        extract_activations(
+            pairs,
+            loaded,
+            layers,
+            position=position,
+            chat_template=chat_template,
+            batch_size=batch_size,
+            on_texts=on_texts,
+            notice=notice,
+            truncate=truncate,
+            pairs_path=pairs_path,
+        )
+    )
+    keys = pd.DataFrame({k: np.concatenate([g[k] for g in groups]) for k in groups[0] if k != "activation"})
+    values = np.concatenate([g["activation"] for g in groups]).astype(np.float32)
+    inputs = {"pairs": pairs_path} if pairs_path is not None and Path(pairs_path).is_file() else None
+    meta = activations_meta(loaded, layers, position, chat_template, options, inputs)
+    return Activations(keys, values, meta, [])
+
+
+def run_extract(
+    pairs: pd.DataFrame,
+    pairs_path: Path,
+    out: Path,
+    loaded: LoadedModel,
+    layers_spec: str = "all",
+    *,
+    position: str = "last",
+    chat_template: str = "auto",
+    batch_size: int = 16,
+    resume: bool = False,
+    truncate: bool = False,
+    options: dict[str, Any] | None = None,
+    on_texts: Callable[[int], None] | None = None,
+    notice: Callable[[str], None] | None = None,
+    accelerator: Any = None,
+) -> int:
+    """Extract activations of ``pairs`` (read from ``pairs_path``, already filtered with
+    :func:`select_pairs`) into ``out``; returns the number of pairs.
+
+    Finished batches are kept in ``out.partial/`` until the whole run is done, so an interrupted
+    run continues with ``resume`` and gives the same file. Under ``accelerate launch`` each process
+    takes every n-th pair; the main process merges the pieces into ``out``.
+    """
+    layers = parse_layers(layers_spec, loaded.num_layers)
+    meta = activations_meta(loaded, layers, position, chat_template, options, {"pairs": Path(pairs_path)})
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    identity = {
+        "pairs_sha256": meta["inputs"][str(pairs_path)],
+        "pair_ids_sha256": hashlib.sha256("\n".join(pairs.pair_id).encode()).hexdigest(),
+        "model": meta["model"],
+        "prompt": meta["prompt"],
+        "layers": layers,
+        "batch_size": batch_size,
+        "truncate": truncate,
+        "processes": world,
+    }
+    checkpoint.check_fresh(Path(out), resume)
+    if accelerator:
+        accelerator.wait_for_everyone()  # every rank has looked before any rank creates its pieces
+    pieces = checkpoint.Checkpoint(Path(out), identity, rank)
+    shard = pairs.iloc[rank::world].reset_index(drop=True)
+    schema = ACTIVATIONS.schema(loaded.hidden_size)
+    for message in pieces.discarded:
+        if notice:
+            notice(message)
+    if pieces.done:
+        if notice:
+            notice(f"resuming: {pieces.done} of {2 * len(shard)} texts were done before the interruption")
+        if on_texts:
+            on_texts(pieces.done)
+    if pieces.done < 2 * len(shard):
+        try:
+            for group in extract_activations(
+                shard,
+                loaded,
+                layers,
+                position=position,
+                chat_template=chat_template,
+                batch_size=batch_size,
+                on_texts=on_texts,
+                notice=notice,
+                skip=pieces.done,
+                truncate=truncate,
+                pairs_path=Path(pairs_path),
+            ):
+                pieces.add(len(group["pair_id"]) // len(layers), columns_table(group, schema))
+        except CaaError:
+            if not pieces.done:  # an error in the inputs, before any work: nothing to resume
+                checkpoint.remove(Path(out))
+            raise
+    if accelerator:
+        accelerator.wait_for_everyone()
+    if rank == 0:
+        with StreamWriter(Path(out), ACTIVATIONS, meta, d_model=loaded.hidden_size) as writer:
+            for table in checkpoint.merged_pieces(Path(out), world):
+                writer.write_table(table)
+        checkpoint.remove(Path(out))
+    if accelerator:
+        accelerator.wait_for_everyone()
+    return len(pairs)

@@ -1,0 +1,243 @@
+"""`caa generate`: steered generation, every prompt under several multipliers, side by side.
+
+Prompts are generated in batches of ``batch_size`` prompts (each under every multiplier), shortest
+first; under ``accelerate launch`` the batches are shared out over the processes and the main
+process gets every row back (:mod:`caa.core.distributed`), the rows one process generates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import torch
+
+from caa.core.budget import run_halving
+from caa.core.distributed import ONE, Shard
+from caa.core.hooks import steer_start, steering
+from caa.core.prompts import Encoded, collate, prompt_format, read_texts
+from caa.errors import CaaError
+from caa.models.loading import LoadedModel
+from caa.stages.checks import check_model, check_template
+from caa.stages.vectors import VectorSet
+from caa.store.artifacts import make_meta, read_artifact, write_artifact
+from caa.store.schemas import GENERATIONS
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts from a .txt (one per line), .jsonl ({"prompt": ...}) or .parquet (a prompt column)."""
+    return read_texts(path, "prompt")
+
+
+@dataclass
+class Generations:
+    """Steered texts, one row per (prompt, multiplier), with their provenance; :meth:`save` writes
+    ``generations.parquet`` and :meth:`read` reads it."""
+
+    frame: pd.DataFrame  # prompt_index, prompt, behavior, layer, multiplier, text, n_tokens
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: Path | str) -> Path:
+        table = pa.Table.from_pandas(self.frame[[f.name for f in GENERATIONS.fields]], preserve_index=False)
+        write_artifact(table, Path(path), GENERATIONS, self.meta)
+        return Path(path)
+
+    @classmethod
+    def read(cls, path: Path | str) -> Generations:
+        art = read_artifact(Path(path), GENERATIONS)
+        return cls(art.table.to_pandas(), art.meta)
+
+    def side_by_side(self) -> pd.DataFrame:
+        """One row per prompt, one column per multiplier."""
+        return self.frame.pivot(index="prompt", columns="multiplier", values="text")
+
+
+MIN_TEMPERATURE = 1e-3  # logits / 1e-300 overflow to inf and the sampling probabilities to NaN
+
+
+def check_sampling(
+    max_new_tokens: int, temperature: float, top_p: float, seed: int, batch_size: int = 1
+) -> None:
+    """Refuse generation options that cannot work, naming the option (before any model loads)."""
+    problems = [
+        (batch_size >= 1, f"--batch-size {batch_size}: must be at least 1"),
+        (max_new_tokens >= 1, f"--max-new-tokens {max_new_tokens}: must be at least 1"),
+        (
+            temperature == 0 or MIN_TEMPERATURE <= temperature < float("inf"),
+            f"--temperature {temperature}: must be 0 (greedy) or a finite number from {MIN_TEMPERATURE} "
+            "(below, the logits divided by it overflow and sampling breaks)",
+        ),
+        (0 < top_p <= 1, f"--top-p {top_p}: must be above 0 and at most 1"),
+        (0 <= seed < 2**63, f"--seed {seed}: must be at least 0 and below 2**63"),
+    ]
+    for ok, message in problems:
+        if not ok:
+            raise CaaError(message)
+
+
+def gather_prompts(
+    prompts: Sequence[str], prompts_file: Path | None = None, limit: int | None = None
+) -> tuple[list[str], list[str]]:
+    """The prompts given one by one, then those of ``prompts_file`` (at most ``limit``), with the
+    label that names each in errors (``--prompt 2``, ``prompts.txt: prompt 3``)."""
+    if limit is not None and limit < 1:
+        raise CaaError(f"--limit {limit}: must be at least 1")
+    from_file = read_prompts(prompts_file)[:limit] if prompts_file else []
+    labels = [f"--prompt {i}" for i in range(1, len(prompts) + 1)]
+    labels += [f"{prompts_file}: prompt {i}" for i in range(1, len(from_file) + 1)]
+    texts = [*prompts, *from_file]
+    if not texts:
+        raise CaaError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
+    return texts, labels
+
+
+@torch.inference_mode()
+def generate_steered(
+    loaded: LoadedModel,
+    prompts: Sequence[str],
+    vector: torch.Tensor,
+    layer: int,
+    multipliers: Sequence[float],
+    *,
+    behavior: str = "",
+    chat_template: str = "auto",
+    positions: str = "answer",
+    max_new_tokens: int = 48,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    labels: Sequence[str] | None = None,
+    batch_size: int = 32,
+    shard: Shard = ONE,
+    notice: Callable[[str], None] | None = None,
+) -> Generations:
+    """Generate every prompt under every multiplier, ``batch_size`` prompts per batch.
+
+    Steering adds ``multiplier * vector`` to block ``layer``'s output at the positions ``positions``
+    names (:func:`caa.core.hooks.steer_start`): by default the paper's, every generated token but not the
+    prompt, so the first new token is predicted from the unsteered last prompt position. Greedy unless
+    ``temperature`` > 0 (batch k samples from seed ``seed + k``). ``labels`` name the prompts in errors
+    (default: ``prompt N``). Under ``shard`` each process generates its batches and all get every row.
+    A batch that runs out of CUDA memory is retried in halves, said in ``notice`` (a retried half
+    samples from its batch's seed).
+    """
+    if not prompts:
+        raise CaaError("no prompts given")
+    check_sampling(max_new_tokens, temperature, top_p, seed, batch_size)
+    style = prompt_format(loaded.tokenizer, chat_template)
+    tok = loaded.tokenizer
+    encoded = []
+    limit = loaded.context_length
+    for number, prompt in enumerate(prompts, start=1):
+        ids = tok(style.prefix(tok, prompt), add_special_tokens=not style.chat)["input_ids"]
+        if limit is not None and len(ids) + max_new_tokens > limit:
+            label = labels[number - 1] if labels else f"prompt {number}"
+            raise CaaError(
+                f"{label} ({prompt[:40]!r}...) is {len(ids)} tokens: with --max-new-tokens "
+                f"{max_new_tokens} it exceeds the model's context of {limit} tokens"
+            )
+        encoded.append(Encoded(ids, len(ids), [len(ids) - 1]))
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i].input_ids))
+    plan = [sorted(order[at : at + batch_size]) for at in range(0, len(order), batch_size)]
+    cost = lambda index: len(index) * max(len(encoded[i].input_ids) for i in index)  # noqa: E731
+    batch_of = {i: k for k, index in enumerate(plan) for i in index}  # a retried half keeps its seed
+
+    def one(index: list[int]) -> list[dict[str, Any]]:
+        new = _generate_batch(
+            loaded,
+            [encoded[i] for i in index],
+            vector,
+            layer,
+            multipliers,
+            positions=positions,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed + batch_of[index[0]],
+        )
+        rows = [(i, m) for i in index for m in multipliers]
+        made = []
+        for (i, m), ids in zip(rows, new, strict=True):
+            if tok.eos_token_id in ids:
+                ids = ids[: ids.index(tok.eos_token_id)]
+            made.append(
+                {
+                    "prompt_index": i,
+                    "prompt": prompts[i],
+                    "behavior": behavior,
+                    "layer": layer,
+                    "multiplier": float(m),
+                    "text": tok.decode(ids, skip_special_tokens=True).strip(),
+                    "n_tokens": len(ids),
+                }
+            )
+        return made
+
+    # a split batch could change a greedy token: the plan's batches, split only on running out of memory
+    mine = shard.take(plan, cost, split=False)
+    records = [record for made in run_halving(mine, one, notice, "prompts") for record in made]
+    column = {float(m): k for k, m in enumerate(multipliers)}
+    records = sorted(shard.merge(records), key=lambda r: (r["prompt_index"], column[r["multiplier"]]))
+    return Generations(pd.DataFrame(records))
+
+
+def _generate_batch(
+    loaded: LoadedModel,
+    encoded: Sequence[Encoded],
+    vector: torch.Tensor,
+    layer: int,
+    multipliers: Sequence[float],
+    *,
+    positions: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+) -> list[list[int]]:
+    """The new token ids of each prompt under each multiplier (prompt-major), one ``generate`` call."""
+    tok = loaded.tokenizer
+    rows = [(e, m) for e in encoded for m in multipliers]
+    batch = collate([e for e, _ in rows], tok.pad_token_id).to(loaded.device)
+    coef = torch.tensor([m for _, m in rows], dtype=torch.float32)
+    start = steer_start(positions, torch.tensor([len(e.input_ids) for e, _ in rows]))
+    sampling: dict[str, Any] = {"do_sample": False}
+    if temperature > 0:
+        torch.manual_seed(seed)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    with steering(loaded.blocks, {layer: coef[:, None] * vector}, start):
+        out = loaded.model.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+            **sampling,
+        )
+    return [list(row) for row in out[:, batch.input_ids.shape[1] :].cpu().tolist()]
+
+
+def run_generate(
+    loaded: LoadedModel,
+    vectors: VectorSet,
+    behavior: str | None,
+    layer: int,
+    prompts: Sequence[str],
+    multipliers: Sequence[float],
+    *,
+    options: dict[str, Any] | None = None,
+    inputs: dict[str, Path] | None = None,
+    scale: str = "raw",
+    **kwargs: Any,
+) -> Generations:
+    """Check the vectors against the model, pick the behavior's vector, generate; ``options`` and
+    ``inputs`` (files, hashed) go into the result's provenance."""
+    check_model(vectors, loaded)
+    check_template(vectors, prompt_format(loaded.tokenizer, kwargs.get("chat_template", "auto")))
+    behavior = vectors.pick(behavior)
+    vector = vectors.tensor(behavior, layer, scale)
+    gens = generate_steered(loaded, prompts, vector, layer, multipliers, behavior=behavior, **kwargs)
+    gens.meta = make_meta(GENERATIONS, options or {}, inputs=inputs, model=loaded.fingerprint.to_dict())
+    return gens

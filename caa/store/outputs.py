@@ -1,0 +1,101 @@
+"""The outputs of a command, checked before any work: nothing that is not a rerun's own file is replaced.
+
+An existing output is identified by its content (a caa artifact's kind, the mark of the sweep's plot,
+of an export or of the report), never by its name; the sweep's several files are named here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from caa.errors import CaaError, InputError
+from caa.store.artifacts import read_meta
+from caa.store.files import check_distinct, require_replaceable, same_file
+from caa.store.schemas import (
+    EXPORT,
+    EXPORT_MARKER,
+    KINDS,
+    PLOT,
+    PNG_SOFTWARE,
+    REPORT,
+    REPORT_GENERATOR,
+    Kind,
+)
+
+
+def sweep_paths(out: Path) -> tuple[Path, Path, Path]:
+    """The files of ``caa sweep -o OUT``, all beside OUT and distinct: the table (OUT), the per-item
+    table (``STEM.items.parquet``) and the plot (``STEM.png``; ``STEM.plot.png`` if OUT is a .png)."""
+    table = Path(out)
+    if not table.name:
+        raise CaaError(f"--out '{out}': give a file name to write")
+    plot_suffix = ".plot.png" if table.suffix.lower() == ".png" else ".png"
+    return table, table.with_name(table.stem + ".items.parquet"), table.with_name(table.stem + plot_suffix)
+
+
+def check_outputs(
+    inputs: Iterable[Path | None], outputs: Sequence[tuple[Path, Kind]], force: bool = False
+) -> list[str]:
+    """Refuse, before any work, outputs that would destroy data; the notices of files to be replaced.
+
+    Refused: an output that is one of ``inputs`` (through a symlink, ``..`` or a hard link); two
+    outputs that are one file; an output that is a directory or no regular file, or below a file;
+    and an existing file that is not a caa artifact of the kind to be written there (a dataset,
+    another stage's artifact) unless ``force``. A file of that kind (a rerun) is replaced.
+    """
+    outs = [(Path(path), kind) for path, kind in outputs]
+    check_distinct([path for path, _ in outs])
+    for given in inputs:
+        for path, _ in outs:
+            if given is not None and same_file(Path(given), path):
+                raise CaaError(
+                    f"{path}: is the input {given}; writing it would destroy that input: "
+                    "choose another output"
+                )
+    notices = []
+    for path, kind in outs:
+        require_replaceable(path)
+        if not path.exists():
+            continue
+        found, what = _identify(path)
+        if found == kind.name:
+            notices.append(f"{path} exists ({what}): replacing it")
+        elif force:
+            notices.append(f"{path} exists ({what}): replacing it, as --force asks")
+        else:
+            raise CaaError(
+                f"{path}: exists and is {what}, not a '{kind.name}' file; "
+                "add --force to replace it, or choose another output"
+            )
+    return notices
+
+
+def _identify(path: Path) -> tuple[str | None, str]:
+    """The caa kind of an existing file (None if it is none) and how to call it in a message."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as e:
+        raise CaaError(f"{path}: exists and cannot be read to tell what it is ({e.strerror or e})") from None
+    if head.startswith(b"PAR1"):
+        try:
+            kind = read_meta(path).get("kind")
+        except InputError:
+            return None, "a Parquet file that is not a caa artifact"
+        if kind in KINDS:
+            return kind, f"a '{kind}' file from `{KINDS[kind].command}`"
+        return None, f"a Parquet file of unknown kind {kind!r}"
+    if head.startswith(b"\x89PNG"):
+        if f"Software\0{PNG_SOFTWARE}".encode() in head:
+            return PLOT.name, "a plot from `caa sweep`"
+        if b"Software\0Matplotlib" in head:  # untagged: a plot from before caa tagged them
+            return PLOT.name, "a Matplotlib plot, as an earlier `caa sweep` made it"
+        return None, "a PNG image not made by caa"
+    if head.startswith(b"GGUF") or head[8:22] == b'{"__metadata__':  # GGUF, safetensors
+        if EXPORT_MARKER in head:
+            return EXPORT.name, "a file from `caa export`"
+        return None, "a GGUF file" if head.startswith(b"GGUF") else "a safetensors file"
+    if f'<meta name="generator" content="{REPORT_GENERATOR} '.encode() in head:
+        return REPORT.name, "a report from `caa report`"
+    return None, "an empty file" if not head else "a file that is not a caa artifact"

@@ -1,0 +1,240 @@
+"""Every artifact kind of the pipeline, declared once: its columns and the fields of its metadata.
+
+The Parquet artifacts (pairs, activations, vectors, sweep, sweep items, generations) are :data:`KINDS`;
+the files that are not Parquet (the sweep's plot, exports, the report) are declared too, with the mark
+by which a rerun knows its own file, so that every output is checked alike (:mod:`caa.store.outputs`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, TypedDict
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+META_KEY = b"caa"
+_SPLIT = pa.dictionary(pa.int8(), pa.string())
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One artifact kind: its name, the command that makes it, and its columns.
+
+    ``vector`` names the column holding a fixed-size float32 list of length d_model, if any; its
+    size is fixed per file, so the schema is completed with ``schema(d)``.
+    """
+
+    name: str
+    command: str
+    fields: tuple[pa.Field, ...]
+    vector: str | None = None
+
+    def schema(self, d_model: int | None = None) -> pa.Schema:
+        fields = list(self.fields)
+        if self.vector is not None:
+            if d_model is None:
+                raise ValueError(f"the {self.name} schema needs d_model")
+            fields.append(pa.field(self.vector, pa.list_(pa.float32(), d_model), nullable=False))
+        return pa.schema(fields)
+
+
+def _f(name: str, type_: pa.DataType, nullable: bool = False) -> pa.Field:
+    return pa.field(name, type_, nullable=nullable)
+
+
+PAIRS = Kind(
+    "pairs",
+    "caa ingest",
+    (
+        _f("pair_id", pa.string()),
+        _f("behavior", pa.string()),
+        _f("format", pa.string()),  # "ab" or "freeform"
+        _f("prompt", pa.string()),
+        _f("positive", pa.string()),
+        _f("negative", pa.string()),
+        _f("split", _SPLIT),  # "train" or "test"
+        _f("source", pa.string()),  # input file name
+        _f("source_row", pa.string()),  # "line 12" / "index 3" / "row 7"
+    ),
+)
+
+ACTIVATIONS = Kind(
+    "activations",
+    "caa extract",
+    (
+        _f("pair_id", pa.string()),
+        _f("behavior", pa.string()),
+        _f("split", _SPLIT),
+        _f("side", pa.string()),  # "positive" or "negative"
+        _f("layer", pa.int16()),
+        _f("n_tokens", pa.int32()),  # tokens of the read text (prompt + completion)
+    ),
+    vector="activation",
+)
+
+VECTORS = Kind(
+    "vectors",
+    "caa compute-vectors",
+    (
+        _f("behavior", pa.string()),
+        _f("layer", pa.int16()),
+        _f("method", pa.string()),
+        _f("n_train", pa.int32(), nullable=True),  # null for imported vectors (`caa import`)
+        _f("n_test", pa.int32(), nullable=True),
+        _f("vector_norm", pa.float64()),
+        _f("mean_residual_norm", pa.float64(), nullable=True),  # null where unknown (imported)
+        _f("norm_ratio", pa.float64(), nullable=True),  # vector_norm / mean_residual_norm
+        _f("pair_consistency", pa.float64(), nullable=True),  # mean cos(pair difference, mean difference)
+        _f("cos_prev_layer", pa.float64(), nullable=True),
+        _f("cos_next_layer", pa.float64(), nullable=True),
+        _f("test_accuracy", pa.float64(), nullable=True),
+        _f("test_auc", pa.float64(), nullable=True),
+    ),
+    vector="vector",
+)
+
+SWEEP = Kind(
+    "sweep",
+    "caa sweep",
+    (
+        _f("behavior", pa.string()),
+        _f("layer", pa.int16()),
+        _f("multiplier", pa.float64()),
+        _f("score_kind", pa.string()),  # "p_match" (A/B) or "logp_diff" (free-form)
+        _f("score_mean", pa.float64()),
+        _f("score_sem", pa.float64(), nullable=True),  # null with one item
+        _f("n", pa.int32()),
+        _f("delta", pa.float64()),  # score_mean minus the unsteered score_mean
+        _f("delta_low", pa.float64(), nullable=True),  # paired 95% interval of delta over the items
+        _f("delta_high", pa.float64(), nullable=True),
+        _f("kl_mean", pa.float64()),  # mean KL(unsteered || steered) per token (metadata: over what)
+        _f("perplexity", pa.float64()),
+        _f("perplexity_delta", pa.float64()),
+        # per (behavior, layer), repeated on its rows: items' slopes of score against multiplier
+        _f("slope_mean", pa.float64(), nullable=True),
+        _f("slope_median", pa.float64(), nullable=True),
+        _f("anti_fraction", pa.float64(), nullable=True),  # share of items with a negative slope
+        _f("anti_low", pa.float64(), nullable=True),  # its seeded bootstrap 95% interval
+        _f("anti_high", pa.float64(), nullable=True),
+        _f("backward_items", pa.list_(pa.string())),  # ids steering most strongly backwards
+    ),
+)
+
+SWEEP_ITEMS = Kind(
+    "sweep_items",
+    "caa sweep",
+    (
+        _f("behavior", pa.string()),
+        _f("layer", pa.int16()),
+        _f("multiplier", pa.float64()),
+        _f("pair_id", pa.string()),
+        _f("score", pa.float64()),
+        _f("slope", pa.float64(), nullable=True),  # the item's slope at this layer, on each of its rows
+    ),
+)
+
+GENERATIONS = Kind(
+    "generations",
+    "caa generate",
+    (
+        _f("prompt_index", pa.int32()),
+        _f("prompt", pa.string()),
+        _f("behavior", pa.string()),
+        _f("layer", pa.int16()),
+        _f("multiplier", pa.float64()),
+        _f("text", pa.string()),
+        _f("n_tokens", pa.int32()),
+    ),
+)
+
+KINDS = {k.name: k for k in (PAIRS, ACTIVATIONS, VECTORS, SWEEP, SWEEP_ITEMS, GENERATIONS)}
+
+
+class ModelMeta(TypedDict, total=False):
+    """The ``model`` entry: the fingerprint of the model an artifact was made with."""
+
+    name: str
+    source: str
+    weights_hash: str
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    dtype: str
+
+
+class PromptMeta(TypedDict, total=False):
+    """The ``prompt`` entry: how the texts were put to the model."""
+
+    chat_template: bool
+    position: str
+    ab_position: str
+
+
+class SourceMeta(TypedDict, total=False):
+    """The ``source`` entry of imported vectors (`caa import`): where they came from."""
+
+    file: str
+    sha256: str
+    format: str  # gguf, safetensors, npy, npz or sae
+    feature: int | None  # the SAE feature (row of W_dec)
+    hook: str | None  # the SAE's hook, e.g. blocks.12.hook_resid_post
+
+
+class FluencyMeta(TypedDict, total=False):
+    """The sweep's ``fluency`` entry: what its KL and perplexity were measured on."""
+
+    kind: str  # "continuation" (greedy continuations of neutral prompts) or "text" (every position)
+    texts: int
+    tokens: int
+    continuation_tokens: int | None
+    source: str
+
+
+# The 'caa' metadata entry, declared once: field -> the type of its JSON value (float: any number;
+# a TypedDict: an object whose fields, where present, have those types). Readers use .get(), so a
+# field is checked where present; fields not declared here are left alone.
+META_FIELDS: dict[str, Any] = {
+    "kind": str,
+    "schema_version": int,
+    "command": str,
+    "options": dict[str, Any],
+    "caa_version": str,
+    "created": str,
+    "inputs": dict[str, str],  # path -> SHA-256
+}
+META_FIELDS_OF_KIND: dict[str, dict[str, Any]] = {
+    "pairs": {"counts": dict[str, dict[str, int]]},
+    "activations": {"model": ModelMeta, "prompt": PromptMeta, "layers": list[int]},
+    "vectors": {
+        "model": ModelMeta | None,
+        "prompt": PromptMeta | None,
+        "layers": list[int],
+        "behaviors": list[str],
+        "train_pair_ids": list[str],
+        "source": SourceMeta,
+    },
+    "sweep": {
+        "model": ModelMeta,
+        "prompt": PromptMeta | None,
+        "recommended": dict[str, tuple[int, float] | None],  # behavior -> [layer, multiplier]
+        "best_unreliable": dict[str, tuple[int, float] | None],  # the best gain, reliable or not
+        "fluency": FluencyMeta,
+    },
+    "generations": {"model": ModelMeta},
+}
+META_FIELDS_OF_KIND["sweep_items"] = META_FIELDS_OF_KIND["sweep"]  # written by the same run
+
+# --- outputs that are not Parquet -------------------------------------------------------------------
+
+PLOT = Kind("plot", "caa sweep", ())
+"""The sweep's PNG plot: not Parquet; declared so that it is checked like the other outputs."""
+PNG_SOFTWARE = "caa sweep"  # the plot's PNG `Software` entry, by which a rerun knows its own plot
+EXPORT = Kind("export", "caa export", ())
+"""Vectors written for other tools (GGUF, safetensors, .npy, .npz): not Parquet; declared so that the
+output is checked like the others. A GGUF or safetensors file carries EXPORT_MARKER, by which a rerun
+knows its own file (a .npy or .npz has no place for it: replacing one takes --force)."""
+EXPORT_MARKER = b"caa.export"
+REPORT = Kind("report", "caa report", ())
+"""`caa report`'s HTML page: not Parquet; declared so that it is checked like the other outputs."""
+REPORT_GENERATOR = "caa report"  # the page's <meta name="generator">, by which a rerun knows its own page

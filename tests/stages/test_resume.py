@@ -1,0 +1,199 @@
+"""Interrupted extraction: nothing that looks complete is left, and --resume finishes the same file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from typer.testing import CliRunner
+
+from caa.cli import app
+from caa.errors import CaaError, MismatchError
+from caa.models.loading import load_model
+from caa.stages.extract import read_pairs, run_extract
+from caa.store.artifacts import read_artifact
+from caa.store.checkpoint import partial_dir
+from caa.store.schemas import ACTIVATIONS
+from tests.helpers import REPO, write_pairs_file
+
+runner = CliRunner()
+
+
+def many_pairs(path: Path, n: int) -> Path:
+    rows = [
+        {
+            "prompt": f"Tell me about item {i}.",
+            "positive": f"Item {i} is lovely" + " indeed" * (i % 7),
+            "negative": f"Item {i} is awful" + " really" * (i % 5),
+        }
+        for i in range(n)
+    ]
+    return write_pairs_file(path, {"mood": rows})
+
+
+def table_of(path: Path) -> pa.Table:
+    art = read_artifact(path, ACTIVATIONS)
+    assert art.meta["kind"] == "activations"
+    return art.table
+
+
+class Interrupt:
+    """An on_texts callback that presses Ctrl-C after ``after`` texts."""
+
+    def __init__(self, after: int) -> None:
+        self.after, self.seen = after, 0
+
+    def __call__(self, texts: int) -> None:
+        self.seen += texts
+        if self.seen >= self.after:
+            raise KeyboardInterrupt
+
+
+def test_resume_gives_the_uninterrupted_file_and_skips_finished_work(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    pairs_path = many_pairs(tmp_path / "pairs.parquet", 30)
+    pairs = read_pairs(pairs_path)[0]
+    loaded = load_model(str(tiny_models["llama"]), device="cpu")
+    whole, out = tmp_path / "whole.parquet", tmp_path / "out.parquet"
+    run_extract(pairs, pairs_path, whole, loaded, "0-3", batch_size=4)
+    assert not partial_dir(whole).exists()
+
+    with pytest.raises(KeyboardInterrupt):
+        run_extract(pairs, pairs_path, out, loaded, "0-3", batch_size=4, on_texts=Interrupt(20))
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+    pieces = sorted(p.name for p in (partial_dir(out) / "rank0").iterdir())
+    assert pieces[0] == "items-000000000-000000004.parquet" and len(pieces) == 6  # 5 batches + run.json
+
+    with pytest.raises(CaaError, match=r"out.parquet.partial holds an interrupted run: add --resume"):
+        run_extract(pairs, pairs_path, out, loaded, "0-3", batch_size=4)
+    with pytest.raises(MismatchError, match=r"field 'layers' was \[0, 1, 2, 3\] in the interrupted run"):
+        run_extract(pairs, pairs_path, out, loaded, "0-2", batch_size=4, resume=True)
+    with pytest.raises(MismatchError, match="field 'batch_size'"):
+        run_extract(pairs, pairs_path, out, loaded, "0-3", batch_size=8, resume=True)
+    other = load_model(str(tiny_models["qwen2"]), device="cpu")
+    with pytest.raises(MismatchError, match="field 'model'"):
+        run_extract(pairs, pairs_path, out, other, "0-3", batch_size=4, resume=True)
+
+    notices: list[str] = []
+    counted: list[int] = []
+    run_extract(
+        pairs, pairs_path, out, loaded, "0-3", batch_size=4, resume=True, notice=notices.append,
+        on_texts=counted.append,
+    )  # fmt: skip
+    assert notices == ["resuming: 20 of 60 texts were done before the interruption"]
+    assert counted[0] == 20 and sum(counted) == 60  # progress starts at the finished work...
+    assert len(counted) == 1 + 10  # ...and only the 40 remaining texts ran, in batches of 4
+    assert table_of(out).equals(table_of(whole))
+    assert not partial_dir(out).exists()
+
+
+def test_killed_extract_leaves_no_output_and_resumes(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """A real `caa extract` process, killed with SIGKILL mid-run, then resumed from the command line."""
+    pairs_path = many_pairs(tmp_path / "pairs.parquet", 200)
+    model = str(tiny_models["llama"])
+    out, whole = tmp_path / "out.parquet", tmp_path / "whole.parquet"
+    args = ["extract", str(pairs_path), "-m", model, "--batch-size", "1", "--layers", "all"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "caa", *args, "-o", str(out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    pieces = partial_dir(out) / "rank0"
+    deadline = time.monotonic() + 300
+    try:
+        while len(list(pieces.glob("items-*.parquet"))) < 10:
+            assert proc.poll() is None, f"finished before it could be killed: {proc.stderr.read()!r}"  # type: ignore[union-attr]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()  # nothing that looks complete
+    done = len(list(pieces.glob("items-*.parquet")))
+    assert 10 <= done < 400
+
+    result = runner.invoke(app, [*args, "-o", str(out)])
+    assert result.exit_code == 2 and "--resume" in result.output
+    result = runner.invoke(app, [*args, "-o", str(out), "--resume"])
+    assert result.exit_code == 0, result.output
+    resumed_from = int(result.output.split("resuming: ")[1].split(" of 400")[0])
+    assert resumed_from >= done  # every finished piece was kept (the last one may have landed late)
+    assert runner.invoke(app, [*args, "-o", str(whole)]).exit_code == 0
+    assert table_of(out).equals(table_of(whole))
+    assert not partial_dir(out).exists()
+
+
+def test_ctrl_c_says_how_to_resume(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    pairs_path = many_pairs(tmp_path / "pairs.parquet", 200)
+    out = tmp_path / "out.parquet"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "caa", "extract", str(pairs_path), "-m", str(tiny_models["llama"])]
+    proc = subprocess.Popen(
+        [*cmd, "--batch-size", "1", "-o", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    pieces = partial_dir(out) / "rank0"
+    deadline = time.monotonic() + 300
+    try:
+        while len(list(pieces.glob("items-*.parquet"))) < 5:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    message = " ".join(stderr.decode().split())
+    assert f"the finished batches are kept in {partial_dir(out)}" in message
+    assert "run the same command with --resume to continue" in message
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+class FakeAccelerator:
+    """One rank of a run over ``world`` processes, run here one rank after the other."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.process_index, self.num_processes = rank, world
+        self.is_main_process = rank == 0
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def test_each_process_resumes_its_own_shard(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    pairs_path = many_pairs(tmp_path / "pairs.parquet", 20)
+    pairs = read_pairs(pairs_path)[0]
+    loaded = load_model(str(tiny_models["llama"]), device="cpu")
+    one, out = tmp_path / "one.parquet", tmp_path / "out.parquet"
+    run_extract(pairs, pairs_path, one, loaded, "1,2", batch_size=2)
+
+    def rank(r: int, **kw: object) -> None:
+        run_extract(
+            pairs, pairs_path, out, loaded, "1,2", batch_size=2, accelerator=FakeAccelerator(r, 2), **kw
+        )  # type: ignore[arg-type]
+
+    rank(1)  # finishes its shard; only rank 0 merges
+    assert not out.exists() and len(list((partial_dir(out) / "rank1").glob("items-*"))) == 10
+    with pytest.raises(KeyboardInterrupt):  # (in a real run rank 0 looked before rank 1 started)
+        rank(0, resume=True, on_texts=Interrupt(8))
+    with pytest.raises(MismatchError, match="field 'processes' was 2 in the interrupted run and is 1 now"):
+        run_extract(pairs, pairs_path, out, loaded, "1,2", batch_size=2, resume=True)
+    counted: list[int] = []
+    rank(0, resume=True, on_texts=counted.append)
+    assert counted[0] == 8 and sum(counted) == 20
+    order = ["pair_id", "side", "layer"]
+    merged = table_of(out).to_pandas().sort_values(order).reset_index(drop=True)
+    single = table_of(one).to_pandas().sort_values(order).reset_index(drop=True)
+    assert merged.drop(columns="activation").equals(single.drop(columns="activation"))
+    np.testing.assert_allclose(np.stack(merged.activation), np.stack(single.activation), atol=1e-5)
+    assert not partial_dir(out).exists()

@@ -1,0 +1,71 @@
+"""Mean-difference and PCA vectors (caa.vectors): values against a naive reference, and refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from caa.cli import app
+from caa.stages.vectors import compute_vectors, read_activations
+from caa.store.artifacts import read_artifact, vectors_of
+from caa.store.schemas import ACTIVATIONS
+
+runner = CliRunner()
+
+
+def test_vectors_equal_naive_mean_and_pca_sign(
+    tiny_models: dict[str, Path], pairs_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "acts.parquet"
+    result = runner.invoke(app, ["extract", str(pairs_file), "-m", str(tiny_models["llama"]), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    art = read_artifact(out, ACTIVATIONS)
+    assert art.meta["model"]["architecture"] == "llama"
+    assert art.meta["layers"] == [0, 1, 2, 3]
+    keys = art.table.drop_columns("activation").to_pandas()
+    values = vectors_of(art.table, "activation")
+    acts = read_activations([out])
+    mean = compute_vectors(acts, "mean")
+    pca = compute_vectors(acts, "pca")
+    for behavior in ("agree", "mood"):
+        for layer in range(4):
+            sel = (keys.behavior == behavior) & (keys.layer == layer) & (keys.split.astype(str) == "train")
+            pos = keys[sel & (keys.side == "positive")].sort_values("pair_id")
+            neg = keys[sel & (keys.side == "negative")].sort_values("pair_id")
+            naive = (values[pos.index].astype(np.float64) - values[neg.index]).mean(0)
+            row = mean[(mean.behavior == behavior) & (mean.layer == layer)].iloc[0]
+            np.testing.assert_allclose(row.vector, naive, atol=1e-6, rtol=1e-5)
+            assert row.n_train == len(pos)
+            assert row.vector_norm == pytest.approx(np.linalg.norm(naive), rel=1e-5)
+            diffs = values[pos.index].astype(np.float64) - values[neg.index]
+            cosines = [d @ naive / np.linalg.norm(d) / np.linalg.norm(naive) for d in diffs]
+            assert row.pair_consistency == pytest.approx(np.mean(cosines), rel=1e-6)
+            assert row.norm_ratio == pytest.approx(row.vector_norm / row.mean_residual_norm)
+            p = pca[(pca.behavior == behavior) & (pca.layer == layer)].iloc[0]
+            assert float(p.vector @ naive) > 0  # PCA sign agrees with the mean difference
+            assert 0.0 <= row.test_auc <= 1.0
+    middle = mean[(mean.behavior == "mood") & (mean.layer == 1)].iloc[0]
+    a = mean[(mean.behavior == "mood") & (mean.layer == 0)].iloc[0].vector
+    b = middle.vector
+    assert middle.cos_prev_layer == pytest.approx(a @ b / np.linalg.norm(a) / np.linalg.norm(b), rel=1e-5)
+    result = runner.invoke(app, ["compute-vectors", str(out), "-o", str(tmp_path / "v.parquet")])
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and "cons" in result.output
+
+
+def test_compute_vectors_refuses_mixed_models(
+    tiny_models: dict[str, Path], pairs_file: Path, tmp_path: Path
+) -> None:
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    for model, out in ((tiny_models["llama"], a), (tiny_models["qwen2"], b)):
+        result = runner.invoke(
+            app, ["extract", str(pairs_file), "-m", str(model), "-o", str(out), "--layers", "1"]
+        )
+        assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["compute-vectors", str(a), str(b), "-o", str(tmp_path / "v.parquet")])
+    assert result.exit_code == 2
+    assert f"{a} and {b} come from different models: field 'model.weights_hash'" in result.output
+    assert not (tmp_path / "v.parquet").exists()

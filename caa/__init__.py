@@ -6,10 +6,10 @@ The Python API (in memory; every value saves the file the command line writes)::
 
     model = caa.load_model("smollm2-135m")
     pairs = caa.ingest("data/sentiment.jsonl")                  # PairSet
-    acts = caa.extract(model, pairs, layers=[12, 18])            # Activations
-    vectors = caa.compute_vectors(acts)                          # VectorSet
-    result = caa.sweep(model, vectors, pairs)                    # SweepResult
-    gens = caa.generate(model, vectors, ["Hi."], layer=18)       # Generations
+    acts = caa.extract(model, pairs, caa.ExtractOptions(layers=(12, 18)))        # Activations
+    vectors = caa.compute_vectors(acts)                                          # VectorSet
+    result = caa.sweep(model, vectors, pairs, caa.SweepOptions(max_pairs=20))    # SweepResult
+    gens = caa.generate(model, vectors, ["Hi."], caa.GenerateOptions(layer=18))  # Generations
     with caa.steer(model, vectors, layer=18, multiplier=2.0):    # steer any forward pass
         ...
 
@@ -28,11 +28,12 @@ _gc.disable()
 try:
     from caa.api import compute_vectors, extract, generate, ingest, load_model, steer, sweep
     from caa.core.hooks import steering
-    from caa.errors import CaaError, InputError, MismatchError, ModelError
+    from caa.errors import CaaError, InputError, MismatchError, ModelError, OptionError
     from caa.models.loading import LoadedModel, decoder_blocks
     from caa.stages.extract import Activations
     from caa.stages.generate import Generations
     from caa.stages.ingest import Pair, PairSet
+    from caa.stages.options import ExtractOptions, GenerateOptions, IngestOptions, SweepOptions
     from caa.stages.sweep import SweepResult
     from caa.stages.vectors import VectorSet
 finally:
@@ -47,13 +48,18 @@ except _metadata.PackageNotFoundError:  # a source tree that was never installed
 __all__ = [
     "Activations",
     "CaaError",
+    "ExtractOptions",
+    "GenerateOptions",
     "Generations",
+    "IngestOptions",
     "InputError",
     "LoadedModel",
     "MismatchError",
     "ModelError",
+    "OptionError",
     "Pair",
     "PairSet",
+    "SweepOptions",
     "SweepResult",
     "VectorSet",
     "__version__",

@@ -2,15 +2,18 @@
 
     import caa
     model = caa.load_model("smollm2-135m")
-    pairs = caa.ingest("data/sentiment.jsonl")            # PairSet
-    acts = caa.extract(model, pairs, layers=[12, 18])      # Activations
-    vectors = caa.compute_vectors(acts)                    # VectorSet
-    result = caa.sweep(model, vectors, pairs)              # SweepResult
-    gens = caa.generate(model, vectors, ["Hi."], layer=18) # Generations
+    pairs = caa.ingest("data/sentiment.jsonl")                                   # PairSet
+    acts = caa.extract(model, pairs, caa.ExtractOptions(layers=(12, 18)))         # Activations
+    vectors = caa.compute_vectors(acts)                                           # VectorSet
+    result = caa.sweep(model, vectors, pairs)                                     # SweepResult
+    gens = caa.generate(model, vectors, ["Hi."], caa.GenerateOptions(layer=18))   # Generations
 
-Each value saves itself (``.save(path)`` writes the file the command line writes, provenance
-included) and reads itself back (``VectorSet.read(path)``, ...). The command line is a client of
-these same functions.
+Each stage's options are one dataclass (:mod:`caa.stages.options`): its fields are the options, it
+checks them when made, and it is what the artifacts record. Each value saves itself (``.save(path)``
+writes the file the command line writes, provenance included) and reads itself back
+(``VectorSet.read(path)``, ...). The command line is a client of this module: it imports nothing
+else of the library, so what it needs besides the verbs is named here too (the plans that check a
+run before its model loads, the file checks, interchange and the report).
 """
 
 from __future__ import annotations
@@ -26,134 +29,204 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from caa.core.budget import parse_size, planner_for
 from caa.core.distributed import Shard
 from caa.core.hooks import steer_start, steering
-from caa.errors import CaaError
+from caa.core.options import model_layers
+from caa.errors import CaaError, OptionError
 from caa.evaluation.fluency import default_neutral, read_neutral
+from caa.evaluation.scoring import fluency_label
 from caa.models.loading import LoadedModel, decoder_blocks, load_model
-from caa.stages.extract import Activations, extract_in_memory, parse_layers
+from caa.models.specs import config_num_layers
+from caa.report.page import build_report, find_artifacts, write_report
+from caa.report.summary import inspect_artifact, layer_spans
+from caa.stages.checks import check_model
+from caa.stages.extract import Activations, extract_in_memory, read_activations, run_extract
+from caa.stages.foreign import read_foreign
 from caa.stages.generate import Generations, run_generate
-from caa.stages.ingest import PairSet, ingest_records, pair_set
+from caa.stages.ingest import PairSet, ingest_records, pair_set, parse_mapping
 from caa.stages.ingest import ingest as ingest_files
+from caa.stages.interchange import check_layers, export_format, export_vectors, import_vectors
+from caa.stages.options import (
+    MIN_TEMPERATURE,
+    ExtractOptions,
+    GenerateOptions,
+    IngestOptions,
+    SweepOptions,
+)
+from caa.stages.plans import GeneratePlan, SweepPlan, plan_extract, plan_generate, plan_sweep
 from caa.stages.sweep import SweepResult, held_out, run_sweep
-from caa.stages.vectors import VectorSet, vector_set
+from caa.stages.vectors import VectorSet, read_vectors, vector_set
 from caa.stages.vectors import compute_vectors as vector_rows
+from caa.store.checkpoint import partial_dir
+from caa.store.datasets import cards, data_dir, resolve_dataset
+from caa.store.outputs import check_outputs, sweep_paths
+from caa.store.schemas import EXPORT, KINDS, PLOT, REPORT
+from caa.store.text import clean, text_problem
 
 Source: TypeAlias = str | os.PathLike[str] | Sequence[Any] | pd.DataFrame
+OUTPUTS = {**KINDS, PLOT.name: PLOT, EXPORT.name: EXPORT, REPORT.name: REPORT}  # what a command may write
+
+__all__ = [
+    "KINDS",
+    "MIN_TEMPERATURE",
+    "OUTPUTS",
+    "Activations",
+    "CaaError",
+    "ExtractOptions",
+    "GenerateOptions",
+    "GeneratePlan",
+    "Generations",
+    "IngestOptions",
+    "LoadedModel",
+    "OptionError",
+    "PairSet",
+    "SweepOptions",
+    "SweepPlan",
+    "SweepResult",
+    "VectorSet",
+    "build_report",
+    "cards",
+    "check_layers",
+    "check_outputs",
+    "clean",
+    "compute_vectors",
+    "config_num_layers",
+    "data_dir",
+    "default_neutral",
+    "export_format",
+    "export_vectors",
+    "extract",
+    "extract_to_file",
+    "find_artifacts",
+    "fluency_label",
+    "generate",
+    "import_vectors",
+    "ingest",
+    "inspect_artifact",
+    "layer_spans",
+    "load_model",
+    "model_layers",
+    "parse_mapping",
+    "partial_dir",
+    "plan_extract",
+    "plan_generate",
+    "plan_sweep",
+    "read_activations",
+    "read_foreign",
+    "read_vectors",
+    "resolve_dataset",
+    "steer",
+    "sweep",
+    "sweep_paths",
+    "text_problem",
+    "write_report",
+]
 
 
 def _model(model: LoadedModel | str) -> LoadedModel:
     return model if isinstance(model, LoadedModel) else load_model(model)
 
 
-def ingest(
-    source: Source,
-    behavior: str | None = None,
-    test_fraction: float = 0.2,
-    seed: int = 0,
-    *,
-    mapping: Mapping[str, str] | None = None,
-    skip_invalid: bool = False,
-) -> PairSet:
+def _options(given: Any, kind: type, name: str = "options") -> Any:
+    """The options given, or the defaults; anything else is refused (not silently ignored)."""
+    if given is None:
+        return kind()
+    if not isinstance(given, kind):
+        raise OptionError(name, given, f"must be a {kind.__name__}")
+    return given
+
+
+def _required() -> Any:
+    raise OptionError("options", None, "give a GenerateOptions: its layer has no default")
+
+
+def ingest(source: Source, options: IngestOptions | None = None) -> PairSet:
     """Contrastive pairs from a file path, a list of paths, a list of dicts (A/B or free-form rows, as
     a file holds them) or a DataFrame, validated, with a stable train/test split."""
-    options = {"behavior": behavior, "test_fraction": test_fraction, "seed": seed, "map": dict(mapping or {})}
+    options = _options(options, IngestOptions)
+    recorded = options.provenance()
     if isinstance(source, pd.DataFrame):
         source = source.to_dict("records")
     if isinstance(source, (str, os.PathLike)):
         source = [source]
     rows = list(source)
+    fields = {
+        "behavior": options.behavior,
+        "mapping": options.mapping,
+        "test_fraction": options.test_fraction,
+        "seed": options.seed,
+        "skip_invalid": options.skip_invalid,
+    }
     if rows and all(isinstance(r, (str, os.PathLike)) for r in rows):
         paths = [Path(r) for r in rows]
-        result = ingest_files(
-            paths,
-            behavior=behavior,
-            mapping=mapping,
-            test_fraction=test_fraction,
-            seed=seed,
-            skip_invalid=skip_invalid,
-        )
-        return pair_set(result, paths, {**options, "files": [str(p) for p in paths]})
-    result = ingest_records(
-        rows,
-        behavior=behavior,
-        mapping=mapping,
-        test_fraction=test_fraction,
-        seed=seed,
-        skip_invalid=skip_invalid,
-    )
-    return pair_set(result, (), options)
+        return pair_set(ingest_files(paths, **fields), paths, {**recorded, "files": [str(p) for p in paths]})
+    return pair_set(ingest_records(rows, **fields), (), recorded)
 
 
 def extract(
     model: LoadedModel | str,
     pairs: PairSet,
-    layers: str | Sequence[int] = "all",
+    options: ExtractOptions | None = None,
     *,
-    position: str = "last",
-    batch_size: int = 16,
-    split: str = "all",
-    behaviors: Sequence[str] | None = None,
-    chat_template: str = "auto",
-    truncate: bool = False,
+    on_texts: Callable[[int], None] | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> Activations:
-    """Residual-stream activations of both sides of every pair (of ``split`` and ``behaviors``) at
-    ``layers`` (``"all"``, ``"4-20"`` or a list; layer l is the output of decoder block l)."""
+    """Residual-stream activations of both sides of every pair (of ``options.split`` and
+    ``options.behaviors``) at ``options.layers`` (None: every block; layer l is the output of decoder
+    block l), in memory."""
+    options = _options(options, ExtractOptions)
     loaded = _model(model)
-    if batch_size < 1:
-        raise CaaError(f"batch_size {batch_size}: must be at least 1")
-    spec = layers if isinstance(layers, str) else ",".join(str(int(x)) for x in layers)
-    chosen = parse_layers(spec, loaded.num_layers)
-    selected = pairs.select(split, behaviors)
-    options = {
-        "layers": spec,
-        "split": split,
-        "behavior": list(behaviors or []),
-        "position": position,
-        "chat_template": chat_template,
-        "batch_size": batch_size,
-        "truncate": truncate,
-    }
+    selected = pairs.select(options.split, options.behaviors)
     return extract_in_memory(
-        loaded,
-        selected.frame,
-        chosen,
-        position=position,
-        chat_template=chat_template,
-        batch_size=batch_size,
-        truncate=truncate,
-        options=options,
-        pairs_path=pairs.path,
+        loaded, selected.frame, options, pairs_path=pairs.path, on_texts=on_texts, notice=notice
     )
 
 
-def compute_vectors(activations: Activations, method: str = "mean") -> VectorSet:
-    """Mean-difference (or ``pca``) steering vectors per behavior and layer, with diagnostics."""
-    return vector_set(vector_rows(activations, method), activations, {"method": method})
+def extract_to_file(
+    model: LoadedModel,
+    pairs: pd.DataFrame,
+    pairs_path: Path,
+    out: Path,
+    options: ExtractOptions,
+    *,
+    resume: bool = False,
+    provenance: Mapping[str, Any] | None = None,
+    on_texts: Callable[[int], None] | None = None,
+    notice: Callable[[str], None] | None = None,
+    accelerator: Any = None,
+) -> int:
+    """``caa extract``: the activations of ``pairs`` (from :func:`plan_extract`) streamed to ``out``
+    with checkpoints (``resume`` continues an interrupted run); under ``accelerate launch`` (pass the
+    ``Accelerator``) the pairs are shared out and merged. Returns the number of pairs."""
+    return run_extract(
+        pairs,
+        pairs_path,
+        out,
+        model,
+        options,
+        resume=resume,
+        provenance=provenance,
+        on_texts=on_texts,
+        notice=notice,
+        accelerator=accelerator,
+    )
+
+
+def compute_vectors(
+    activations: Activations, method: str = "mean", *, provenance: Mapping[str, Any] | None = None
+) -> VectorSet:
+    """Mean-difference (or ``pca``) steering vectors per behavior and layer, with diagnostics;
+    ``provenance`` (what a caller was told besides) goes into their metadata."""
+    return vector_set(vector_rows(activations, method), activations, {**(provenance or {}), "method": method})
 
 
 def sweep(
     model: LoadedModel | str,
     vectors: VectorSet,
     pairs: PairSet,
-    layers: Sequence[int] | None = None,
-    multipliers: Sequence[float] = (-2, -1, 0, 1, 2),
-    neutral: Sequence[str] | None = None,
+    options: SweepOptions | None = None,
     *,
-    behaviors: Sequence[str] | None = None,
-    max_pairs: int | None = None,
-    neutral_count: int = 16,
-    steer_positions: str = "answer",
-    max_kl: float = 0.5,
-    max_anti: float | None = None,
-    engine: str = "fast",
-    seed: int = 0,
-    chat_template: str = "auto",
-    truncate: bool = False,
-    max_memory: str | None = None,
-    batch_size: int | None = None,
-    scale: str = "raw",
+    neutral: Sequence[str] | None = None,
     neutral_source: str = "neutral texts",
     provenance: Mapping[str, Any] | None = None,
     inputs: Mapping[str, Path] | None = None,
@@ -164,46 +237,30 @@ def sweep(
     """Score the held-out pairs at every (layer, multiplier), with the fluency cost, the per-item
     reliability and the recommendation. ``neutral``: texts for the fluency cost (default: the
     project's neutral prompts, or neutral text with ``steer_positions="all"``; ``neutral_source``
-    names given ones in messages). ``provenance`` and ``inputs`` (files, hashed) go into the
-    result's metadata; ``tick`` counts texts scored (:func:`caa.stages.sweep.sweep_work` is the total);
+    names given ones in messages). ``provenance`` (what a caller was told besides the options) and
+    ``inputs`` (files, hashed) go into the result's metadata; ``tick`` counts texts scored;
     ``notice`` receives one-line notes. Under ``accelerate launch``, pass the ``Accelerator``: each
     process runs its share of the batches and every process returns the whole result."""
+    options = _options(options, SweepOptions)
     loaded = _model(model)
-    names, test = held_out(vectors, pairs.frame, pairs.path or Path("pairs"), behaviors, max_pairs)
+    path = pairs.path or Path("pairs")
+    names, test = held_out(vectors, pairs.frame, path, options.behaviors, options.max_pairs)
     if neutral is None:
-        path = default_neutral(steer_positions)
-        neutral, neutral_source = read_neutral(path, neutral_count, steer_positions), str(path)
-    mults = sorted({float(m) for m in multipliers} | {0.0})
-    options = {
-        "layers": list(layers) if layers else None,
-        "multipliers": mults,
-        "max_pairs": max_pairs,
-        "max_anti": max_anti,
-        "engine": engine,
-        "seed": seed,
-        "chat_template": chat_template,
-        "behavior": names,
-    }
+        default = default_neutral(options.steer_positions)
+        neutral = read_neutral(default, options.neutral_count, options.steer_positions)
+        neutral_source = str(default)
+    elif isinstance(neutral, str):
+        raise OptionError("neutral", neutral, "must be a list of texts, not one string")
     return run_sweep(
         loaded,
         vectors,
         test,
         list(neutral),
+        options,
         behaviors=names,
-        layers=list(layers) if layers else None,
-        multipliers=mults,
-        chat_template=chat_template,
-        steer_positions=steer_positions,
-        planner=planner_for(loaded, parse_size(max_memory) if max_memory else None, batch_size),
-        max_kl=max_kl,
-        max_anti=max_anti,
-        engine=engine,
-        truncate=truncate,
-        seed=seed,
-        scale=scale,
-        pairs_path=pairs.path or Path("pairs"),
+        pairs_path=path,
         neutral_source=neutral_source,
-        options={**options, **(provenance or {})},
+        provenance=dict(provenance or {}),
         inputs=dict(inputs or {}),
         tick=tick,
         notice=notice,
@@ -215,64 +272,31 @@ def generate(
     model: LoadedModel | str,
     vectors: VectorSet,
     prompts: Sequence[str],
-    layer: int,
-    multipliers: Sequence[float] = (-1, 0, 1),
+    options: GenerateOptions,
     *,
-    behavior: str | None = None,
-    max_new_tokens: int = 48,
-    steer_positions: str = "answer",
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    chat_template: str = "auto",
-    scale: str = "raw",
     labels: Sequence[str] | None = None,
     provenance: Mapping[str, Any] | None = None,
     inputs: Mapping[str, Path] | None = None,
-    batch_size: int = 32,
-    accelerator: Any = None,
     notice: Callable[[str], None] | None = None,
+    accelerator: Any = None,
 ) -> Generations:
-    """Every prompt under every multiplier, ``batch_size`` prompts per batch (greedy unless
-    ``temperature`` > 0). ``labels`` name the prompts in errors; ``provenance`` and ``inputs`` (files,
-    hashed) go into the result's metadata; ``notice`` receives one-line notes (a batch retried in
-    halves after running out of CUDA memory). Under ``accelerate launch``, pass the ``Accelerator``: the
-    batches are shared out, and every process returns all the rows."""
+    """Every prompt under every multiplier, ``options.batch_size`` prompts per batch (greedy unless
+    ``options.temperature`` > 0). ``labels`` name the prompts in errors; ``provenance`` and
+    ``inputs`` (files, hashed) go into the result's metadata; ``notice`` receives one-line notes (a
+    batch retried in halves after running out of CUDA memory). Under ``accelerate launch``, pass the
+    ``Accelerator``: the batches are shared out, and every process returns all the rows."""
     if isinstance(prompts, str):
         prompts = [prompts]
-    options = {
-        "layer": layer,
-        "behavior": behavior,
-        "multipliers": [float(m) for m in multipliers],
-        "max_new_tokens": max_new_tokens,
-        "steer_positions": steer_positions,
-        "temperature": temperature,
-        "top_p": top_p,
-        "seed": seed,
-        "chat_template": chat_template,
-        "scale": scale,
-        "batch_size": batch_size,
-    }
     return run_generate(
         _model(model),
         vectors,
-        behavior,
-        layer,
         list(prompts),
-        [float(m) for m in multipliers],
-        chat_template=chat_template,
-        positions=steer_positions,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        scale=scale,
+        _options(options, GenerateOptions, "options") if options is not None else _required(),
         labels=labels,
-        batch_size=batch_size,
+        provenance=dict(provenance or {}),
+        inputs=dict(inputs or {}),
         shard=Shard.of(accelerator),
         notice=notice,
-        options={**options, **(provenance or {})},
-        inputs=dict(inputs or {}),
     )
 
 
@@ -292,9 +316,10 @@ def steer(
     """Steer ``model`` while the context is open: add ``multiplier * vector`` to block ``layer``'s output.
 
     ``model`` is a :class:`caa.LoadedModel` or a transformers model; ``vector`` is a [d_model] array or
-    tensor, or a :class:`caa.stages.vectors.VectorSet` (then ``behavior`` picks its vector, and may be left
-    out when the file holds one behavior; ``scale="residual"`` makes the multiplier one of the layer's
-    mean residual norm). ``multiplier`` is one number, or one per batch row.
+    tensor, or a :class:`caa.VectorSet` (then ``behavior`` picks its vector, and may be left out when
+    the file holds one behavior; ``scale="residual"`` makes the multiplier one of the layer's mean
+    residual norm; a VectorSet of another model is refused, as :func:`generate` refuses it).
+    ``multiplier`` is one number, or one per batch row.
 
     Which positions: give ``prompt_length`` (the prompt's token count, per row or for all) and
     ``positions`` = ``answer`` (the paper's: every position after the prompt), ``prompt-end`` (the
@@ -303,16 +328,20 @@ def steer(
     ``position_ids``, so two ``generate`` calls in one context are steered alike. Example::
 
         inputs = loaded.tokenizer(["Tell me about your day."], return_tensors="pt")
-        with caa.steer(loaded, read_vectors("vectors.parquet"), layer=12, multiplier=1.5,
+        with caa.steer(loaded, caa.VectorSet.read("vectors.parquet"), layer=12, multiplier=1.5,
                        prompt_length=inputs["attention_mask"].sum(-1)):
             out = loaded.model.generate(**inputs)
     """
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         blocks = decoder_blocks(model)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(blocks):
+        raise OptionError("layer", layer, f"must be a layer from 0 to {len(blocks) - 1}")
     if scale != "raw" and not isinstance(vector, VectorSet):
         raise CaaError(f"scale='{scale}' needs a VectorSet: it holds each layer's mean residual norm")
     if isinstance(vector, VectorSet):
+        if isinstance(model, LoadedModel):
+            check_model(vector, model)
         names = vector.behaviors()
         if behavior is None and len(names) != 1:
             raise CaaError(f"{vector.path} holds several behaviors ({', '.join(names)}): pass behavior=")
@@ -321,10 +350,20 @@ def steer(
         v = vector.detach().float().flatten()  # [d_model]
     else:  # a copy: numpy arrays read from Parquet are read-only
         v = torch.tensor(np.array(vector, dtype=np.float32)).flatten()
+    config = getattr(getattr(model, "model", model), "config", None)
+    width = getattr(config.get_text_config(), "hidden_size", None) if config is not None else None
+    if width is not None and v.numel() != width:
+        raise OptionError("vector", f"[{v.numel()} values]", f"must have the model's width, {width} values")
+    if not bool(torch.isfinite(v).all()):
+        raise OptionError("vector", f"[{v.numel()} values]", "holds values that are not finite")
+    coefficients = [multiplier] if isinstance(multiplier, (int, float)) else list(multiplier)
+    for m in coefficients:
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not np.isfinite(m):
+            raise OptionError("multiplier", multiplier, f"{m!r} is not a finite number")
     if isinstance(multiplier, (int, float)):
         delta = float(multiplier) * v
     else:
-        delta = torch.as_tensor(list(multiplier), dtype=torch.float32)[:, None] * v  # [batch, d_model]
+        delta = torch.as_tensor(coefficients, dtype=torch.float32)[:, None] * v  # [batch, d_model]
     if prompt_length is not None:
         if start is not None:
             raise CaaError("give prompt_length= (with positions=) or start=, not both")

@@ -31,3 +31,14 @@ class ModelError(CaaError):
 
 class MismatchError(CaaError):
     """Artifacts or options that do not belong together (another model, another hidden size, ...)."""
+
+
+class OptionError(CaaError):
+    """A refused option value. ``option`` is the parameter's name, as a Python caller passes it
+    (``batch_size``); the command line shows the flag it maps to (``--batch-size``) instead."""
+
+    def __init__(self, option: str, value: object, problem: str):
+        self.option = option
+        self.value = value
+        self.problem = problem
+        super().__init__(f"{option}={value!r}: {problem}")

@@ -48,7 +48,7 @@ def tiny_model(work: Path) -> Path:
 def extract_runs(model: Path, work: Path, sizes: tuple[int, int]) -> dict[int, list[str]]:
     runs = {}
     for n in sizes:
-        pairs = caa.ingest(synthetic_records(n), behavior="days", test_fraction=0.0)
+        pairs = caa.ingest(synthetic_records(n), caa.IngestOptions(behavior="days", test_fraction=0.0))
         path = pairs.save(work / f"pairs-{n}.parquet")
         out = work / f"acts-{n}.parquet"
         runs[n] = ["-m", "caa", "extract", str(path), "-m", str(model), "-o", str(out), "--batch-size", "64"]
@@ -58,11 +58,13 @@ def extract_runs(model: Path, work: Path, sizes: tuple[int, int]) -> dict[int, l
 def sweep_runs(model: Path, work: Path, sizes: tuple[int, int]) -> dict[int, list[str]]:
     """One pairs file with enough held-out questions for the larger run; vectors from 32 training
     pairs, made in this process; the sweeps differ only in --max-pairs."""
-    pairs = caa.ingest(synthetic_records(int(sizes[1] * 2.4), ab=True), behavior="days", test_fraction=0.5)
+    pairs = caa.ingest(
+        synthetic_records(int(sizes[1] * 2.4), ab=True), caa.IngestOptions(behavior="days", test_fraction=0.5)
+    )
     path = pairs.save(work / "sweep-pairs.parquet")
     train = PairSet(pairs.select("train").frame.head(32), pairs.meta, path)
     loaded = caa.load_model(str(model), device="cpu")
-    vectors = caa.compute_vectors(caa.extract(loaded, train, layers=[1, 2]))
+    vectors = caa.compute_vectors(caa.extract(loaded, train, caa.ExtractOptions(layers=(1, 2))))
     vectors.save(work / "sweep-vectors.parquet")
     return {
         n: [

@@ -57,7 +57,7 @@ def run(bench: Bench) -> Section:
     pairs = caa.ingest(ROOT / "data" / "sycophancy.json")
     path = pairs.save(work / "pairs.parquet")
     train = PairSet(pairs.select("train").frame.head(48), pairs.meta, path)  # vectors: not timed
-    acts = caa.extract(loaded, train, layers=layers)
+    acts = caa.extract(loaded, train, caa.ExtractOptions(layers=tuple(layers)))
     caa.compute_vectors(acts).save(work / "vectors.parquet")
     bench.log(f"sweep-cli: vectors made ({what})")
     grid = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from caa.cli import app
 from tests.helpers import AB_ROWS, FREEFORM_ROWS
 
 runner = CliRunner()
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_public_api_names_every_stage_and_value() -> None:
@@ -25,9 +26,11 @@ def test_public_api_names_every_stage_and_value() -> None:
         assert callable(getattr(caa, name)) and name in caa.__all__
     for name in ("PairSet", "Activations", "VectorSet", "SweepResult", "Generations", "LoadedModel"):
         assert isinstance(getattr(caa, name), type) and name in caa.__all__
-    import caa.stages.sweep as stage  # importing a stage module again keeps the function on the package
+    for name in ("IngestOptions", "ExtractOptions", "SweepOptions", "GenerateOptions"):
+        assert isinstance(getattr(caa, name), type) and name in caa.__all__
+    import caa.stages.sweep as stage  # a module, and caa.sweep stays the function
 
-    assert callable(caa.sweep) and stage is caa.sweep
+    assert callable(caa.sweep) and stage is not caa.sweep and stage.__name__ == "caa.stages.sweep"
 
 
 def test_ingest_takes_paths_dicts_and_frames_alike(tmp_path: Path) -> None:
@@ -36,12 +39,12 @@ def test_ingest_takes_paths_dicts_and_frames_alike(tmp_path: Path) -> None:
     source = tmp_path / "mood.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in FREEFORM_ROWS))
     from_file = caa.ingest(source)
-    from_dicts = caa.ingest(FREEFORM_ROWS, behavior="mood")
-    from_frame = caa.ingest(pd.DataFrame(FREEFORM_ROWS), behavior="mood")
+    from_dicts = caa.ingest(FREEFORM_ROWS, caa.IngestOptions(behavior="mood"))
+    from_frame = caa.ingest(pd.DataFrame(FREEFORM_ROWS), caa.IngestOptions(behavior="mood"))
     ids = [sorted(p.frame.pair_id) for p in (from_file, from_dicts, from_frame)]
     assert ids[0] == ids[1] == ids[2]
     assert list(from_file.frame.split) == list(from_dicts.frame.split)
-    ab = caa.ingest(AB_ROWS, behavior="agree")
+    ab = caa.ingest(AB_ROWS, caa.IngestOptions(behavior="agree"))
     assert set(ab.frame.format) == {"ab"} and ab.behaviors() == ["agree"]
     with pytest.raises(caa.InputError, match=r"records: index 0: field 'negative'"):
         caa.ingest([{"prompt": "p", "positive": "a"}])
@@ -53,13 +56,13 @@ def test_ingest_takes_paths_dicts_and_frames_alike(tmp_path: Path) -> None:
 def test_in_memory_pipeline_equals_the_command_line(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     model_dir = str(tiny_models["llama"])
     model = caa.load_model(model_dir, device="cpu")
-    pairs = caa.ingest([*AB_ROWS], behavior="agree", test_fraction=0.5)
+    pairs = caa.ingest([*AB_ROWS], caa.IngestOptions(behavior="agree", test_fraction=0.5))
     pairs_path = pairs.save(tmp_path / "pairs.parquet")
-    mood = caa.ingest(FREEFORM_ROWS, behavior="mood", test_fraction=0.5)
+    mood = caa.ingest(FREEFORM_ROWS, caa.IngestOptions(behavior="mood", test_fraction=0.5))
     pairs = caa.PairSet(pd.concat([pairs.frame, mood.frame], ignore_index=True), pairs.meta)
     pairs_path = pairs.save(tmp_path / "pairs.parquet")
 
-    acts = caa.extract(model, pairs, layers=[1, 2], split="train")
+    acts = caa.extract(model, pairs, caa.ExtractOptions(layers=(1, 2), split="train"))
     vectors = caa.compute_vectors(acts)
     files = {name: tmp_path / f"{name}.parquet" for name in ("acts", "vectors", "sweep")}
     cli = [
@@ -79,7 +82,9 @@ def test_in_memory_pipeline_equals_the_command_line(tiny_models: dict[str, Path]
     assert vectors.meta["train_pair_ids"] == from_cli.meta["train_pair_ids"]
     assert vectors.meta["model"] == from_cli.meta["model"]
 
-    swept = caa.sweep(model, vectors, pairs, multipliers=[-1, 1], max_pairs=3, neutral_count=3)
+    swept = caa.sweep(
+        model, vectors, pairs, caa.SweepOptions(multipliers=(-1, 1), max_pairs=3, neutral_count=3)
+    )
     on_disk = caa.SweepResult.read(files["sweep"])
     columns = ["behavior", "layer", "multiplier", "score_mean", "delta", "kl_mean", "perplexity"]
     pd.testing.assert_frame_equal(
@@ -101,7 +106,9 @@ def test_in_memory_pipeline_equals_the_command_line(tiny_models: dict[str, Path]
     )
     acts_back = caa.Activations.read(acts.save(tmp_path / "mem-acts.parquet"))
     np.testing.assert_array_equal(acts_back.values, acts.values)
-    gens = caa.generate(model, vectors, ["hello there"], layer=2, behavior="mood", max_new_tokens=4)
+    gens = caa.generate(
+        model, vectors, ["hello there"], caa.GenerateOptions(layer=2, behavior="mood", max_new_tokens=4)
+    )
     assert sorted(gens.frame.multiplier) == [-1.0, 0.0, 1.0]
     gens_back = caa.Generations.read(gens.save(tmp_path / "gens.parquet"))
     assert list(gens_back.frame.text) == list(gens.frame.text)
@@ -110,8 +117,8 @@ def test_in_memory_pipeline_equals_the_command_line(tiny_models: dict[str, Path]
 
 def test_vector_set_tensor_owns_the_behavior_rule(tiny_models: dict[str, Path]) -> None:
     model = caa.load_model(str(tiny_models["llama"]), device="cpu")
-    pairs = caa.ingest(FREEFORM_ROWS, behavior="mood")
-    vectors = caa.compute_vectors(caa.extract(model, pairs, layers=[2], split="train"))
+    pairs = caa.ingest(FREEFORM_ROWS, caa.IngestOptions(behavior="mood"))
+    vectors = caa.compute_vectors(caa.extract(model, pairs, caa.ExtractOptions(layers=(2,), split="train")))
     v = vectors.tensor()
     assert v.dtype == torch.float32 and v.shape == (model.hidden_size,)
     assert torch.equal(v, vectors.tensor("mood", 2))
@@ -159,9 +166,13 @@ def test_residual_scale_is_a_share_of_the_layers_residual_norm(
     model = caa.load_model(str(tiny_models["llama"]), device="cpu")
     pairs = caa.PairSet.read(pairs_path)
     same = 0.5 * row.mean_residual_norm / np.linalg.norm(raw)
-    kwargs = {"layers": [2], "behaviors": ["mood"], "max_pairs": 3, "neutral": ["a walk in the park"]}
-    by_share = caa.sweep(model, vectors, pairs, multipliers=[0.5], scale="residual", **kwargs)
-    by_raw = caa.sweep(model, vectors, pairs, multipliers=[same], **kwargs)
+    neutral = ["a walk in the park"]
+    share = caa.SweepOptions(
+        layers=(2,), behaviors=("mood",), max_pairs=3, multipliers=(0.5,), scale="residual"
+    )
+    by_share = caa.sweep(model, vectors, pairs, share, neutral=neutral)
+    raw_options = dataclasses.replace(share, multipliers=(same,), scale="raw")
+    by_raw = caa.sweep(model, vectors, pairs, raw_options, neutral=neutral)
     np.testing.assert_allclose(
         by_share.table.score_mean.to_numpy(), by_raw.table.score_mean.to_numpy(), atol=1e-4, rtol=1e-4
     )

@@ -678,7 +678,7 @@ CASES = [
             ("layers-open-range", "", "--layers 1-", "'1-' is not a layer"),
             ("layers-empty-item", "", "--layers 1,,2", "'' is not a layer"),
             ("layers-reversed", "", "--layers 3-1", "empty range 3-1"),
-            ("split-invalid", "", "--split validation", "use train, test or all"),
+            ("split-invalid", "", "--split validation", "--split 'validation': use one of all, train, test"),
             ("prompt-too-long", "pairs=pairs_too_long", "", "longer than the model's context of 256"),
             ("batch-size-0", "", "--batch-size 0", "must be at least 1"),
             ("model-garbage-gguf", "model=model_garbage.gguf", "", "could not read GGUF file"),
@@ -779,7 +779,7 @@ CASES = [
         "generate",
         [
             ("layer-not-in-vectors", "vectors=valid.vectors", "--layer 3", "no vector for 'mood' at layer 3"),
-            ("layer-negative", "vectors=valid.vectors", "--layer=-1", "no vector for 'mood' at layer -1"),
+            ("layer-negative", "", "--layer=-1", "--layer -1: must be at least 0"),
             ("vector-layer-out-of-range", "vectors=vectors_layer_7", "--layer 7", "out of range"),
             ("other-model-vectors", "vectors=valid.other_vectors", "", "field 'model.weights_hash'"),
             ("nan-vectors", "vectors=vectors_nan", "", "NaN"),

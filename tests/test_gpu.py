@@ -136,7 +136,7 @@ def test_bf16_vectors_match_float32(
     for dtype in ("float32", "bfloat16"):
         loaded = load(gpu_models[name], gpu_device, dtype)
         assert loaded.model.dtype == getattr(torch, dtype)
-        acts = caa.extract(loaded, gpu_pairs, batch_size=8)
+        acts = caa.extract(loaded, gpu_pairs, caa.ExtractOptions(batch_size=8))
         assert acts.values.dtype == np.float32  # recorded in float32 whatever the model's dtype
         runs[dtype] = (acts, caa.compute_vectors(acts))
     (a32, v32), (a16, v16) = runs["float32"], runs["bfloat16"]
@@ -180,23 +180,25 @@ SWEEP_COLUMNS = [
 def test_fast_sweep_equals_reference_engine(
     gpu_device: torch.device, gpu_models: dict[str, Path], gpu_pairs: caa.PairSet, name: str, positions: str
 ) -> None:
-    """``caa.stages.sweep`` with the prefix-cache engine gives the reference engine's table to 1e-4 in
+    """``caa.sweep`` with the prefix-cache engine gives the reference engine's table to 1e-4 in
     float32, in several padded batches per layer."""
     loaded = load(gpu_models[name], gpu_device)
-    vectors = caa.compute_vectors(caa.extract(loaded, gpu_pairs, split="train"))
+    vectors = caa.compute_vectors(caa.extract(loaded, gpu_pairs, caa.ExtractOptions(split="train")))
     layers = [1, loaded.num_layers - 1]
     results = {
         engine: caa.sweep(
             loaded,
             vectors,
             gpu_pairs,
-            layers=layers,
-            multipliers=MULTIPLIERS,
+            caa.SweepOptions(
+                layers=tuple(layers),
+                multipliers=tuple(MULTIPLIERS),
+                steer_positions=positions,
+                engine=engine,
+                max_pairs=4,
+                batch_size=6,  # rows (texts x multipliers): several batches, left-padded
+            ),
             neutral=NEUTRAL,
-            steer_positions=positions,
-            engine=engine,
-            max_pairs=4,
-            batch_size=6,  # rows (texts x multipliers): several batches, left-padded
         )
         for engine in ("fast", "naive")
     }
@@ -264,11 +266,11 @@ def recomputed_generation(
 def test_steered_generation_under_kv_cache_equals_recomputation(
     gpu_device: torch.device, gpu_models: dict[str, Path], gpu_pairs: caa.PairSet, name: str
 ) -> None:
-    """Batched, left-padded generation with the KV cache under ``caa.steer`` (and ``caa.stages.generate``),
+    """Batched, left-padded generation with the KV cache under ``caa.steer`` (and ``caa.generate``),
     default ``answer`` policy, gives the tokens and logits of a recomputation without cache that steers
     the same positions; the first new token is unsteered, later ones are steered."""
     loaded = load(gpu_models[name], gpu_device)
-    vectors = caa.compute_vectors(caa.extract(loaded, gpu_pairs, split="train"))
+    vectors = caa.compute_vectors(caa.extract(loaded, gpu_pairs, caa.ExtractOptions(split="train")))
     layer = loaded.num_layers // 2
     vector = vectors.tensor("mood", layer)
     rows = [(p, m) for p in PROMPTS for m in GEN_MULTIPLIERS]
@@ -315,7 +317,12 @@ def test_steered_generation_under_kv_cache_equals_recomputation(
     assert (per_prompt[:, 0, 1] - per_prompt[:, 1, 1]).abs().amax() > 1e-2
     # and caa.generate, the API of `caa generate`, writes the same texts
     gens = caa.generate(
-        loaded, vectors, PROMPTS, layer, GEN_MULTIPLIERS, behavior="mood", max_new_tokens=NEW_TOKENS
+        loaded,
+        vectors,
+        PROMPTS,
+        caa.GenerateOptions(
+            layer=layer, multipliers=tuple(GEN_MULTIPLIERS), behavior="mood", max_new_tokens=NEW_TOKENS
+        ),
     )
     for r in gens.frame.itertuples():
         assert r.text == texts[r.prompt, r.multiplier], f"{name}: {r.prompt!r} at multiplier {r.multiplier}"
@@ -332,10 +339,12 @@ def check_oom_halving(
     loaded = load(directory, device)
     layers = list(range(loaded.num_layers))
     frame = pairs.frame.iloc[:12]  # 24 texts: three batches of 8
-    clean = extract_in_memory(loaded, frame, layers, batch_size=8)
+    clean = extract_in_memory(loaded, frame, caa.ExtractOptions(layers=tuple(layers), batch_size=8))
     sizes = inject_oom(monkeypatch, loaded, max_rows=2)
     notices: list[str] = []
-    halved = extract_in_memory(loaded, frame, layers, batch_size=8, notice=notices.append)
+    halved = extract_in_memory(
+        loaded, frame, caa.ExtractOptions(layers=tuple(layers), batch_size=8), notice=notices.append
+    )
     assert notices == [
         "CUDA out of memory at batch size 8; retrying at 4",
         "CUDA out of memory at batch size 4; retrying at 2",
@@ -360,7 +369,7 @@ def test_oom_with_a_batch_of_one_is_an_error(
     loaded = load(tiny_models["llama"], torch.device("cpu"))
     sizes = inject_oom(monkeypatch, loaded, max_rows=0)
     with pytest.raises(caa.CaaError, match="out of GPU memory with a batch of one text"):
-        extract_in_memory(loaded, gpu_pairs.frame, [0, 1], batch_size=4)
+        extract_in_memory(loaded, gpu_pairs.frame, caa.ExtractOptions(layers=(0, 1), batch_size=4))
     assert sizes == [4, 2, 1]
 
 

@@ -6,19 +6,19 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape as escape_markup
 from typer.core import TyperGroup
 
-from caa.errors import CaaError
-from caa.store.text import clean, text_problem
+from caa import api
+from caa.api import CaaError, LoadedModel, OptionError, clean, text_problem
 
-if TYPE_CHECKING:
-    from caa.models.loading import LoadedModel
+Options = TypeVar("Options")
 
 
 class _CheckedGroup(TyperGroup):
@@ -67,9 +67,9 @@ def escape(text: str, keep: str = "") -> str:
 
 def _print_version(value: bool) -> None:
     if value:
-        from caa import __version__
+        import caa
 
-        out.print(f"caa {__version__}")
+        out.print(f"caa {caa.__version__}")
         raise typer.Exit(0)
 
 
@@ -88,9 +88,41 @@ def main(
 
 
 def fail(e: CaaError) -> NoReturn:
-    """The one place a domain error becomes a red message (one line) and exit code 2."""
-    err.print(f"[bold red]error:[/] {escape(str(e))}")
+    """The one place a domain error becomes a red message (one line) and exit code 2. An option the
+    library refused is named by its flag, with the value as it was typed (``--layers '4-40'``)."""
+    message = str(e)
+    if isinstance(e, OptionError):
+        message = f"{_flag(e.option)}: {e.problem}"
+    err.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(2)
+
+
+def _flag(option: str) -> str:
+    """The flag of the running command's parameter ``option`` and its value as typed, e.g.
+    ``--batch-size 0`` or ``--layers '4-40'`` (a parameter's name is its options field's)."""
+    ctx = typer.main.get_current_context(silent=True)  # the running command's (typer's own click)
+    for param in ctx.command.params if ctx else []:
+        if param.name == option and param.opts and param.opts[0].startswith("-"):
+            flag = max(param.opts, key=len)
+            value = ctx.params.get(option) if ctx else None  # type: ignore[union-attr]
+            if value is None or isinstance(value, (list, tuple)):
+                return flag
+            return f"{flag} '{value}'" if isinstance(value, str) else f"{flag} {value}"
+    return f"--{option.replace('_', '-')}"
+
+
+def stage_options(kind: type[Options], ctx: typer.Context, **parsed: Any) -> Options:
+    """A stage's options from the command's parameters of the same names; ``parsed`` gives the values
+    the command typed as text and parsed (layers, multipliers, sizes). Every field must be found:
+    tests/cli/test_options.py checks each command against its stage's options."""
+    values = {**ctx.params, **parsed}
+    missing = [f.name for f in fields(kind) if f.name not in values]  # type: ignore[arg-type]
+    if missing:
+        raise RuntimeError(f"{ctx.command.name}: no parameter for option(s) {', '.join(missing)}")
+    try:
+        return kind(**{f.name: values[f.name] for f in fields(kind)})  # type: ignore[arg-type]
+    except CaaError as e:
+        fail(e)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -116,23 +148,12 @@ def _check_outputs(
     inputs: list[Any], outputs: list[tuple[Path, Any]], force: bool, show: bool = True
 ) -> None:
     """Before any work: refuse outputs that would destroy an input or other data; warn of replacements."""
-    from caa.store.outputs import check_outputs
-
     try:
-        notices = check_outputs(inputs, outputs, force)
+        notices = api.check_outputs(inputs, outputs, force)
     except CaaError as e:
         fail(e)
     for message in notices if show else []:
         warn(message)
-
-
-def _options_for(fn: Any, params: dict[str, Any], **given: Any) -> dict[str, Any]:
-    """Keyword arguments for ``fn``: the command's options that ``fn`` takes under the same name,
-    overridden and completed by ``given`` (what the command computed or names differently)."""
-    import inspect
-
-    names = inspect.signature(fn).parameters
-    return {**{k: v for k, v in params.items() if k in names}, **given}
 
 
 def _provenance(ctx: typer.Context) -> dict[str, Any]:
@@ -211,12 +232,10 @@ def _load(
     with _gc_paused():  # transformers' imports and the model's modules: long-lived objects
         from transformers.utils import logging as hf_logging
 
-        from caa.models.loading import load_model
-
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         with err.status(f"loading {escape(model)}"):
-            loaded = load_model(
+            loaded = api.load_model(
                 model,
                 dtype=dtype,
                 device=device,

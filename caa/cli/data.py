@@ -3,27 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich import box
 from rich.table import Column, Table
 
-from caa.errors import CaaError
-
-if TYPE_CHECKING:
-    pass
-
+from caa import api
+from caa.api import CaaError
 from caa.cli.common import (
     ForceOpt,
     _check_outputs,
     _provenance,
-    _require,
     app,
     err,
     escape,
     fail,
     out,
+    stage_options,
     warn,
 )
 
@@ -42,7 +39,7 @@ def ingest(
     behavior: Annotated[
         str | None, typer.Option(help="Behavior name for all files (default: each file's stem).")
     ] = None,
-    map_: Annotated[
+    mapping: Annotated[
         list[str] | None,
         typer.Option(
             "--map",
@@ -69,33 +66,20 @@ def ingest(
     Example: [bold]caa ingest data/sycophancy.json data/sentiment.jsonl -o pairs.parquet[/]
     (or, with the built-in datasets, from any directory: [bold]caa ingest sycophancy sentiment[/])
     """
-    from caa.store.schemas import PAIRS
-
     files = _dataset_files(files)
-    _check_outputs(list(files), [(out_path, PAIRS)], force)
-    from caa.stages.ingest import ingest as run_ingest
-    from caa.stages.ingest import parse_mapping, write_pairs
-
-    options = _provenance(ctx)
+    _check_outputs(list(files), [(out_path, api.OUTPUTS["pairs"])], force)
     try:
-        _require(0 <= seed < 2**63, f"--seed {seed}: must be at least 0 and below 2**63")  # as generate's
-        result = run_ingest(
-            files,
-            behavior=behavior,
-            mapping=parse_mapping(map_ or []),
-            test_fraction=test_fraction,
-            seed=seed,
-            skip_invalid=skip_invalid,
-        )
-        write_pairs(result, out_path, files, options)
+        options = stage_options(api.IngestOptions, ctx, mapping=api.parse_mapping(mapping or []))
+        result = api.ingest(files, options)
+        result.save(out_path, _provenance(ctx))
     except CaaError as e:
         fail(e)
     for message in result.duplicates:
         warn(message)
     for rejected in result.rejected:
         err.print(f"[yellow]rejected:[/] {escape(str(rejected))}")
-    table = Table("behavior", "format", "train", "test", title=f"{len(result.pairs)} pairs")
-    formats = {p.behavior: p.format for p in result.pairs}
+    table = Table("behavior", "format", "train", "test", title=f"{len(result)} pairs")
+    formats = dict(zip(result.frame.behavior, result.frame.format, strict=True))
     for name, counts in result.counts().items():
         table.add_row(escape(name), escape(formats[name]), str(counts["train"]), str(counts["test"]))
     out.print(table)
@@ -106,12 +90,10 @@ def ingest(
 
 def _dataset_files(files: list[Path]) -> list[Path]:
     """The inputs of `caa ingest`, a built-in dataset's file in place of its name (said on stderr)."""
-    from caa.store.datasets import resolve_dataset
-
     resolved = []
     for arg in files:
         try:
-            path, card = resolve_dataset(arg)
+            path, card = api.resolve_dataset(arg)
         except CaaError as e:
             fail(e)
         if card is not None:
@@ -128,11 +110,9 @@ def datasets() -> None:
 
     Example: [bold]caa datasets[/], then [bold]caa ingest sentiment formality -o pairs.parquet[/]
     """
-    from caa.store.datasets import cards, data_dir
-
     try:
-        found = cards()
-        where = data_dir()
+        found = api.cards()
+        where = api.data_dir()
     except CaaError as e:
         fail(e)
     sources = sorted({card.source for card in found})

@@ -9,7 +9,9 @@ import typer
 from rich import box
 from rich.table import Column, Table
 
-from caa.errors import CaaError
+from caa import api
+from caa.api import CaaError
+from caa.cli.parse import parse_layers
 
 if TYPE_CHECKING:
     pass
@@ -53,18 +55,15 @@ def report(
 
     Example: [bold]caa report demo-out -o demo-out/report.html[/]
     """
-    from caa.report.page import build_report, find_artifacts, write_report
-    from caa.store.schemas import REPORT
-
     try:
         _require(max_prompts >= 1, f"--max-prompts {max_prompts}: must be at least 1")
-        run = find_artifacts(paths)
+        run = api.find_artifacts(paths)
     except CaaError as e:
         fail(e)
-    _check_outputs([f.path for f in run.files], [(out_path, REPORT)], force)
+    _check_outputs([f.path for f in run.files], [(out_path, api.OUTPUTS["report"])], force)
     try:
-        page = build_report(run, check_inputs=check_inputs, max_prompts=max_prompts, title=_title(paths))
-        write_report(page, out_path)
+        page = api.build_report(run, check_inputs=check_inputs, max_prompts=max_prompts, title=_title(paths))
+        api.write_report(page, out_path)
     except CaaError as e:
         fail(e)
     for message in page.warnings:
@@ -120,26 +119,20 @@ def export_cmd(
 
     Example: [bold]caa export vectors.parquet --format gguf --layers 8-20 -o happy.gguf[/]
     """
-    from caa.report.summary import layer_spans
-    from caa.stages.extract import parse_layers
-    from caa.stages.interchange import export_format, export_vectors
-    from caa.stages.vectors import read_vectors
-    from caa.store.schemas import EXPORT
-
-    _check_outputs([vectors], [(out_path, EXPORT)], force)
+    _check_outputs([vectors], [(out_path, api.OUTPUTS["export"])], force)
     try:
-        fmt = export_format(format_, out_path)
-        vecs = read_vectors(vectors)
+        fmt = api.export_format(format_, out_path)
+        vecs = api.read_vectors(vectors)
         count = (vecs.meta.get("model") or {}).get("num_layers") or int(vecs.frame.layer.max()) + 1
-        chosen = parse_layers(layers, count) if layers not in (None, "all") else None
-        done = export_vectors(
+        chosen = api.model_layers(parse_layers(layers), count) if layers not in (None, "all") else None
+        done = api.export_vectors(
             vecs, out_path, fmt, behavior=behavior, layers=chosen, multiplier=multiplier, scale=scale
         )
     except CaaError as e:
         fail(e)
     out.print(
         f"wrote {escape(str(out_path))}: {done.format}, '{escape(done.behavior)}' at layers "
-        f"{layer_spans(done.layers)}, x{done.multiplier:g}"
+        f"{api.layer_spans(done.layers)}, x{done.multiplier:g}"
     )
 
 
@@ -186,13 +179,7 @@ def import_cmd(
 
     Example: [bold]caa import sae-dir --feature 1234 -m smollm2-135m -o vectors.parquet[/]
     """
-    from caa.models.specs import config_num_layers
-    from caa.report.summary import layer_spans
-    from caa.stages.foreign import read_foreign
-    from caa.stages.interchange import check_layers, import_vectors
-    from caa.store.schemas import VECTORS
-
-    _check_outputs([source, _model_file(model)], [(out_path, VECTORS)], force)
+    _check_outputs([source, _model_file(model)], [(out_path, api.OUTPUTS["vectors"])], force)
     options = {
         "source": str(source),
         "model": model,
@@ -203,15 +190,15 @@ def import_cmd(
     }
     try:
         _require(behavior is None or behavior.strip() != "", "--behavior must not be empty")
-        foreign = read_foreign(source, layer=layer, feature=feature)
-        check_layers(foreign, config_num_layers(model), model)  # before the model loads, where it can
+        foreign = api.read_foreign(source, layer=layer, feature=feature)
+        api.check_layers(foreign, api.config_num_layers(model), model)  # before the model loads, where it can
         loaded = _load(model, dtype, None, trust_remote_code)
-        vecs = import_vectors(foreign, loaded.fingerprint.to_dict(), behavior, options)
+        vecs = api.import_vectors(foreign, loaded.fingerprint.to_dict(), behavior, options)
         vecs.save(out_path)
     except CaaError as e:
         fail(e)
     out.print(
-        f"imported '{escape(vecs.behaviors()[0])}' at layers {layer_spans(list(foreign.vectors))} from "
+        f"imported '{escape(vecs.behaviors()[0])}' at layers {api.layer_spans(list(foreign.vectors))} from "
         f"{escape(str(source))} ({foreign.source['format']}) -> wrote {escape(str(out_path))}"
     )
 
@@ -242,10 +229,8 @@ def inspect_cmd(
     """
     import json
 
-    from caa.report.summary import inspect_artifact
-
     try:
-        report = inspect_artifact(file, check_inputs=check_inputs)
+        report = api.inspect_artifact(file, check_inputs=check_inputs)
     except CaaError as e:
         fail(e)
     if as_json:
@@ -317,8 +302,7 @@ def _key_value_table(title: str) -> Table:
 
 def _shown(key: str, value: Any, inline: bool = False) -> str:
     """One metadata or summary value as table text: layers as spans, ranges as a..b, dicts as lines."""
-    from caa.report.summary import layer_spans
-
+    layer_spans = api.layer_spans
     if value is None or value == [] or value == {}:
         return "-"
     if isinstance(value, dict):

@@ -8,6 +8,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from caa import api
+from caa.api import MIN_TEMPERATURE, CaaError
 from caa.cli.common import (
     DeviceMapOpt,
     DtypeOpt,
@@ -21,17 +23,16 @@ from caa.cli.common import (
     _device,
     _load,
     _model_file,
-    _options_for,
     _provenance,
     app,
     err,
     escape,
     fail,
     out,
+    stage_options,
     warn,
 )
-from caa.errors import CaaError
-from caa.stages.generate import MIN_TEMPERATURE
+from caa.cli.parse import parse_multipliers
 
 
 @app.command()
@@ -82,43 +83,37 @@ def generate(
     """
     from accelerate import Accelerator
 
-    from caa.api import generate as run
-    from caa.stages.plans import plan_generate
-    from caa.store.schemas import GENERATIONS
-
     accelerator = Accelerator()  # under `accelerate launch`, the batches are shared out
     main = accelerator.is_main_process
-    _check_outputs([vectors, prompts_file, _model_file(model)], [(out_path, GENERATIONS)], force, main)
+    outputs = [(out_path, api.OUTPUTS["generations"])]
+    _check_outputs([vectors, prompts_file, _model_file(model)], outputs, force, main)
     try:
-        plan = plan_generate(**_options_for(plan_generate, ctx.params, prompts=prompt or []))
+        options = stage_options(api.GenerateOptions, ctx, multipliers=parse_multipliers(multipliers))
+        plan = api.plan_generate(vectors, model, options, prompt or [], prompts_file, limit)
         for line in plan.warnings if main else []:
             warn(line)
         loaded = _load(
             model, dtype, device_map, trust_remote_code, _device(accelerator, device_map), chat_template
         )
-        with err.status(f"generating {len(plan.prompts)} prompts x {len(plan.multipliers)} multipliers"):
-            gens = run(
-                **_options_for(
-                    run,
-                    ctx.params,
-                    model=loaded,
-                    vectors=plan.vectors,
-                    prompts=plan.prompts,
-                    multipliers=plan.multipliers,
-                    behavior=plan.behavior,
-                    labels=plan.labels,
-                    provenance=_provenance(ctx),
-                    inputs={"vectors": vectors, **({"prompts": prompts_file} if prompts_file else {})},
-                    accelerator=accelerator,
-                    notice=warn if main else None,
-                )
+        count = len(options.multipliers)
+        with err.status(f"generating {len(plan.prompts)} prompts x {count} multipliers"):
+            gens = api.generate(
+                loaded,
+                plan.vectors,
+                plan.prompts,
+                options,
+                labels=plan.labels,
+                provenance=_provenance(ctx),
+                inputs={"vectors": vectors, **({"prompts": prompts_file} if prompts_file else {})},
+                accelerator=accelerator,
+                notice=warn if main else None,
             )
         if main:
             gens.save(out_path)
     except CaaError as e:
         fail(e)
     if main:
-        _print_generations(gens, layer, scale, plan.multipliers)
+        _print_generations(gens, layer, scale, list(options.multipliers))
         out.print(f"wrote {escape(str(out_path))}")
 
 

@@ -9,6 +9,8 @@ import typer
 from rich import box
 from rich.table import Column, Table
 
+from caa import api
+from caa.api import CaaError
 from caa.cli.common import (
     DeviceMapOpt,
     DtypeOpt,
@@ -21,7 +23,6 @@ from caa.cli.common import (
     _device,
     _load,
     _model_file,
-    _options_for,
     _progress,
     _provenance,
     app,
@@ -29,9 +30,10 @@ from caa.cli.common import (
     escape,
     fail,
     out,
+    stage_options,
     warn,
 )
-from caa.errors import CaaError
+from caa.cli.parse import parse_layers
 
 
 @app.command()
@@ -48,7 +50,9 @@ def extract(
         ),
     ] = "all",
     split: Annotated[str, typer.Option(help="Which pairs: all, train or test.")] = "all",
-    behavior: Annotated[list[str] | None, typer.Option(help="Only these behaviors (repeatable).")] = None,
+    behaviors: Annotated[
+        list[str] | None, typer.Option("--behavior", help="Only these behaviors (repeatable).")
+    ] = None,
     position: Annotated[
         str,
         typer.Option(
@@ -88,15 +92,12 @@ def extract(
     """
     from accelerate import Accelerator
 
-    from caa.stages.extract import run_extract
-    from caa.stages.plans import plan_extract
-    from caa.store.schemas import ACTIVATIONS
-
     accelerator = Accelerator()
     main = accelerator.is_main_process
-    _check_outputs([pairs, _model_file(model)], [(out_path, ACTIVATIONS)], force, main)
+    _check_outputs([pairs, _model_file(model)], [(out_path, api.OUTPUTS["activations"])], force, main)
     try:
-        frame = plan_extract(**_options_for(plan_extract, ctx.params, out=out_path, behaviors=behavior))
+        options = stage_options(api.ExtractOptions, ctx, layers=parse_layers(layers))
+        frame = api.plan_extract(pairs, out_path, model, options, resume)
         loaded = _load(
             model, dtype, device_map, trust_remote_code, _device(accelerator, device_map), chat_template
         )
@@ -109,20 +110,17 @@ def extract(
                 speed = bar.tasks[task].speed
                 bar.update(task, rate=f"{speed:.1f} pairs/s" if speed else "")
 
-            n = run_extract(
-                **_options_for(
-                    run_extract,
-                    ctx.params,
-                    pairs=frame,
-                    pairs_path=pairs,
-                    out=out_path,
-                    loaded=loaded,
-                    layers_spec=layers,
-                    options=_provenance(ctx),
-                    on_texts=advance,
-                    notice=warn,
-                    accelerator=accelerator,
-                )
+            n = api.extract_to_file(
+                loaded,
+                frame,
+                pairs,
+                out_path,
+                options,
+                resume=resume,
+                provenance=_provenance(ctx),
+                on_texts=advance,
+                notice=warn,
+                accelerator=accelerator,
             )
     except CaaError as e:
         fail(e)
@@ -134,10 +132,8 @@ def extract(
 
 def _interrupted(out_path: Path, main: bool) -> NoReturn:
     """Ctrl-C during extract: say where the finished batches are kept, and how to go on."""
-    from caa.store.checkpoint import partial_dir
-
     if main:
-        kept = escape(str(partial_dir(out_path)))
+        kept = escape(str(api.partial_dir(out_path)))
         err.print(
             f"[yellow]interrupted:[/] the finished batches are kept in {kept}; "
             "run the same command with --resume to continue"
@@ -166,17 +162,13 @@ def compute_vectors_cmd(
 
     Example: [bold]caa compute-vectors activations.parquet -o vectors.parquet[/]
     """
-    from caa.stages.vectors import compute_vectors, read_activations, write_vectors
-    from caa.store.schemas import VECTORS
-
-    _check_outputs(list(activations), [(out_path, VECTORS)], force)
+    _check_outputs(list(activations), [(out_path, api.OUTPUTS["vectors"])], force)
     try:
-        acts = read_activations(activations)
-        frame = compute_vectors(acts, method)
-        write_vectors(frame, out_path, acts, _provenance(ctx))
+        vectors = api.compute_vectors(api.read_activations(activations), method, provenance=_provenance(ctx))
+        vectors.save(out_path)
     except CaaError as e:
         fail(e)
-    _print_vectors(frame, method)
+    _print_vectors(vectors.frame, method)
     out.print(f"wrote {escape(str(out_path))}")
 
 

@@ -9,6 +9,8 @@ import typer
 from rich import box
 from rich.table import Table
 
+from caa import api
+from caa.api import CaaError
 from caa.cli.common import (
     DeviceMapOpt,
     DtypeOpt,
@@ -24,16 +26,16 @@ from caa.cli.common import (
     _gc_paused,
     _load,
     _model_file,
-    _options_for,
     _progress,
     _provenance,
     app,
     escape,
     fail,
     out,
+    stage_options,
     warn,
 )
-from caa.errors import CaaError
+from caa.cli.parse import parse_layers, parse_multipliers, parse_size
 
 
 @app.command()
@@ -51,8 +53,9 @@ def sweep(
         ),
     ] = Path("sweep.parquet"),
     model: ModelOpt = "smollm2-135m",
-    behavior: Annotated[
-        list[str] | None, typer.Option(help="Behaviors to sweep (default: all in both files).")
+    behaviors: Annotated[
+        list[str] | None,
+        typer.Option("--behavior", help="Behaviors to sweep (default: all in both files; repeatable)."),
     ] = None,
     layers: Annotated[
         str | None,
@@ -130,46 +133,44 @@ def sweep(
     """
     from accelerate import Accelerator
 
-    from caa.api import sweep as run
-    from caa.core.options import parse_layers
-    from caa.evaluation.fluency import default_neutral
-    from caa.stages.plans import plan_sweep
-    from caa.store.outputs import sweep_paths
-    from caa.store.schemas import PLOT, SWEEP, SWEEP_ITEMS
-
     accelerator = Accelerator()  # under `accelerate launch`, the grid's batches are shared out
     main = accelerator.is_main_process
     try:
-        table_path, items_path, plot = sweep_paths(out_path)
+        table_path, items_path, plot = api.sweep_paths(out_path)
     except CaaError as e:
         fail(e)
-    neutral = neutral or default_neutral(steer_positions)
-    outputs = [(table_path, SWEEP), (items_path, SWEEP_ITEMS), (plot, PLOT)]
+    neutral = neutral or api.default_neutral(steer_positions)
+    kinds = api.OUTPUTS
+    outputs = [(table_path, kinds["sweep"]), (items_path, kinds["sweep_items"]), (plot, kinds["plot"])]
     _check_outputs([vectors, pairs, neutral, _model_file(model)], outputs, force, main)
-    options = {**_provenance(ctx), "neutral": str(neutral)}  # the neutral file used, default or not
     try:
-        plan = plan_sweep(**_options_for(plan_sweep, ctx.params, behaviors=behavior, neutral=neutral))
+        options = stage_options(
+            api.SweepOptions,
+            ctx,
+            layers=parse_layers(layers) if layers else None,
+            multipliers=parse_multipliers(multipliers),
+            max_memory=parse_size(max_memory) if max_memory else None,
+        )
+        plan = api.plan_sweep(vectors, pairs, model, options, neutral)
         for line in plan.warnings if main else []:
             warn(line)
         loaded = _load(
             model, dtype, device_map, trust_remote_code, _device(accelerator, device_map), chat_template
         )
-        chosen = parse_layers(layers, loaded.num_layers) if layers else None
         with _progress(disable=not main) as bar:  # type: ignore[attr-defined]
-            task = bar.add_task("sweeping", total=plan.work(chosen), rate="")
-            result = run(
-                **_options_for(
-                    run,
-                    ctx.params,
-                    model=loaded,
-                    layers=chosen,
-                    **plan.arguments(),
-                    provenance=options,
-                    inputs={"vectors": vectors, "pairs": pairs, "neutral": neutral},
-                    tick=lambda n: bar.advance(task, n),
-                    notice=warn if main else None,
-                    accelerator=accelerator,
-                )
+            task = bar.add_task("sweeping", total=plan.work(options.layers), rate="")
+            result = api.sweep(
+                loaded,
+                plan.vectors,
+                plan.pairs,
+                options,
+                neutral=plan.neutral,
+                neutral_source=str(plan.neutral_path),
+                provenance={**_provenance(ctx), "neutral": str(neutral)},  # the neutral file used
+                inputs={"vectors": vectors, "pairs": pairs, "neutral": neutral},
+                tick=lambda n: bar.advance(task, n),
+                notice=warn if main else None,
+                accelerator=accelerator,
             )
         if main:
             with _gc_paused():  # matplotlib's import and the figure
@@ -182,7 +183,7 @@ def sweep(
 
 
 def _print_sweep(result: Any, max_kl: float, max_anti: float | None) -> None:
-    from caa.evaluation.scoring import fluency_label
+    fluency_label = api.fluency_label
 
     def num(x: float, fmt: str) -> str:
         return "-" if x != x else fmt.format(x)

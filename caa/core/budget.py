@@ -15,7 +15,6 @@ from typing import TypeVar
 
 import torch
 
-from caa.core.options import parse_size as parse_size
 from caa.errors import CaaError
 from caa.models.loading import LoadedModel
 

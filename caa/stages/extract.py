@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from caa.core.hooks import recording, run_until_stop
-from caa.core.options import parse_layers as parse_layers
+from caa.core.options import model_layers
 from caa.core.prompts import (
     Batch,
     Encoded,
@@ -37,6 +37,7 @@ from caa.models.loading import LoadedModel
 from caa.stages.ingest import SIDES, describe_pair
 from caa.stages.ingest import read_pairs as read_pairs  # the reader lives beside its writer
 from caa.stages.ingest import select_pairs as select_pairs
+from caa.stages.options import ExtractOptions
 from caa.store import checkpoint
 from caa.store.artifacts import Artifact, StreamWriter, columns_table, make_meta, read_artifact, vectors_of
 from caa.store.schemas import ACTIVATIONS
@@ -189,7 +190,7 @@ def _rows(
 @dataclass
 class Activations:
     """Activation rows (keys as a DataFrame) and their vectors as one float32 array [rows, d_model],
-    with the provenance of the run (model, prompt format, layers). ``caa.stages.extract`` makes one in
+    with the provenance of the run (model, prompt format, layers). ``caa.extract`` makes one in
     memory; :meth:`read` reads one or more ``activations.parquet`` files, :meth:`save` writes one."""
 
     keys: pd.DataFrame  # pair_id, behavior, split, side, layer, n_tokens
@@ -306,37 +307,36 @@ def activations_meta(
 def extract_in_memory(
     loaded: LoadedModel,
     pairs: pd.DataFrame,
-    layers: Sequence[int],
+    options: ExtractOptions,
     *,
-    position: str = "last",
-    chat_template: str = "auto",
-    batch_size: int = 16,
-    truncate: bool = False,
-    options: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
     pairs_path: Path | None = None,
     on_texts: Callable[[int], None] | None = None,
     notice: Callable[[str], None] | None = None,
 ) -> Activations:
-    """The activations of ``pairs`` at ``layers`` as an :class:`Activations` (no files): the rows
-    :func:`run_extract` writes, in the same order."""
+    """The activations of ``pairs`` at ``options.layers`` (checked against the model; None: every
+    block) as an :class:`Activations` (no files): the rows :func:`run_extract` writes, in the same
+    order. The options and ``provenance`` (what a command was told besides) go into its metadata."""
+    layers = model_layers(options.layers, loaded.num_layers)
     groups = list(
         extract_activations(
             pairs,
             loaded,
             layers,
-            position=position,
-            chat_template=chat_template,
-            batch_size=batch_size,
+            position=options.position,
+            chat_template=options.chat_template,
+            batch_size=options.batch_size,
             on_texts=on_texts,
             notice=notice,
-            truncate=truncate,
+            truncate=options.truncate,
             pairs_path=pairs_path,
         )
     )
     keys = pd.DataFrame({k: np.concatenate([g[k] for g in groups]) for k in groups[0] if k != "activation"})
     values = np.concatenate([g["activation"] for g in groups]).astype(np.float32)
     inputs = {"pairs": pairs_path} if pairs_path is not None and Path(pairs_path).is_file() else None
-    meta = activations_meta(loaded, layers, position, chat_template, options, inputs)
+    recorded = {**options.provenance(), **(provenance or {})}
+    meta = activations_meta(loaded, layers, options.position, options.chat_template, recorded, inputs)
     return Activations(keys, values, meta, [])
 
 
@@ -345,14 +345,10 @@ def run_extract(
     pairs_path: Path,
     out: Path,
     loaded: LoadedModel,
-    layers_spec: str = "all",
+    options: ExtractOptions,
     *,
-    position: str = "last",
-    chat_template: str = "auto",
-    batch_size: int = 16,
     resume: bool = False,
-    truncate: bool = False,
-    options: dict[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
     on_texts: Callable[[int], None] | None = None,
     notice: Callable[[str], None] | None = None,
     accelerator: Any = None,
@@ -364,8 +360,11 @@ def run_extract(
     run continues with ``resume`` and gives the same file. Under ``accelerate launch`` each process
     takes every n-th pair; the main process merges the pieces into ``out``.
     """
-    layers = parse_layers(layers_spec, loaded.num_layers)
-    meta = activations_meta(loaded, layers, position, chat_template, options, {"pairs": Path(pairs_path)})
+    layers = model_layers(options.layers, loaded.num_layers)
+    position, chat_template = options.position, options.chat_template
+    batch_size, truncate = options.batch_size, options.truncate
+    recorded = {**options.provenance(), **(provenance or {})}
+    meta = activations_meta(loaded, layers, position, chat_template, recorded, {"pairs": Path(pairs_path)})
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     identity = {
         "pairs_sha256": meta["inputs"][str(pairs_path)],

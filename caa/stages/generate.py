@@ -23,6 +23,7 @@ from caa.core.prompts import Encoded, collate, prompt_format, read_texts
 from caa.errors import CaaError
 from caa.models.loading import LoadedModel
 from caa.stages.checks import check_model, check_template
+from caa.stages.options import GenerateOptions
 from caa.stages.vectors import VectorSet
 from caa.store.artifacts import make_meta, read_artifact, write_artifact
 from caa.store.schemas import GENERATIONS
@@ -56,29 +57,6 @@ class Generations:
         return self.frame.pivot(index="prompt", columns="multiplier", values="text")
 
 
-MIN_TEMPERATURE = 1e-3  # logits / 1e-300 overflow to inf and the sampling probabilities to NaN
-
-
-def check_sampling(
-    max_new_tokens: int, temperature: float, top_p: float, seed: int, batch_size: int = 1
-) -> None:
-    """Refuse generation options that cannot work, naming the option (before any model loads)."""
-    problems = [
-        (batch_size >= 1, f"--batch-size {batch_size}: must be at least 1"),
-        (max_new_tokens >= 1, f"--max-new-tokens {max_new_tokens}: must be at least 1"),
-        (
-            temperature == 0 or MIN_TEMPERATURE <= temperature < float("inf"),
-            f"--temperature {temperature}: must be 0 (greedy) or a finite number from {MIN_TEMPERATURE} "
-            "(below, the logits divided by it overflow and sampling breaks)",
-        ),
-        (0 < top_p <= 1, f"--top-p {top_p}: must be above 0 and at most 1"),
-        (0 <= seed < 2**63, f"--seed {seed}: must be at least 0 and below 2**63"),
-    ]
-    for ok, message in problems:
-        if not ok:
-            raise CaaError(message)
-
-
 def gather_prompts(
     prompts: Sequence[str], prompts_file: Path | None = None, limit: int | None = None
 ) -> tuple[list[str], list[str]]:
@@ -100,35 +78,34 @@ def generate_steered(
     loaded: LoadedModel,
     prompts: Sequence[str],
     vector: torch.Tensor,
-    layer: int,
-    multipliers: Sequence[float],
+    options: GenerateOptions,
     *,
     behavior: str = "",
-    chat_template: str = "auto",
-    positions: str = "answer",
-    max_new_tokens: int = 48,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
     labels: Sequence[str] | None = None,
-    batch_size: int = 32,
     shard: Shard = ONE,
     notice: Callable[[str], None] | None = None,
 ) -> Generations:
-    """Generate every prompt under every multiplier, ``batch_size`` prompts per batch.
+    """Generate every prompt under every one of ``options.multipliers``, ``options.batch_size``
+    prompts per batch.
 
-    Steering adds ``multiplier * vector`` to block ``layer``'s output at the positions ``positions``
-    names (:func:`caa.core.hooks.steer_start`): by default the paper's, every generated token but not the
-    prompt, so the first new token is predicted from the unsteered last prompt position. Greedy unless
-    ``temperature`` > 0 (batch k samples from seed ``seed + k``). ``labels`` name the prompts in errors
+    Steering adds ``multiplier * vector`` to block ``options.layer``'s output at the positions
+    ``options.steer_positions`` names (:func:`caa.core.hooks.steer_start`): by default the paper's,
+    every generated token but not the prompt, so the first new token is predicted from the unsteered
+    last prompt position. Greedy unless ``options.temperature`` > 0 (batch k samples from seed
+    ``seed + k``). ``labels`` name the prompts in errors
     (default: ``prompt N``). Under ``shard`` each process generates its batches and all get every row.
     A batch that runs out of CUDA memory is retried in halves, said in ``notice`` (a retried half
     samples from its batch's seed).
     """
     if not prompts:
         raise CaaError("no prompts given")
-    check_sampling(max_new_tokens, temperature, top_p, seed, batch_size)
-    style = prompt_format(loaded.tokenizer, chat_template)
+    for number, prompt in enumerate(prompts, start=1):
+        if not isinstance(prompt, str):
+            label = labels[number - 1] if labels else f"prompt {number}"
+            raise CaaError(f"{label}: a prompt must be text, not {type(prompt).__name__}")
+    layer, multipliers, max_new_tokens = options.layer, list(options.multipliers), options.max_new_tokens
+    batch_size = options.batch_size
+    style = prompt_format(loaded.tokenizer, options.chat_template)
     tok = loaded.tokenizer
     encoded = []
     limit = loaded.context_length
@@ -153,11 +130,11 @@ def generate_steered(
             vector,
             layer,
             multipliers,
-            positions=positions,
+            positions=options.steer_positions,
             max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed + batch_of[index[0]],
+            temperature=options.temperature,
+            top_p=options.top_p,
+            seed=options.seed + batch_of[index[0]],
         )
         rows = [(i, m) for i in index for m in multipliers]
         made = []
@@ -222,22 +199,25 @@ def _generate_batch(
 def run_generate(
     loaded: LoadedModel,
     vectors: VectorSet,
-    behavior: str | None,
-    layer: int,
     prompts: Sequence[str],
-    multipliers: Sequence[float],
+    options: GenerateOptions,
     *,
-    options: dict[str, Any] | None = None,
+    labels: Sequence[str] | None = None,
+    provenance: dict[str, Any] | None = None,
     inputs: dict[str, Path] | None = None,
-    scale: str = "raw",
-    **kwargs: Any,
+    shard: Shard = ONE,
+    notice: Callable[[str], None] | None = None,
 ) -> Generations:
-    """Check the vectors against the model, pick the behavior's vector, generate; ``options`` and
-    ``inputs`` (files, hashed) go into the result's provenance."""
+    """Check the vectors against the model, pick the behavior's vector, generate; the options, the
+    ``provenance`` given (what a command was told besides) and ``inputs`` (files, hashed) go into the
+    result's metadata."""
     check_model(vectors, loaded)
-    check_template(vectors, prompt_format(loaded.tokenizer, kwargs.get("chat_template", "auto")))
-    behavior = vectors.pick(behavior)
-    vector = vectors.tensor(behavior, layer, scale)
-    gens = generate_steered(loaded, prompts, vector, layer, multipliers, behavior=behavior, **kwargs)
-    gens.meta = make_meta(GENERATIONS, options or {}, inputs=inputs, model=loaded.fingerprint.to_dict())
+    check_template(vectors, prompt_format(loaded.tokenizer, options.chat_template))
+    behavior = vectors.pick(options.behavior)
+    vector = vectors.tensor(behavior, options.layer, options.scale)
+    gens = generate_steered(
+        loaded, prompts, vector, options, behavior=behavior, labels=labels, shard=shard, notice=notice
+    )
+    meta = {**options.provenance(), **(provenance or {})}
+    gens.meta = make_meta(GENERATIONS, meta, inputs=inputs, model=loaded.fingerprint.to_dict())
     return gens

@@ -48,7 +48,7 @@ class IngestResult:
 class PairSet:
     """Contrastive pairs in memory: one row per pair (the PAIRS columns), with their provenance.
 
-    ``caa.stages.ingest`` makes one from files, dicts or a DataFrame; :meth:`read` reads ``pairs.parquet``
+    ``caa.ingest`` makes one from files, dicts or a DataFrame; :meth:`read` reads ``pairs.parquet``
     and :meth:`save` writes it. ``rejected`` and ``duplicates`` say what ingesting left out."""
 
     frame: pd.DataFrame

@@ -42,19 +42,12 @@ from caa.models.loading import LoadedModel
 from caa.report.plots import plot_sweep
 from caa.stages.checks import check_held_out, check_model, check_strength, check_template
 from caa.stages.ingest import SIDES, describe_pair, select_pairs
+from caa.stages.options import SweepOptions
 from caa.stages.vectors import VectorSet
 from caa.store.artifacts import make_meta, read_artifact, write_parquet
 from caa.store.files import atomic_paths
 from caa.store.outputs import sweep_paths
 from caa.store.schemas import SWEEP, SWEEP_ITEMS, Kind
-
-ENGINES = ("fast", "naive")
-
-
-def check_engine(engine: str) -> None:
-    """Refuse an engine that is not one of :data:`ENGINES`."""
-    if engine not in ENGINES:
-        raise CaaError(f"--engine '{engine}': use one of {', '.join(ENGINES)}")
 
 
 def held_out(
@@ -205,22 +198,13 @@ def run_sweep(
     vectors: VectorSet,
     pairs: pd.DataFrame,
     neutral: Sequence[str],
+    options: SweepOptions,
     *,
     behaviors: Sequence[str],
-    layers: Sequence[int] | None,
-    multipliers: Sequence[float],
-    chat_template: str = "auto",
-    steer_positions: str = "answer",
     planner: Planner | None = None,
-    max_kl: float = 0.5,
-    max_anti: float | None = None,
-    engine: str = "fast",
-    truncate: bool = False,
-    seed: int = 0,
-    scale: str = "raw",
     pairs_path: Path = Path("pairs"),
     neutral_source: str = "neutral texts",
-    options: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
     inputs: dict[str, Path] | None = None,
     tick: Tick | None = None,
     notice: Callable[[str], None] | None = None,
@@ -229,29 +213,27 @@ def run_sweep(
     """Score every held-out pair of each behavior at every (layer, multiplier), with the fluency cost
     and the per-item reliability statistics.
 
-    ``steer_positions``: ``answer`` (the paper's), ``prompt-end`` or ``all`` (see
-    :func:`caa.core.hooks.steer_start`).
-    ``engine``: ``fast`` reuses each prompt's unsteered KV cache across the grid; ``naive`` runs one
-    batched forward pass per (texts, layer), the reference. Both give the same table. Batches follow
-    ``planner`` (default: the model's memory budget). Pairs that trained the vectors are refused
-    (``pairs_path`` names their file in the message). ``seed`` seeds the bootstrap intervals.
-    ``options`` and ``inputs`` (files, hashed) go into the result's provenance. Under ``shard`` (the
+    ``options`` (:class:`caa.stages.options.SweepOptions`) say what is swept; ``options.engine``
+    ``fast`` reuses each prompt's unsteered KV cache across the grid, ``naive`` runs one batched
+    forward pass per (texts, layer), the reference: both give the same table. Batches follow
+    ``planner`` (default: the model's memory budget, or ``options.max_memory``). Pairs that trained
+    the vectors are refused (``pairs_path`` names their file in the message). The options, the
+    ``provenance`` given (what a command was told besides) and ``inputs`` (files, hashed) go into the
+    result's metadata. Under ``shard`` (the
     processes of ``accelerate launch``) each process runs its share of the batches and every process
     returns the whole result, the one one process computes (:mod:`caa.core.distributed`).
     """
-    planner = planner or planner_for(loaded)
-    check_engine(engine)
-    steer_start(steer_positions, 0)  # refuses an unknown policy
-    if 0.0 not in multipliers:
-        raise CaaError("the multipliers must include 0, the unsteered baseline")
+    planner = planner or planner_for(loaded, options.max_memory, options.batch_size)
+    multipliers, steer_positions = list(options.multipliers), options.steer_positions
+    layers = list(options.layers) if options.layers is not None else None
     check_model(vectors, loaded)
-    style = prompt_format(loaded.tokenizer, chat_template)
+    style = prompt_format(loaded.tokenizer, options.chat_template)
     check_template(vectors, style)
     check_held_out(vectors, pairs, pairs_path, notice)
     grids = {}
     for behavior in behaviors:
         chosen = vectors.require(behavior, layers)
-        grids[behavior] = {layer: vectors.tensor(behavior, layer, scale) for layer in chosen}
+        grids[behavior] = {layer: vectors.tensor(behavior, layer, options.scale) for layer in chosen}
         check_strength(grids[behavior], multipliers, loaded)
     said: set[str] = set()
 
@@ -270,17 +252,27 @@ def run_sweep(
         if subset.empty:
             raise CaaError(f"no held-out pairs of behavior '{behavior}'")
         is_ab = bool((subset.format == "ab").all())
-        texts, cut = pair_texts(loaded, style, subset, truncate, pairs_path)
+        texts, cut = pair_texts(loaded, style, subset, options.truncate, pairs_path)
         if cut and notice:
             notice(f"--truncate: cut the start of {len(cut)} of {len(subset)} '{behavior}' pairs")
         _warn_unsteerable(texts, steer_positions, behavior, notice)
         grid = grids[behavior]
         reduce = ab_scores if is_ab else completion_logprobs
         by_layer = run_grid(
-            engine, loaded, texts, grid, multipliers, reduce, steer_positions, planner, tick, once, shard
+            options.engine,
+            loaded,
+            texts,
+            grid,
+            multipliers,
+            reduce,
+            steer_positions,
+            planner,
+            tick,
+            once,
+            shard,
         )
         costs = run_grid(
-            engine,
+            options.engine,
             loaded,
             fluent,
             grid,
@@ -299,7 +291,7 @@ def run_sweep(
                 scores = scores[0::2] - scores[1::2]  # [pairs, multipliers]
             kl_sum, nll_sum, count = costs[layer].sum(0).T  # each [multipliers]
             summary, per_item = summarise(
-                behavior, layer, multipliers, scores, ids, "p_match" if is_ab else "logp_diff", seed
+                behavior, layer, multipliers, scores, ids, "p_match" if is_ab else "logp_diff", options.seed
             )
             for row, kl, nll in zip(summary, kl_sum / count, nll_sum / count, strict=True):
                 row.update(kl_mean=float(kl), perplexity=float(np.exp(nll)))
@@ -309,7 +301,7 @@ def run_sweep(
             items.append(per_item)
     table = pd.DataFrame(rows)
     check_finite(table, ("score_mean", "delta", "kl_mean", "perplexity"))
-    picks = {b: recommend(table, b, max_kl, max_anti) for b in behaviors}
+    picks = {b: recommend(table, b, options.max_kl, options.max_anti) for b in behaviors}
     fluency = {
         "kind": "text" if steer_positions == "all" else "continuation",
         "texts": len(fluent),
@@ -319,7 +311,7 @@ def run_sweep(
     }
     meta = make_meta(
         SWEEP,
-        {"max_kl": max_kl, "steer_positions": steer_positions, "scale": scale, **(options or {})},
+        {**options.provenance(), "behaviors": list(behaviors), **(provenance or {})},
         inputs=inputs,
         model=loaded.fingerprint.to_dict(),
         prompt=vectors.meta.get("prompt"),

@@ -9,6 +9,7 @@ import numpy as np
 
 from caa.core.budget import planner_for
 from caa.models.loading import load_model
+from caa.stages.options import SweepOptions
 from caa.stages.sweep import run_sweep
 from caa.stages.vectors import read_vectors
 from tests.helpers import MULTIPLIERS, NEUTRAL, held_out
@@ -30,9 +31,8 @@ def test_memory_budget_sets_batches_not_results(
             read_vectors(vectors_path),
             test,
             NEUTRAL,
+            SweepOptions(layers=(1, 2), multipliers=MULTIPLIERS),
             behaviors=["agree", "mood"],
-            layers=[1, 2],
-            multipliers=MULTIPLIERS,
             planner=planner,
         ).table
         for name, planner in planners.items()

@@ -20,6 +20,7 @@ from caa.core.budget import planner_for
 from caa.core.distributed import Shard
 from caa.models.loading import load_model
 from caa.stages.generate import Generations
+from caa.stages.options import GenerateOptions, SweepOptions
 from caa.stages.sweep import SweepResult, run_sweep
 from caa.stages.vectors import read_vectors
 from tests.helpers import NEUTRAL, REPO, held_out
@@ -87,11 +88,9 @@ def test_two_shards_of_a_sweep_merge_into_the_one_process_result(
             vectors,
             test,
             NEUTRAL,
+            SweepOptions(layers=(1, 3), multipliers=(-1.0, 0.0, 2.0), engine=engine),
             behaviors=["agree", "mood"],
-            layers=[1, 3],
-            multipliers=[-1.0, 0.0, 2.0],
             planner=planner_for(loaded, max_rows=6),  # several batches per text set
-            engine=engine,
             tick=ticks.append,
             shard=shard,
         )
@@ -118,7 +117,11 @@ def test_two_shards_of_generation_merge_into_the_one_process_rows(
 
     def run(shard: Shard, rank: int = 0) -> Generations:
         return generate_steered(
-            models[rank], prompts, vector, 2, [-2.0, 0.0, 2.0], max_new_tokens=6, batch_size=2, shard=shard
+            models[rank],
+            prompts,
+            vector,
+            GenerateOptions(layer=2, multipliers=(-2.0, 0.0, 2.0), max_new_tokens=6, batch_size=2),
+            shard=shard,
         )
 
     one = run(Shard())

@@ -114,8 +114,10 @@ def test_a_generate_batch_out_of_cuda_memory_is_retried_in_halves(
     prompts = ["tell me about the city", "describe a walk", "a plan for dinner", "music and books"]
 
     def run(notice: Callable[[str], None] | None = None) -> list[str]:
-        gens = caa.generate(loaded, vectors, prompts, layer=2, behavior="mood", multipliers=[-4, 0, 4],
-                            max_new_tokens=5, batch_size=4, notice=notice)  # fmt: skip
+        options = caa.GenerateOptions(
+            layer=2, behavior="mood", multipliers=(-4, 0, 4), max_new_tokens=5, batch_size=4
+        )
+        gens = caa.generate(loaded, vectors, prompts, options, notice=notice)
         return list(gens.frame.text)
 
     clean = run()

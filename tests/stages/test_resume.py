@@ -18,10 +18,14 @@ from caa.cli import app
 from caa.errors import CaaError, MismatchError
 from caa.models.loading import load_model
 from caa.stages.extract import read_pairs, run_extract
+from caa.stages.options import ExtractOptions
 from caa.store.artifacts import read_artifact
 from caa.store.checkpoint import partial_dir
 from caa.store.schemas import ACTIVATIONS
 from tests.helpers import REPO, write_pairs_file
+
+BY4 = ExtractOptions(layers=(0, 1, 2, 3), batch_size=4)  # every block of the tiny models
+BY2 = ExtractOptions(layers=(1, 2), batch_size=2)
 
 runner = CliRunner()
 
@@ -63,29 +67,40 @@ def test_resume_gives_the_uninterrupted_file_and_skips_finished_work(
     pairs = read_pairs(pairs_path)[0]
     loaded = load_model(str(tiny_models["llama"]), device="cpu")
     whole, out = tmp_path / "whole.parquet", tmp_path / "out.parquet"
-    run_extract(pairs, pairs_path, whole, loaded, "0-3", batch_size=4)
+    run_extract(pairs, pairs_path, whole, loaded, BY4)
     assert not partial_dir(whole).exists()
 
     with pytest.raises(KeyboardInterrupt):
-        run_extract(pairs, pairs_path, out, loaded, "0-3", batch_size=4, on_texts=Interrupt(20))
+        run_extract(
+            pairs,
+            pairs_path,
+            out,
+            loaded,
+            BY4,
+            on_texts=Interrupt(20),
+        )
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
     pieces = sorted(p.name for p in (partial_dir(out) / "rank0").iterdir())
     assert pieces[0] == "items-000000000-000000004.parquet" and len(pieces) == 6  # 5 batches + run.json
 
     with pytest.raises(CaaError, match=r"out.parquet.partial holds an interrupted run: add --resume"):
-        run_extract(pairs, pairs_path, out, loaded, "0-3", batch_size=4)
+        run_extract(pairs, pairs_path, out, loaded, BY4)
     with pytest.raises(MismatchError, match=r"field 'layers' was \[0, 1, 2, 3\] in the interrupted run"):
-        run_extract(pairs, pairs_path, out, loaded, "0-2", batch_size=4, resume=True)
+        run_extract(
+            pairs, pairs_path, out, loaded, ExtractOptions(layers=(0, 1, 2), batch_size=4), resume=True
+        )
     with pytest.raises(MismatchError, match="field 'batch_size'"):
-        run_extract(pairs, pairs_path, out, loaded, "0-3", batch_size=8, resume=True)
+        run_extract(
+            pairs, pairs_path, out, loaded, ExtractOptions(layers=(0, 1, 2, 3), batch_size=8), resume=True
+        )
     other = load_model(str(tiny_models["qwen2"]), device="cpu")
     with pytest.raises(MismatchError, match="field 'model'"):
-        run_extract(pairs, pairs_path, out, other, "0-3", batch_size=4, resume=True)
+        run_extract(pairs, pairs_path, out, other, BY4, resume=True)
 
     notices: list[str] = []
     counted: list[int] = []
     run_extract(
-        pairs, pairs_path, out, loaded, "0-3", batch_size=4, resume=True, notice=notices.append,
+        pairs, pairs_path, out, loaded, BY4, resume=True, notice=notices.append,
         on_texts=counted.append,
     )  # fmt: skip
     assert notices == ["resuming: 20 of 60 texts were done before the interruption"]
@@ -175,11 +190,17 @@ def test_each_process_resumes_its_own_shard(tiny_models: dict[str, Path], tmp_pa
     pairs = read_pairs(pairs_path)[0]
     loaded = load_model(str(tiny_models["llama"]), device="cpu")
     one, out = tmp_path / "one.parquet", tmp_path / "out.parquet"
-    run_extract(pairs, pairs_path, one, loaded, "1,2", batch_size=2)
+    run_extract(pairs, pairs_path, one, loaded, BY2)
 
     def rank(r: int, **kw: object) -> None:
         run_extract(
-            pairs, pairs_path, out, loaded, "1,2", batch_size=2, accelerator=FakeAccelerator(r, 2), **kw
+            pairs,
+            pairs_path,
+            out,
+            loaded,
+            BY2,
+            accelerator=FakeAccelerator(r, 2),
+            **kw,
         )  # type: ignore[arg-type]
 
     rank(1)  # finishes its shard; only rank 0 merges
@@ -187,7 +208,7 @@ def test_each_process_resumes_its_own_shard(tiny_models: dict[str, Path], tmp_pa
     with pytest.raises(KeyboardInterrupt):  # (in a real run rank 0 looked before rank 1 started)
         rank(0, resume=True, on_texts=Interrupt(8))
     with pytest.raises(MismatchError, match="field 'processes' was 2 in the interrupted run and is 1 now"):
-        run_extract(pairs, pairs_path, out, loaded, "1,2", batch_size=2, resume=True)
+        run_extract(pairs, pairs_path, out, loaded, BY2, resume=True)
     counted: list[int] = []
     rank(0, resume=True, on_texts=counted.append)
     assert counted[0] == 8 and sum(counted) == 20

@@ -14,6 +14,7 @@ from caa.cli import app
 from caa.core.budget import planner_for
 from caa.core.prompts import encode, prompt_format
 from caa.models.loading import load_model
+from caa.stages.options import SweepOptions
 from caa.stages.sweep import run_sweep
 from caa.stages.vectors import read_vectors
 from caa.store.artifacts import read_artifact
@@ -154,12 +155,9 @@ def test_sweep_equals_naive_loop(
         vectors,
         test,
         NEUTRAL,
+        SweepOptions(layers=layers, multipliers=MULTIPLIERS, engine=engine, steer_positions=positions),
         behaviors=["agree", "mood"],
-        layers=layers,
-        multipliers=MULTIPLIERS,
         planner=planner_for(loaded, max_rows=10),  # small batches: padded, several per layer
-        engine=engine,
-        steer_positions=positions,
         notice=notices.append,
     )
     # sliding-window models fall back to the reference engine, and say so
@@ -457,9 +455,9 @@ def test_a_batch_out_of_cuda_memory_is_retried_in_halves(
 
     def run(notice: Callable[[str], None] | None = None) -> pd.DataFrame:
         return run_sweep(
-            loaded, vectors, test, NEUTRAL, behaviors=["agree", "mood"], layers=[1, 3],
-            multipliers=[-1.0, 0.0, 2.0], planner=planner_for(loaded, max_rows=24), engine=engine,
-            notice=notice,
+            loaded, vectors, test, NEUTRAL,
+            SweepOptions(layers=(1, 3), multipliers=(-1.0, 0.0, 2.0), engine=engine),
+            behaviors=["agree", "mood"], planner=planner_for(loaded, max_rows=24), notice=notice,
         ).table  # fmt: skip
 
     clean = run()

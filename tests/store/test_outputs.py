@@ -28,6 +28,7 @@ from caa.cli import app
 from caa.errors import CaaError
 from caa.models.loading import load_model
 from caa.stages.extract import read_pairs, run_extract
+from caa.stages.options import ExtractOptions
 from caa.store.artifacts import columns_table, make_meta, read_artifact, read_meta, write_artifact
 from caa.store.checkpoint import partial_dir
 from caa.store.files import atomic_path, atomic_paths
@@ -36,6 +37,9 @@ from caa.store.schemas import GENERATIONS, PAIRS, PLOT, PNG_SOFTWARE, SWEEP
 from tests.helpers import FREEFORM_ROWS
 from tests.stages.test_resume import Interrupt, many_pairs, table_of
 from tests.test_bad_inputs import COMMANDS, Valid, _describe, _one_thread, valid
+
+BY4 = ExtractOptions(layers=(0, 1, 2, 3), batch_size=4)  # every block of the tiny models
+BY2 = ExtractOptions(layers=(1, 2), batch_size=2)
 
 __all__ = ["_one_thread", "valid"]  # fixtures, shared with the bad-input corpus
 
@@ -484,9 +488,16 @@ def test_resume_redoes_a_lost_piece(
     pairs = read_pairs(pairs_path)[0]
     loaded = load_model(str(tiny_models["llama"]), device="cpu")
     whole, out = tmp_path / "whole.parquet", tmp_path / "out.parquet"
-    run_extract(pairs, pairs_path, whole, loaded, "0-3", batch_size=4)
+    run_extract(pairs, pairs_path, whole, loaded, BY4)
     with pytest.raises(KeyboardInterrupt):
-        run_extract(pairs, pairs_path, out, loaded, "0-3", batch_size=4, on_texts=Interrupt(20))
+        run_extract(
+            pairs,
+            pairs_path,
+            out,
+            loaded,
+            BY4,
+            on_texts=Interrupt(20),
+        )
     rank0 = partial_dir(out) / "rank0"
     pieces = sorted(rank0.glob("items-*.parquet"))
     assert len(pieces) == 5
@@ -497,7 +508,7 @@ def test_resume_redoes_a_lost_piece(
     notices: list[str] = []
     counted: list[int] = []
     run_extract(
-        pairs, pairs_path, out, loaded, "0-3", batch_size=4, resume=True, notice=notices.append,
+        pairs, pairs_path, out, loaded, BY4, resume=True, notice=notices.append,
         on_texts=counted.append,
     )  # fmt: skip
     assert notices[0].startswith(f"{pieces[kept].name}: ") and notices[0].endswith("to redo")
@@ -513,9 +524,16 @@ def test_a_piece_corrupt_past_its_footer_is_deleted_then_redone(
     pairs = read_pairs(pairs_path)[0]
     loaded = load_model(str(tiny_models["llama"]), device="cpu")
     whole, out = tmp_path / "whole.parquet", tmp_path / "out.parquet"
-    run_extract(pairs, pairs_path, whole, loaded, "0-3", batch_size=4)
+    run_extract(pairs, pairs_path, whole, loaded, BY4)
     with pytest.raises(KeyboardInterrupt):
-        run_extract(pairs, pairs_path, out, loaded, "0-3", batch_size=4, on_texts=Interrupt(24))
+        run_extract(
+            pairs,
+            pairs_path,
+            out,
+            loaded,
+            BY4,
+            on_texts=Interrupt(24),
+        )
     piece = sorted((partial_dir(out) / "rank0").glob("items-*.parquet"))[1]
     data = bytearray(piece.read_bytes())
     footer = int.from_bytes(data[-8:-4], "little")
@@ -524,10 +542,10 @@ def test_a_piece_corrupt_past_its_footer_is_deleted_then_redone(
     with pytest.raises(
         CaaError, match=rf"{piece.name}: unreadable .*deleted: run the same command with --resume"
     ) as error:
-        run_extract(pairs, pairs_path, out, loaded, "0-3", batch_size=4, resume=True)
+        run_extract(pairs, pairs_path, out, loaded, BY4, resume=True)
     assert "\n" not in str(error.value)
     assert not piece.exists() and not out.exists() and not list(tmp_path.glob("*.tmp"))
-    run_extract(pairs, pairs_path, out, loaded, "0-3", batch_size=4, resume=True)
+    run_extract(pairs, pairs_path, out, loaded, BY4, resume=True)
     assert table_of(out).equals(table_of(whole))
 
 

@@ -1,4 +1,5 @@
-"""The parsers of command-line values (caa.options) and the memory planner (caa.budget)."""
+"""The parsers of command-line values (caa.cli.parse), the memory planner (caa.core.budget) and the
+console script's exit."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from caa.cli.parse import parse_layers, parse_multipliers, parse_size
 from caa.core.budget import Planner
-from caa.core.options import parse_multipliers, parse_size
 from caa.errors import CaaError
 from tests.helpers import REPO
 
@@ -44,10 +45,22 @@ def test_parse_size_rejects(spec: str) -> None:
 
 
 def test_parse_multipliers() -> None:
-    assert parse_multipliers("2,-1") == [-1.0, 0.0, 2.0]
-    assert parse_multipliers("2,-1", include_zero=False) == [-1.0, 2.0]
-    with pytest.raises(CaaError, match="not finite"):
+    assert parse_multipliers("2,-1") == [2.0, -1.0]  # as given: the sweep sorts them and adds 0
+    with pytest.raises(CaaError, match="--multipliers 'inf': 'inf' is not finite"):
         parse_multipliers("inf")
+    with pytest.raises(CaaError, match="'x' is not a number"):
+        parse_multipliers("1,x")
+
+
+def test_parse_layers() -> None:
+    assert parse_layers("all") is None
+    assert parse_layers("1,3") == [1, 3]
+    assert parse_layers("0-2,3") == [0, 1, 2, 3]
+    assert parse_layers("2-4") == [2, 3, 4]  # the model's range is the library's to check
+    with pytest.raises(CaaError, match="--layers 'x': 'x' is not a layer"):
+        parse_layers("x")
+    with pytest.raises(CaaError, match="empty range 4-2"):
+        parse_layers("4-2")
 
 
 def run_main(*args: str, before: str = "") -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,233 @@
+"""Each stage's options, declared once: a frozen dataclass per stage whose fields are the options'
+names, types and defaults. The Python API takes one (``caa.sweep(..., caa.SweepOptions(...))``), the
+command line builds one from its parsed flags by the same names (``--max-kl`` is ``max_kl``), the
+provenance of every artifact is ``dataclasses.asdict`` of it, and ``check`` refuses a value that
+cannot work, once, naming the option (:class:`caa.errors.OptionError`).
+
+Values are typed (layers as ints, multipliers as floats, memory in bytes): text such as ``4-20`` or
+``8GiB`` is parsed where it is typed, by the command line.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, TypeAlias
+
+from caa.core.hooks import STEER_POSITIONS
+from caa.core.prompts import POSITIONS, TEMPLATES
+from caa.errors import OptionError
+
+Template: TypeAlias = Literal["auto", "on", "off"]
+SteerPositions: TypeAlias = Literal["answer", "prompt-end", "all"]
+Scale: TypeAlias = Literal["raw", "residual"]
+ENGINES = ("fast", "naive")
+SPLITS = ("all", "train", "test")
+SCALES = ("raw", "residual")
+MIN_TEMPERATURE = 1e-3  # logits / 1e-300 overflow to inf and the sampling probabilities to NaN
+
+
+def _require(ok: bool, option: str, value: object, problem: str) -> None:
+    if not ok:
+        raise OptionError(option, value, problem)
+
+
+def _choice(option: str, value: str, choices: Sequence[str]) -> None:
+    _require(value in choices, option, value, f"use one of {', '.join(choices)}")
+
+
+def _whole(option: str, value: object, lowest: int = 0, below: int | None = None, problem: str = "") -> None:
+    """An int (not a bool, not a float such as 3.7) from ``lowest`` (and below ``below``)."""
+    _require(isinstance(value, int) and not isinstance(value, bool), option, value, "must be a whole number")
+    assert isinstance(value, int)
+    _require(
+        lowest <= value and (below is None or value < below),
+        option,
+        value,
+        problem or f"must be at least {lowest}",
+    )
+
+
+def _names(option: str, values: Sequence[str] | None) -> tuple[str, ...] | None:
+    """A list of names, refusing a lone string (which Python would split into its characters)."""
+    if values is None:
+        return None
+    _require(not isinstance(values, str), option, values, "must be a list of names, not one string")
+    return tuple(values)
+
+
+def check_layers(option: str, layers: Sequence[int] | None) -> tuple[int, ...] | None:
+    """Layers as whole numbers (the model's range is checked where the model is known)."""
+    if layers is None:
+        return None
+    _require(not isinstance(layers, (str, int)), option, layers, "must be a list of layers")
+    for layer in layers:
+        _require(
+            isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0,
+            option,
+            list(layers),
+            f"{layer!r} is not a layer (a whole number from 0)",
+        )
+    return tuple(sorted(set(layers)))
+
+
+def check_multipliers(option: str, values: Sequence[float], *, with_zero: bool) -> tuple[float, ...]:
+    """Multipliers as finite floats, sorted and each once; ``with_zero`` adds 0 (a sweep's unsteered
+    baseline)."""
+    _require(not isinstance(values, (str, int, float)), option, values, "must be a list of numbers")
+    _require(len(values) > 0, option, list(values), "must name at least one multiplier")
+    floats = []
+    for value in values:
+        _require(
+            isinstance(value, (int, float)) and not isinstance(value, bool),
+            option,
+            list(values),
+            f"{value!r} is not a number",
+        )
+        _require(math.isfinite(value), option, list(values), f"{value!r} is not finite")
+        floats.append(float(value))
+    return tuple(sorted(set(floats) | ({0.0} if with_zero else set())))
+
+
+class _Options:
+    """What every stage's options do: check themselves, and say what they were."""
+
+    def check(self) -> None:
+        """Refuse a value that cannot work (before any model loads)."""
+
+    def provenance(self) -> dict[str, Any]:
+        """The options as an artifact's metadata records them (JSON values)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}  # type: ignore[call-overload]
+
+    def __post_init__(self) -> None:
+        self.check()
+
+
+@dataclass(frozen=True)
+class IngestOptions(_Options):
+    """``caa ingest``: ``behavior`` names every file's pairs (default: each file's stem); ``mapping``
+    renames columns (``{"positive": "chosen"}``); ``test_fraction`` of the pairs is held out, decided
+    by each pair's id and ``seed``; ``skip_invalid`` keeps the valid rows and lists the others."""
+
+    behavior: str | None = None
+    test_fraction: float = 0.2
+    seed: int = 0
+    mapping: dict[str, str] = field(default_factory=dict)
+    skip_invalid: bool = False
+
+    def check(self) -> None:
+        _whole("seed", self.seed, 0, 2**63, "must be at least 0 and below 2**63")
+
+
+@dataclass(frozen=True)
+class ExtractOptions(_Options):
+    """``caa extract``: ``layers`` (None: every block; layer l is the output of decoder block l) of
+    the pairs of ``split`` and ``behaviors``; free-form pairs read at their ``last`` completion token
+    or the ``mean`` over it (A/B pairs at the answer letter); ``batch_size`` texts per pass;
+    ``truncate`` cuts the start of prompts longer than the context (else they are an error)."""
+
+    layers: tuple[int, ...] | None = None
+    split: Literal["all", "train", "test"] = "all"
+    behaviors: tuple[str, ...] | None = None
+    position: Literal["last", "mean"] = "last"
+    chat_template: Template = "auto"
+    batch_size: int = 32
+    truncate: bool = False
+
+    def check(self) -> None:
+        object.__setattr__(self, "layers", check_layers("layers", self.layers))
+        object.__setattr__(self, "behaviors", _names("behaviors", self.behaviors))
+        _choice("split", self.split, SPLITS)
+        _choice("position", self.position, [p for p in POSITIONS if p != "answer"])
+        _choice("chat_template", self.chat_template, TEMPLATES)
+        _whole("batch_size", self.batch_size, 1)
+
+
+@dataclass(frozen=True)
+class SweepOptions(_Options):
+    """``caa sweep``: every (layer, multiplier) on the held-out pairs of ``behaviors`` (default: all
+    in both files), at most ``max_pairs`` each; ``layers`` None: the vectors' layers; 0 is always
+    among the multipliers. The fluency cost reads ``neutral_count`` neutral texts; the recommendation
+    keeps the mean KL under ``max_kl`` and, with ``max_anti``, at most that share of items steering
+    backwards. ``engine`` ``fast`` reuses each prompt's KV cache, ``naive`` is the reference;
+    ``max_memory`` (bytes) and ``batch_size`` size the batches; ``seed`` seeds the bootstrap."""
+
+    behaviors: tuple[str, ...] | None = None
+    layers: tuple[int, ...] | None = None
+    multipliers: tuple[float, ...] = (-2.0, -1.0, 0.0, 1.0, 2.0)
+    max_pairs: int | None = None
+    neutral_count: int = 16
+    max_kl: float = 0.5
+    max_anti: float | None = None
+    seed: int = 0
+    steer_positions: SteerPositions = "answer"
+    scale: Scale = "raw"
+    engine: Literal["fast", "naive"] = "fast"
+    chat_template: Template = "auto"
+    truncate: bool = False
+    max_memory: int | None = None
+    batch_size: int | None = None
+
+    def check(self) -> None:
+        object.__setattr__(self, "behaviors", _names("behaviors", self.behaviors))
+        object.__setattr__(self, "layers", check_layers("layers", self.layers))
+        mults = check_multipliers("multipliers", self.multipliers, with_zero=True)
+        object.__setattr__(self, "multipliers", mults)
+        if self.max_pairs is not None:
+            _whole("max_pairs", self.max_pairs, 1)
+        _whole("neutral_count", self.neutral_count, 1)
+        _require(self.max_kl >= 0, "max_kl", self.max_kl, "must be 0 or above")
+        _require(
+            self.max_anti is None or 0 <= self.max_anti <= 1,
+            "max_anti",
+            self.max_anti,
+            "must be between 0 and 1",
+        )
+        _whole("seed", self.seed, 0, 2**32, "must be between 0 and 2**32 - 1")
+        _choice("steer_positions", self.steer_positions, STEER_POSITIONS)
+        _choice("scale", self.scale, SCALES)
+        _choice("engine", self.engine, ENGINES)
+        _choice("chat_template", self.chat_template, TEMPLATES)
+        if self.max_memory is not None:
+            _whole("max_memory", self.max_memory, 1)
+        if self.batch_size is not None:
+            _whole("batch_size", self.batch_size, 1)
+
+
+@dataclass(frozen=True)
+class GenerateOptions(_Options):
+    """``caa generate``: steer ``layer`` with ``behavior``'s vector (needed when the file holds
+    several) at each of ``multipliers`` (a column each), ``max_new_tokens`` per completion, greedy
+    unless ``temperature`` > 0 (then ``top_p`` and ``seed``), ``batch_size`` prompts per batch."""
+
+    layer: int
+    behavior: str | None = None
+    multipliers: tuple[float, ...] = (-1.0, 0.0, 1.0)
+    max_new_tokens: int = 48
+    steer_positions: SteerPositions = "answer"
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    chat_template: Template = "auto"
+    scale: Scale = "raw"
+    batch_size: int = 32
+
+    def check(self) -> None:
+        _whole("layer", self.layer)
+        mults = check_multipliers("multipliers", self.multipliers, with_zero=False)
+        object.__setattr__(self, "multipliers", mults)
+        _whole("batch_size", self.batch_size, 1)
+        _whole("max_new_tokens", self.max_new_tokens, 1)
+        _require(
+            self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < float("inf"),
+            "temperature",
+            self.temperature,
+            f"must be 0 (greedy) or a finite number from {MIN_TEMPERATURE} "
+            "(below, the logits divided by it overflow and sampling breaks)",
+        )
+        _require(0 < self.top_p <= 1, "top_p", self.top_p, "must be above 0 and at most 1")
+        _whole("seed", self.seed, 0, 2**63, "must be at least 0 and below 2**63")
+        _choice("steer_positions", self.steer_positions, STEER_POSITIONS)
+        _choice("scale", self.scale, SCALES)
+        _choice("chat_template", self.chat_template, TEMPLATES)

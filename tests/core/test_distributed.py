@@ -211,3 +211,50 @@ def test_device_map_auto_sweeps_and_generates_as_one_device(
     assert auto.meta["options"]["device_map"] == "auto"
     g = [Generations.read(tmp_path / f"{p}.g.parquet").frame for p in ("plain", "auto")]
     pd.testing.assert_frame_equal(g[1], g[0])
+
+
+# --- Shard, unit by unit ------------------------------------------------------------------------
+
+
+def test_shard_of_one_process_is_the_whole() -> None:
+    from types import SimpleNamespace
+
+    from caa.core.distributed import ONE
+
+    assert Shard.of(None) == ONE == Shard(0, 1, None)
+    assert Shard.of(SimpleNamespace(num_processes=1, process_index=0)) == ONE
+    assert ONE.main and not Shard(1, 2).main and Shard(0, 2).main
+
+
+def test_shard_of_an_accelerator_takes_its_rank_world_and_gather() -> None:
+    from types import SimpleNamespace
+
+    from accelerate.utils import gather_object
+
+    shard = Shard.of(SimpleNamespace(num_processes=3, process_index=2))
+    assert (shard.rank, shard.world, shard.gather) == (2, 3, gather_object)
+    assert not shard.main
+
+
+def test_take_splits_the_largest_batch_in_halves_first_and_gives_the_costliest_to_rank_0() -> None:
+    plan = [[0, 1, 2, 3, 4, 5]]  # -> [0, 1, 2], [3, 4, 5] -> [0], [1, 2], [3, 4, 5]
+    assert [Shard(rank, 3).take(plan, len) for rank in range(3)] == [[[3, 4, 5]], [[1, 2]], [[0]]]
+    assert [Shard(rank, 2).take([[0, 1, 2, 3, 4]], len) for rank in range(2)] == [[[2, 3, 4]], [[0, 1]]]
+    assert plan == [[0, 1, 2, 3, 4, 5]]  # the caller's plan is not changed
+
+
+def test_take_balances_by_the_given_cost_not_by_rows() -> None:
+    plan = [[0], [1], [2], [3]]
+    cost = {0: 10.0, 1: 1.0, 2: 1.0, 3: 1.0}
+    shares = [Shard(rank, 2).take(plan, lambda b: cost[b[0]]) for rank in range(2)]
+    assert shares == [[[0]], [[1], [2], [3]]]  # 10 against 3: the costly batch alone
+    ties = [Shard(rank, 2).take(plan, lambda b: 1.0) for rank in range(2)]
+    assert ties == [[[0], [2]], [[1], [3]]]  # equal costs: plan order, round robin
+
+
+def test_merge_is_the_identity_for_one_process_and_gathers_otherwise() -> None:
+    items = [1, 2]
+    assert Shard().merge(items) is items
+    assert Shard(1, 2, None).merge(items) is items  # no gather: its own items
+    gathered = Shard(0, 2, lambda mine: [*mine, 3, 4]).merge(items)
+    assert gathered == [1, 2, 3, 4]

@@ -150,7 +150,7 @@ def ingest(source: Source, options: IngestOptions | None = None) -> PairSet:
     if isinstance(source, (str, os.PathLike)):
         source = [source]
     rows = list(source)
-    fields = {
+    fields: dict[str, Any] = {
         "behavior": options.behavior,
         "mapping": options.mapping,
         "test_fraction": options.test_fraction,

@@ -101,10 +101,12 @@ def _flag(option: str) -> str:
     """The flag of the running command's parameter ``option`` and its value as typed, e.g.
     ``--batch-size 0`` or ``--layers '4-40'`` (a parameter's name is its options field's)."""
     ctx = typer.main.get_current_context(silent=True)  # the running command's (typer's own click)
-    for param in ctx.command.params if ctx else []:
+    if ctx is None:
+        return f"--{option.replace('_', '-')}"
+    for param in ctx.command.params:
         if param.name == option and param.opts and param.opts[0].startswith("-"):
             flag = max(param.opts, key=len)
-            value = ctx.params.get(option) if ctx else None  # type: ignore[union-attr]
+            value = ctx.params.get(option)
             if value is None or isinstance(value, (list, tuple)):
                 return flag
             return f"{flag} '{value}'" if isinstance(value, str) else f"{flag} {value}"
@@ -114,7 +116,7 @@ def _flag(option: str) -> str:
 def stage_options(kind: type[Options], ctx: typer.Context, **parsed: Any) -> Options:
     """A stage's options from the command's parameters of the same names; ``parsed`` gives the values
     the command typed as text and parsed (layers, multipliers, sizes). Every field must be found:
-    tests/cli/test_options.py checks each command against its stage's options."""
+    tests/stages/test_options.py checks each command against its stage's options."""
     values = {**ctx.params, **parsed}
     missing = [f.name for f in fields(kind) if f.name not in values]  # type: ignore[arg-type]
     if missing:

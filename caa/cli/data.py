@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich import box
-from rich.table import Column, Table
 
 from caa import api
 from caa.api import CaaError
+from caa.cli import render
 from caa.cli.common import (
     ForceOpt,
     _check_outputs,
@@ -78,11 +77,7 @@ def ingest(
         warn(message)
     for rejected in result.rejected:
         err.print(f"[yellow]rejected:[/] {escape(str(rejected))}")
-    table = Table("behavior", "format", "train", "test", title=f"{len(result)} pairs")
-    formats = dict(zip(result.frame.behavior, result.frame.format, strict=True))
-    for name, counts in result.counts().items():
-        table.add_row(escape(name), escape(formats[name]), str(counts["train"]), str(counts["test"]))
-    out.print(table)
+    render.pairs(result)
     if result.rejected:
         out.print(f"{len(result.rejected)} rows rejected (listed above)")
     out.print(f"wrote {escape(str(out_path))}")
@@ -115,28 +110,4 @@ def datasets() -> None:
         where = api.data_dir()
     except CaaError as e:
         fail(e)
-    sources = sorted({card.source for card in found})
-    table = Table(
-        Column("name", no_wrap=True),
-        Column("format", no_wrap=True),
-        Column("size", justify="right", no_wrap=True),
-        Column("licence", no_wrap=True),
-        *([Column("source", ratio=1)] if len(sources) > 1 else []),
-        Column("behavior", ratio=2),
-        title=f"built-in datasets and neutral texts, in {escape(str(where))}",
-        box=box.SIMPLE_HEAD,
-    )
-    for card in found:
-        source = [escape(card.source)] if len(sources) > 1 else []
-        size = f"{card.count} {escape(card.unit)}"
-        table.add_row(
-            escape(card.name),
-            escape(card.format),
-            size,
-            escape(card.licence),
-            *source,
-            escape(card.description),
-        )
-    out.print(table)
-    if len(sources) == 1:
-        out.print(f"source of every file: {escape(sources[0])}")
+    render.datasets(found, where)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from caa import api
 from caa.api import MIN_TEMPERATURE, CaaError
+from caa.cli import render
 from caa.cli.common import (
     DeviceMapOpt,
     DtypeOpt,
@@ -113,18 +113,5 @@ def generate(
     except CaaError as e:
         fail(e)
     if main:
-        _print_generations(gens, layer, scale, list(options.multipliers))
+        render.generations(gens, layer, scale, list(options.multipliers))
         out.print(f"wrote {escape(str(out_path))}")
-
-
-def _print_generations(gens: Any, layer: int, scale: str, mults: list[float]) -> None:
-    frame = gens.frame
-    unit = "the layer's mean residual norm" if scale == "residual" else "the vector"
-    title = f"{escape(frame.behavior.iloc[0])} at layer {layer} (multipliers of {unit})"
-    table = Table("prompt", *[f"x{m:g}" for m in mults], title=title, show_lines=True)
-    for _, group in frame.groupby("prompt_index", sort=True):
-        table.add_row(
-            escape(group.prompt.iloc[0], "\n"),
-            *[escape(t, "\n") for t in group.sort_values("multiplier").text],
-        )
-    out.print(table)

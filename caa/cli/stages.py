@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, NoReturn
 
 import typer
-from rich import box
-from rich.table import Column, Table
 
 from caa import api
 from caa.api import CaaError
+from caa.cli import render
 from caa.cli.common import (
     DeviceMapOpt,
     DtypeOpt,
@@ -168,49 +167,5 @@ def compute_vectors_cmd(
         vectors.save(out_path)
     except CaaError as e:
         fail(e)
-    _print_vectors(vectors.frame, method)
+    render.vectors(vectors.frame, method)
     out.print(f"wrote {escape(str(out_path))}")
-
-
-def _print_vectors(frame: Any, method: str) -> None:
-    """The vectors and their diagnostics, one row per behavior x layer."""
-    table = Table(
-        Column("behavior", no_wrap=True),
-        "layer",
-        "n",
-        "|v|",
-        "|h|",
-        "v/h",
-        "cos-1",
-        "cos+1",
-        "cons",
-        "acc",
-        "AUC",
-        box=box.SIMPLE_HEAD,
-        show_edge=False,
-        pad_edge=False,
-        padding=(0, 1, 0, 0),  # one space between columns: the table fits an 80-column terminal
-        title=f"{method} vectors",
-        caption="|h|: mean residual norm; v/h: |v| / |h|; cos±1: with the adjacent layers' vectors; cons: "
-        "mean cosine of the training pairs' differences with their mean; acc, AUC: separability on the "
-        "test split",
-    )
-
-    def num(x: object, fmt: str = "{:.3f}") -> str:
-        return "-" if x is None or x != x else fmt.format(x)
-
-    for r in frame.itertuples():
-        table.add_row(
-            escape(r.behavior),
-            str(r.layer),
-            str(r.n_train),
-            num(r.vector_norm, "{:.2f}"),
-            num(r.mean_residual_norm, "{:.0f}"),
-            num(r.norm_ratio),
-            num(r.cos_prev_layer, "{:.2f}"),
-            num(r.cos_next_layer, "{:.2f}"),
-            num(r.pair_consistency, "{:.2f}"),
-            num(r.test_accuracy, "{:.2f}"),
-            num(r.test_auc, "{:.2f}"),
-        )
-    out.print(table)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich import box
-from rich.table import Table
 
 from caa import api
 from caa.api import CaaError
+from caa.cli import render
 from caa.cli.common import (
     DeviceMapOpt,
     DtypeOpt,
@@ -178,107 +177,5 @@ def sweep(
     except CaaError as e:
         fail(e)
     if main:
-        _print_sweep(result, max_kl, max_anti)
+        render.sweep(result, max_kl, max_anti)
         out.print(f"wrote {escape(str(table_path))}, {escape(str(items_path))} and {escape(str(plot))}")
-
-
-def _print_sweep(result: Any, max_kl: float, max_anti: float | None) -> None:
-    fluency_label = api.fluency_label
-
-    def num(x: float, fmt: str) -> str:
-        return "-" if x != x else fmt.format(x)
-
-    residual = (result.meta.get("options") or {}).get("scale") == "residual"
-    unit = "the layer's mean residual norm" if residual else "the vector"
-    for name, part in result.table.groupby("behavior", sort=False):
-        kind = "p(match)" if part.score_kind.iloc[0] == "p_match" else "log p(pos) - log p(neg)"
-        table = Table(
-            "layer",
-            "mult",
-            "score",
-            "± sem",
-            "delta",
-            "95% CI",
-            "KL",
-            "ppl",
-            "Δppl",
-            box=box.SIMPLE_HEAD,
-            show_edge=False,
-            pad_edge=False,
-            title=f"{escape(name)}: score = {kind} on {part.n.iloc[0]} held-out pairs; "
-            f"delta's paired 95% CI; KL {fluency_label(result.fluency)}; multipliers of {unit}",
-        )
-        for r in part.itertuples():
-            digits = 3 if r.score_kind == "p_match" else 2
-            ci = (
-                ""
-                if r.multiplier == 0
-                else "-"
-                if r.delta_low != r.delta_low
-                else f"{r.delta_low:+.{digits}f}..{r.delta_high:+.{digits}f}"
-            )
-            table.add_row(
-                str(r.layer),
-                f"{r.multiplier:g}",
-                f"{r.score_mean:.3f}",
-                num(r.score_sem, "{:.3f}"),
-                f"{r.delta:+.3f}",
-                ci,
-                f"{r.kl_mean:.3f}",
-                f"{r.perplexity:.2f}",
-                f"{r.perplexity_delta:+.2f}",
-            )
-        out.print(table)
-        _print_steerability(part)
-        _print_recommendation(result, name, part, max_kl, max_anti)
-
-
-def _print_steerability(part: Any) -> None:
-    """Per layer: the items' slopes, and the share (with its interval) that steers backwards."""
-    table = Table(
-        "layer",
-        "mean slope",
-        "median",
-        "anti-steerable",
-        "95% CI",
-        "most backwards",
-        box=box.SIMPLE_HEAD,
-        show_edge=False,
-        pad_edge=False,
-        title="per-item steerability (slope of each item's score against the multiplier)",
-    )
-    for _, r in part.drop_duplicates("layer").iterrows():
-        if r.anti_fraction != r.anti_fraction:
-            table.add_row(str(r.layer), "-", "-", "-", "-", "")
-            continue
-        table.add_row(
-            str(r.layer),
-            f"{r.slope_mean:+.4f}",
-            f"{r.slope_median:+.4f}",
-            f"{r.anti_fraction:.0%}",
-            f"[{r.anti_low:.0%}, {r.anti_high:.0%}]",
-            escape(", ".join(i[:8] for i in r.backward_items[:2])),
-        )
-    out.print(table)
-
-
-def _print_recommendation(result: Any, name: str, part: Any, max_kl: float, max_anti: float | None) -> None:
-    budget = f"KL <= {max_kl:g}" + (f", anti-steerable <= {max_anti:.0%}" if max_anti is not None else "")
-
-    def anti(layer: int) -> str:
-        value = part[part.layer == layer].anti_fraction.iloc[0]
-        return "" if value != value else f"; {value:.0%} of items steer backwards at this layer"
-
-    pick, best = result.recommended.get(name), result.best.get(name)
-    if pick:
-        out.print(
-            f"[bold]recommended for {escape(name)}: layer {pick[0]}, multiplier {pick[1]:g}[/] "
-            f"(largest gain whose 95% interval is above 0, with {budget}{anti(pick[0])})"
-        )
-    elif best:
-        out.print(
-            f"[yellow]no cell steers {escape(name)} reliably[/] with {budget}: the best, layer {best[0]} "
-            f"x{best[1]:g}, has a gain whose 95% interval includes 0{anti(best[0])}"
-        )
-    else:
-        out.print(f"no (layer, multiplier) raises the {escape(name)} score with {budget}")

@@ -12,9 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from caa.cli import app
-from caa.core.options import model_layers
 from caa.core.prompts import collate, encode, prompt_format
-from caa.errors import OptionError
 from caa.models.loading import load_model
 from caa.stages.extract import encode_pairs, extract_activations, read_pairs
 from caa.store.artifacts import read_artifact
@@ -109,14 +107,6 @@ def test_positions_come_from_offsets(tiny_models: dict[str, Path]) -> None:
     batch = collate([last, plain], pad_id=tok.pad_token_id)
     assert batch.read_weights.sum(1).tolist() == [1.0, 1.0]
     assert batch.position_ids[1, -1] == len(plain.input_ids) - 1
-
-
-def test_model_layers_checks_the_range_against_the_model() -> None:
-    assert model_layers(None, 4) == [0, 1, 2, 3]
-    assert model_layers([3, 1, 1], 4) == [1, 3]
-    with pytest.raises(OptionError, match="layer 4 is out of range; valid layers are 0-3") as caught:
-        model_layers([2, 3, 4], 4)
-    assert caught.value.option == "layers"
 
 
 def test_consistency_of_pair_differences() -> None:

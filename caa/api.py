@@ -37,8 +37,7 @@ from caa.stages.generate import Generations, run_generate
 from caa.stages.ingest import PairSet, ingest_records, pair_set
 from caa.stages.ingest import ingest as ingest_files
 from caa.stages.sweep import SweepResult, held_out, run_sweep
-from caa.stages.vectors import VectorSet, vector_set
-from caa.stages.vectors import compute_vectors as vector_rows
+from caa.stages.vectors import VectorSet, vector_rows, vector_set
 
 Source: TypeAlias = str | os.PathLike[str] | Sequence[Any] | pd.DataFrame
 

@@ -166,13 +166,14 @@ def compute_vectors_cmd(
 
     Example: [bold]caa compute-vectors activations.parquet -o vectors.parquet[/]
     """
-    from caa.stages.vectors import compute_vectors, read_activations, write_vectors
+    from caa.stages.extract import read_activations
+    from caa.stages.vectors import vector_rows, write_vectors
     from caa.store.schemas import VECTORS
 
     _check_outputs(list(activations), [(out_path, VECTORS)], force)
     try:
         acts = read_activations(activations)
-        frame = compute_vectors(acts, method)
+        frame = vector_rows(acts, method)
         write_vectors(frame, out_path, acts, _provenance(ctx))
     except CaaError as e:
         fail(e)

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import torch
 
-from caa.core.options import parse_size as parse_size
+from caa.core.options import parse_size as parse_size  # caa.api imports it here
 from caa.errors import CaaError
 from caa.models.loading import LoadedModel
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 
 from caa.errors import CaaError
 
@@ -44,18 +45,27 @@ def parse_layers(spec: str, num_layers: int | None) -> list[int]:
 
 def parse_multipliers(spec: str, include_zero: bool = True) -> list[float]:
     """``-2,-1,0,1,2`` -> sorted floats; with ``include_zero`` 0 is added (the unsteered baseline)."""
-    values = set()
-    for part in spec.split(","):
+    return sweep_multipliers(spec.split(","), f"--multipliers '{spec}'", baseline=include_zero)
+
+
+def sweep_multipliers(
+    values: Iterable[float | str], option: str = "multipliers", *, baseline: bool = True
+) -> list[float]:
+    """The multipliers of a run, checked once: numbers (or their texts), finite, sorted, each once,
+    with 0 (the unsteered baseline) added unless ``baseline`` is false; errors name ``option``."""
+    found = set()
+    for value in values:
+        shown = value.strip() if isinstance(value, str) else value
         try:
-            value = float(part)
-        except ValueError:
-            raise CaaError(f"--multipliers '{spec}': '{part.strip()}' is not a number") from None
-        if not math.isfinite(value):
-            raise CaaError(f"--multipliers '{spec}': '{part.strip()}' is not finite")
-        values.add(value)
-    if include_zero:
-        values.add(0.0)
-    return sorted(values)
+            number = float(value)
+        except (TypeError, ValueError):
+            raise CaaError(f"{option}: '{shown}' is not a number") from None
+        if not math.isfinite(number):
+            raise CaaError(f"{option}: '{shown}' is not finite")
+        found.add(number)
+    if baseline:
+        found.add(0.0)
+    return sorted(found)
 
 
 def parse_size(spec: str, option: str = "--max-memory") -> int:

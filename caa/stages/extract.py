@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from caa.core.hooks import recording, run_until_stop
-from caa.core.options import parse_layers as parse_layers
+from caa.core.options import parse_layers as parse_layers  # caa.api and caa.cli.files import it here
 from caa.core.prompts import (
     Batch,
     Encoded,
@@ -35,8 +35,6 @@ from caa.core.prompts import (
 from caa.errors import CaaError, InputError, MismatchError
 from caa.models.loading import LoadedModel
 from caa.stages.ingest import SIDES, describe_pair
-from caa.stages.ingest import read_pairs as read_pairs  # the reader lives beside its writer
-from caa.stages.ingest import select_pairs as select_pairs
 from caa.store import checkpoint
 from caa.store.artifacts import Artifact, StreamWriter, columns_table, make_meta, read_artifact, vectors_of
 from caa.store.schemas import ACTIVATIONS
@@ -358,7 +356,7 @@ def run_extract(
     accelerator: Any = None,
 ) -> int:
     """Extract activations of ``pairs`` (read from ``pairs_path``, already filtered with
-    :func:`select_pairs`) into ``out``; returns the number of pairs.
+    :func:`caa.stages.ingest.select_pairs`) into ``out``; returns the number of pairs.
 
     Finished batches are kept in ``out.partial/`` until the whole run is done, so an interrupted
     run continues with ``resume`` and gives the same file. Under ``accelerate launch`` each process

@@ -291,9 +291,8 @@ def pairs_table(pairs: Sequence[Pair]) -> pa.Table:
 
 
 def write_pairs(result: IngestResult, out: Path, paths: Sequence[Path], options: Mapping[str, Any]) -> None:
-    """Write ``pairs.parquet`` atomically with provenance (options, input hashes, counts)."""
-    meta = make_meta(PAIRS, options, inputs={str(p): Path(p) for p in paths}, counts=result.counts())
-    write_artifact(pairs_table(result.pairs), out, PAIRS, meta)
+    """``pair_set(result, paths, options).save(out)``, for caa.cli.data until it calls that."""
+    pair_set(result, paths, options).save(out)
 
 
 def read_pairs(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:

@@ -16,17 +16,15 @@ from typing import Any
 
 import pandas as pd
 
-from caa.core.budget import parse_size
 from caa.core.hooks import steer_start
-from caa.core.options import parse_multipliers
+from caa.core.options import parse_layers, parse_multipliers, parse_size
 from caa.core.prompts import POSITIONS, TEMPLATES
 from caa.errors import CaaError
 from caa.evaluation.fluency import default_neutral, read_neutral
-from caa.stages.extract import parse_layers
 from caa.stages.generate import check_sampling, gather_prompts
 from caa.stages.ingest import PairSet
 from caa.stages.sweep import check_engine, held_out, sweep_work
-from caa.stages.vectors import VectorSet, read_vectors
+from caa.stages.vectors import VectorSet
 
 
 def require(ok: bool, message: str) -> None:
@@ -149,7 +147,7 @@ def plan_sweep(
     check_engine(engine)
     steer_start(steer_positions, 0)  # refuses an unknown policy
     mults = parse_multipliers(multipliers)
-    vecs, pair_set = read_vectors(vectors), PairSet.read(pairs)
+    vecs, pair_set = VectorSet.read(vectors), PairSet.read(pairs)
     names, test = held_out(vecs, pair_set.frame, pairs, behaviors, max_pairs)
     early = check_model_options(model, chat_template, layers)
     warnings = check_vectors(vecs, names, early, scale)
@@ -194,7 +192,7 @@ def plan_generate(
     mults = parse_multipliers(multipliers, include_zero=False)
     steer_start(steer_positions, 0)
     texts, labels = gather_prompts(prompts, prompts_file, limit)
-    vecs = read_vectors(vectors)
+    vecs = VectorSet.read(vectors)
     picked = vecs.pick(behavior)
     warnings = check_vectors(vecs, [picked], [layer], scale)
     check_model_options(model, chat_template, None)

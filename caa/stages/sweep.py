@@ -26,6 +26,7 @@ import torch
 from caa.core.budget import Planner, planner_for
 from caa.core.distributed import ONE, Shard
 from caa.core.hooks import steer_start
+from caa.core.options import sweep_multipliers
 from caa.core.prompts import Encoded, PromptFormat, encode, encode_many, fit_context, prompt_format
 from caa.errors import CaaError
 from caa.evaluation.engines import ScoreText, Tick, run_grid
@@ -229,6 +230,8 @@ def run_sweep(
     """Score every held-out pair of each behavior at every (layer, multiplier), with the fluency cost
     and the per-item reliability statistics.
 
+    ``multipliers`` are checked and completed by :func:`caa.core.options.sweep_multipliers`: sorted,
+    each once, with 0 (the unsteered baseline) added.
     ``steer_positions``: ``answer`` (the paper's), ``prompt-end`` or ``all`` (see
     :func:`caa.core.hooks.steer_start`).
     ``engine``: ``fast`` reuses each prompt's unsteered KV cache across the grid; ``naive`` runs one
@@ -242,8 +245,7 @@ def run_sweep(
     planner = planner or planner_for(loaded)
     check_engine(engine)
     steer_start(steer_positions, 0)  # refuses an unknown policy
-    if 0.0 not in multipliers:
-        raise CaaError("the multipliers must include 0, the unsteered baseline")
+    multipliers = sweep_multipliers(multipliers)  # finite, sorted, each once, 0 the baseline
     check_model(vectors, loaded)
     style = prompt_format(loaded.tokenizer, chat_template)
     check_template(vectors, style)

@@ -10,7 +10,7 @@ import numpy as np
 from caa.core.budget import planner_for
 from caa.models.loading import load_model
 from caa.stages.sweep import run_sweep
-from caa.stages.vectors import read_vectors
+from caa.stages.vectors import VectorSet
 from tests.helpers import MULTIPLIERS, NEUTRAL, held_out
 
 
@@ -27,7 +27,7 @@ def test_memory_budget_sets_batches_not_results(
     tables = {
         name: run_sweep(
             loaded,
-            read_vectors(vectors_path),
+            VectorSet.read(vectors_path),
             test,
             NEUTRAL,
             behaviors=["agree", "mood"],

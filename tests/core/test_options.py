@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+import caa
 from caa.core.budget import Planner
-from caa.core.options import parse_multipliers, parse_size
+from caa.core.options import parse_multipliers, parse_size, sweep_multipliers
 from caa.errors import CaaError
 from tests.helpers import REPO
 
@@ -48,6 +49,24 @@ def test_parse_multipliers() -> None:
     assert parse_multipliers("2,-1", include_zero=False) == [-1.0, 2.0]
     with pytest.raises(CaaError, match="not finite"):
         parse_multipliers("inf")
+    with pytest.raises(CaaError, match=r"^--multipliers '1, 1e999': '1e999' is not finite$"):
+        parse_multipliers("1, 1e999")
+    with pytest.raises(CaaError, match=r"^--multipliers '1,x': 'x' is not a number$"):
+        parse_multipliers("1,x")
+
+
+def test_sweep_multipliers_is_the_one_normalisation() -> None:
+    """Finite, sorted, each once, 0 added: the sweep (stages and plans) normalise through it."""
+    assert sweep_multipliers([2, -1.0, 2.0]) == [-1.0, 0.0, 2.0]
+    assert sweep_multipliers((0.5, -0.5), baseline=False) == [-0.5, 0.5]
+    assert sweep_multipliers([]) == [0.0]
+    with pytest.raises(CaaError, match=r"^multipliers: 'nan' is not finite$"):
+        sweep_multipliers([1.0, float("nan")])
+    with pytest.raises(CaaError, match=r"^multipliers: 'None' is not a number$"):
+        sweep_multipliers([None])  # type: ignore[list-item]
+    package = Path(caa.__file__).parent
+    assert "sweep_multipliers(multipliers)" in (package / "stages" / "sweep.py").read_text()
+    assert "include_zero" not in (package / "stages" / "sweep.py").read_text()
 
 
 def run_main(*args: str, before: str = "") -> subprocess.CompletedProcess[str]:

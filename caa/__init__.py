@@ -32,8 +32,9 @@ try:
     from caa.models.loading import LoadedModel, decoder_blocks
     from caa.stages.extract import Activations
     from caa.stages.generate import Generations
-    from caa.stages.ingest import Pair, PairSet
+    from caa.stages.ingest import PairSet
     from caa.stages.options import ExtractOptions, GenerateOptions, IngestOptions, SweepOptions
+    from caa.stages.pair_rows import Pair
     from caa.stages.sweep import SweepResult
     from caa.stages.vectors import VectorSet
 finally:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from caa.core.distributed import Shard
-from caa.core.hooks import steer_start, steering
+from caa.core.hooks import deltas, steer_start, steering
 from caa.core.options import model_layers
 from caa.errors import CaaError, OptionError
 from caa.evaluation.fluency import default_neutral, read_neutral
@@ -55,8 +55,7 @@ from caa.stages.options import (
 )
 from caa.stages.plans import GeneratePlan, SweepPlan, plan_extract, plan_generate, plan_sweep
 from caa.stages.sweep import SweepResult, held_out, run_sweep
-from caa.stages.vectors import VectorSet, read_vectors, vector_set
-from caa.stages.vectors import compute_vectors as vector_rows
+from caa.stages.vectors import VectorSet, vector_rows, vector_set
 from caa.store.checkpoint import partial_dir
 from caa.store.datasets import cards, data_dir, resolve_dataset
 from caa.store.outputs import check_outputs, sweep_paths
@@ -113,7 +112,6 @@ __all__ = [
     "plan_sweep",
     "read_activations",
     "read_foreign",
-    "read_vectors",
     "resolve_dataset",
     "steer",
     "sweep",
@@ -360,10 +358,9 @@ def steer(
     for m in coefficients:
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not np.isfinite(m):
             raise OptionError("multiplier", multiplier, f"{m!r} is not a finite number")
+    delta = deltas(v, coefficients)  # [1 or batch, d_model]
     if isinstance(multiplier, (int, float)):
-        delta = float(multiplier) * v
-    else:
-        delta = torch.as_tensor(coefficients, dtype=torch.float32)[:, None] * v  # [batch, d_model]
+        delta = delta[0]  # [d_model]: the same for every row
     if prompt_length is not None:
         if start is not None:
             raise CaaError("give prompt_length= (with positions=) or start=, not both")

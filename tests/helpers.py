@@ -55,7 +55,7 @@ def write_pairs_file(
     """A pairs.parquet made through the real ingest code."""
     import json
 
-    from caa.stages.ingest import ingest, write_pairs
+    from caa.stages.ingest import ingest, pair_set
 
     files = []
     for name, rows in rows_by_behavior.items():
@@ -63,7 +63,7 @@ def write_pairs_file(
         src.write_text("".join(json.dumps(r) + "\n" for r in rows))
         files.append(src)
     result = ingest(files, test_fraction=test_fraction, seed=1)
-    write_pairs(result, path, files, {})
+    pair_set(result, files, {}).save(path)
     return path
 
 
@@ -88,7 +88,7 @@ def make_vectors(model: Path, tmp: Path) -> tuple[Path, Path]:
 
 def held_out(pairs: Path) -> pd.DataFrame:
     """The test split of a pairs file (what a sweep scores), indexed from 0."""
-    from caa.stages.extract import read_pairs
+    from caa.stages.ingest import read_pairs
 
     frame = read_pairs(pairs)[0]
     return frame[frame.split == "test"].reset_index(drop=True)

@@ -35,7 +35,7 @@ from caa.errors import CaaError, InputError, ModelError
 from caa.models.loading import load_model
 from caa.models.specs import config_num_layers, looks_like_path
 from caa.report.summary import check_input_files
-from caa.stages.vectors import read_vectors
+from caa.stages.vectors import VectorSet
 from caa.store.artifacts import read_meta
 from caa.store.schemas import ACTIVATIONS, VECTORS
 from caa.store.text import MAX_JSON_DEPTH, clean, load_json, text_problem
@@ -954,11 +954,11 @@ def test_absurd_norms_are_warned_about(valid: Valid, tmp_path: Path) -> None:
         c["vector"][big] *= scale
 
     path = _artifact(valid.vectors, tmp_path / "vectors_huge.parquet", VECTORS, edit)
-    vecs = read_vectors(path)
+    vecs = VectorSet.read(path)
     warnings = vecs.absurd_norms()
     assert len(warnings) == 1 and "1e+03 times the layer's mean residual norm" in warnings[0]
     assert vecs.absurd_norms(["agree"]) == []
-    assert read_vectors(valid.vectors).absurd_norms() == []
+    assert VectorSet.read(valid.vectors).absurd_norms() == []
     layer = table["layer"][big].as_py()
     out = tmp_path / "gen.parquet"
     args = ["generate", "-v", str(path), "-m", str(valid.model), "--layer", str(layer), "--behavior", "mood"]

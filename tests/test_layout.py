@@ -124,3 +124,39 @@ def test_the_api_functions_do_not_shadow_the_stage_modules() -> None:
 @pytest.mark.parametrize("name", [n for n in MODULES if n != "caa.__main__"])
 def test_every_module_imports_on_its_own(name: str) -> None:
     importlib.import_module(name)
+
+
+def _defined(name: str) -> set[str]:
+    """The names a module defines at its top level (not those it imports)."""
+    found = set()
+    for node in ast.parse(MODULES[name].read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            found.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            found |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return found
+
+
+# Re-exports that caa.api and caa.cli still import (their rewrite points them at the defining module).
+STILL_REEXPORTED: set[tuple[str, str]] = set()
+
+
+def test_names_are_imported_from_the_module_that_defines_them() -> None:
+    """No re-export shims: a library module imports each caa name from where it is defined."""
+    wrong = []
+    for name, path in MODULES.items():
+        if name in ("caa", "caa.api") or name.startswith("caa.cli"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or not (node.module or "").startswith("caa."):
+                continue
+            for alias in node.names:
+                source = node.module or ""
+                if f"{source}.{alias.name}" in MODULES or source not in MODULES:
+                    continue
+                if alias.name not in _defined(source):
+                    wrong.append(f"{name} imports {alias.name} from {source}")
+                elif alias.asname == alias.name and (name, alias.name) not in STILL_REEXPORTED:
+                    wrong.append(f"{name} re-exports {alias.name}")
+    assert wrong == []

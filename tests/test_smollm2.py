@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from caa.cli import app
 from caa.core.prompts import encode, prompt_format
 from caa.models.loading import load_model
-from caa.stages.extract import read_pairs
-from caa.stages.vectors import read_vectors
+from caa.stages.ingest import read_pairs
+from caa.stages.vectors import VectorSet
 from tests.helpers import DATA
 
 pytestmark = pytest.mark.slow
@@ -56,7 +56,7 @@ def test_vectors_match_a_naive_unbatched_reference(
     )
     assert result.exit_code == 0, result.output
     assert runner.invoke(app, ["compute-vectors", str(acts), "-o", str(vectors)]).exit_code == 0
-    ours = read_vectors(vectors)
+    ours = VectorSet.read(vectors)
 
     # The paper's way: one pair at a time, output_hidden_states, read at the answer letter.
     loaded = load_model("smollm2-135m", device="cpu")

@@ -121,7 +121,7 @@ def export_cmd(
     _check_outputs([vectors], [(out_path, api.OUTPUTS["export"])], force)
     try:
         fmt = api.export_format(format_, out_path)
-        vecs = api.read_vectors(vectors)
+        vecs = api.VectorSet.read(vectors)
         count = (vecs.meta.get("model") or {}).get("num_layers") or int(vecs.frame.layer.max()) + 1
         chosen = api.model_layers(parse_layers(layers), count) if layers not in (None, "all") else None
         done = api.export_vectors(

@@ -147,6 +147,13 @@ class _Adder:
         return _retuple(output, steered)
 
 
+def deltas(vector: Tensor, multipliers: Sequence[float] | Tensor) -> Tensor:
+    """What steering adds to each row: ``multipliers[r] * vector``, [rows, d_model] (float32
+    multipliers, on the vector's device), for :func:`steering`'s ``deltas``."""
+    coef = torch.as_tensor(multipliers, dtype=torch.float32, device=vector.device)  # [rows]
+    return coef[:, None] * vector  # [rows, d_model]
+
+
 @contextmanager
 def steering(
     blocks: nn.ModuleList | Sequence[nn.Module], deltas: Mapping[int, Tensor], start: Tensor | None = None

@@ -14,8 +14,7 @@ from typing import Any
 import torch
 
 from caa.errors import CaaError, InputError
-from caa.store.artifacts import read_table, require_file
-from caa.store.text import check_text, load_json
+from caa.store.records import read_records
 
 POSITIONS = ("last", "mean", "answer")
 TEMPLATES = ("auto", "on", "off")
@@ -207,38 +206,21 @@ def collate(items: Sequence[Encoded], pad_id: int, padding_side: str = "left") -
     return Batch(input_ids, mask, position_ids, offsets, weights, starts)
 
 
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
 def read_texts(path: Path, field: str) -> list[str]:
     """Texts from a .txt (one per line), .jsonl (objects with ``field``) or .parquet (a ``field``
-    column), with errors that name the file, the line and the field."""
-    path = require_file(path)
-    suffix = path.suffix.lower()
+    column), with errors that name the file, the line and the field; blank texts are skipped."""
+    path = Path(path)
     texts: list[str] = []
-    if suffix == ".parquet":
-        table = read_table(path)
-        if field not in table.column_names:
-            raise InputError(path, "column missing", field=field)
-        texts = [t for t in table.column(field).to_pylist() if isinstance(t, str) and t.strip()]
-    elif suffix in (".txt", ".jsonl"):
-        try:
-            # a byte-order mark is dropped; lines end at \n only (str.splitlines also splits at
-            # U+2028 and other characters that a JSON string may hold)
-            lines = path.read_text(encoding="utf-8-sig").split("\n")
-        except UnicodeDecodeError as e:
-            raise InputError(path, f"not valid UTF-8 (byte offset {e.start})") from None
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            if suffix == ".txt":
-                texts.append(check_text(line.strip(), path, f"line {number}"))
-                continue
-            record = load_json(line, path, where=f"line {number}")
-            if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                raise InputError(
-                    path, f"expected an object with a {field} string", where=f"line {number}", field=field
-                )
-            texts.append(record[field])
-    else:
-        raise InputError(path, f"unknown file type '{suffix}': use .txt, .jsonl or .parquet")
+    hint = "use .txt, .jsonl or .parquet"
+    for where, record in read_records(path, TEXT_SUFFIXES, hint, allow_empty=True, line_field=field):
+        text = record.get(field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise InputError(path, f"expected an object with a {field} string", where=where, field=field)
+        if text.strip():
+            texts.append(text)
     if not texts:
         raise InputError(path, "no texts in file")
     return texts

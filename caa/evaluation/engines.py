@@ -30,7 +30,15 @@ import torch
 
 from caa.core.budget import Planner, planner_for, run_halving
 from caa.core.distributed import ONE, Shard
-from caa.core.hooks import capturing, repeat_rows, replaying, run_until_stop, steer_start, steering
+from caa.core.hooks import (
+    capturing,
+    deltas,
+    repeat_rows,
+    replaying,
+    run_until_stop,
+    steer_start,
+    steering,
+)
 from caa.core.prompts import Encoded, collate
 from caa.evaluation.kvcache import (
     ReusedLogits,
@@ -181,13 +189,13 @@ def reference_grid(
                 )
         results = {}
         for layer, vector in vectors.items():
-            deltas = m.repeat(len(chunk))[:, None] * vector  # [rows, d_model], text-major
+            added = deltas(vector, m.repeat(len(chunk)))  # [rows, d_model], text-major
             skip = (
                 replaying(loaded.blocks, layer, below[layer - 1])
                 if skip_layers and layer > 0
                 else nullcontext()
             )
-            with skip, steering(loaded.blocks, {layer: deltas}, start):
+            with skip, steering(loaded.blocks, {layer: added}, start):
                 logits = loaded.model(
                     input_ids=batch.input_ids,
                     attention_mask=batch.attention_mask,
@@ -303,9 +311,9 @@ def cached_grid(
         results = {}
         reused_logits = ReusedLogits(loaded)  # each pass's logits are reduced before the next one
         for layer, vector in vectors.items():
-            deltas = steered.repeat(len(chunk))[:, None] * vector  # [rows, d_model], text-major
+            added = deltas(vector, steered.repeat(len(chunk)))  # [rows, d_model], text-major
             skip = replaying(loaded.blocks, layer + 1, repeat_rows(below[layer], len(steered)))
-            with skip, steering(loaded.blocks, {layer: deltas}, start), reused_logits:
+            with skip, steering(loaded.blocks, {layer: added}, start), reused_logits:
                 logits = _tail_logits(
                     loaded,
                     tail_ids.repeat_interleave(len(steered), 0),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from torch import nn
 from caa.errors import ModelError
 from caa.models.cache import EMBEDDED, Progress, embedded_gguf, gguf_directory, gguf_hash
 from caa.models.specs import looks_like_path, read_config, require_reachable
+from caa.store.schemas import Fingerprint
 from caa.store.text import first_line
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -41,22 +42,6 @@ _BLOCK_PATHS: dict[str, tuple[str, ...]] = {
     "gpt_neox": ("gpt_neox.layers",),
 }
 SUPPORTED_ARCHITECTURES = tuple(sorted(_BLOCK_PATHS))
-
-
-@dataclass(frozen=True)
-class Fingerprint:
-    """What identifies a model in every artifact's metadata."""
-
-    name: str
-    source: str
-    weights_hash: str
-    architecture: str
-    num_layers: int
-    hidden_size: int
-    dtype: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from caa.store.artifacts import PNG_SOFTWARE
+from caa.store.schemas import PNG_SOFTWARE
 
 
 def plot_sweep(

@@ -35,8 +35,6 @@ from caa.core.prompts import (
 from caa.errors import CaaError, InputError, MismatchError
 from caa.models.loading import LoadedModel
 from caa.stages.ingest import SIDES, describe_pair
-from caa.stages.ingest import read_pairs as read_pairs  # the reader lives beside its writer
-from caa.stages.ingest import select_pairs as select_pairs
 from caa.stages.options import ExtractOptions
 from caa.store import checkpoint
 from caa.store.artifacts import Artifact, StreamWriter, columns_table, make_meta, read_artifact, vectors_of
@@ -354,7 +352,7 @@ def run_extract(
     accelerator: Any = None,
 ) -> int:
     """Extract activations of ``pairs`` (read from ``pairs_path``, already filtered with
-    :func:`select_pairs`) into ``out``; returns the number of pairs.
+    :func:`caa.stages.ingest.select_pairs`) into ``out``; returns the number of pairs.
 
     Finished batches are kept in ``out.partial/`` until the whole run is done, so an interrupted
     run continues with ``resume`` and gives the same file. Under ``accelerate launch`` each process

@@ -18,7 +18,7 @@ import torch
 
 from caa.core.budget import run_halving
 from caa.core.distributed import ONE, Shard
-from caa.core.hooks import steer_start, steering
+from caa.core.hooks import deltas, steer_start, steering
 from caa.core.prompts import Encoded, collate, prompt_format, read_texts
 from caa.errors import CaaError
 from caa.models.loading import LoadedModel
@@ -179,13 +179,12 @@ def _generate_batch(
     tok = loaded.tokenizer
     rows = [(e, m) for e in encoded for m in multipliers]
     batch = collate([e for e, _ in rows], tok.pad_token_id).to(loaded.device)
-    coef = torch.tensor([m for _, m in rows], dtype=torch.float32)
     start = steer_start(positions, torch.tensor([len(e.input_ids) for e, _ in rows]))
     sampling: dict[str, Any] = {"do_sample": False}
     if temperature > 0:
         torch.manual_seed(seed)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
-    with steering(loaded.blocks, {layer: coef[:, None] * vector}, start):
+    with steering(loaded.blocks, {layer: deltas(vector, [m for _, m in rows])}, start):
         out = loaded.model.generate(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,

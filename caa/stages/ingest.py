@@ -290,12 +290,6 @@ def pairs_table(pairs: Sequence[Pair]) -> pa.Table:
     return pa.table(columns).cast(PAIRS.schema())
 
 
-def write_pairs(result: IngestResult, out: Path, paths: Sequence[Path], options: Mapping[str, Any]) -> None:
-    """Write ``pairs.parquet`` atomically with provenance (options, input hashes, counts)."""
-    meta = make_meta(PAIRS, options, inputs={str(p): Path(p) for p in paths}, counts=result.counts())
-    write_artifact(pairs_table(result.pairs), out, PAIRS, meta)
-
-
 def read_pairs(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     """``pairs.parquet`` as a DataFrame, with its metadata; a hand-edited file is checked as
     ingest checks its sources: known formats and splits, unique ids, non-empty texts, A/B answers

@@ -1,16 +1,14 @@
 """The rows of a dataset of contrastive pairs, each checked and made a :class:`Pair`.
 
-A file is read as raw records by its format (A/B JSON array, JSONL, CSV or Parquet; a problem with
-the whole file raises at once); a record, from a file or from memory, becomes a pair with the
-paper's A/B fields or the free-form ones, its texts checked and its answer letters normalised. A
-pair's id is a hash of its fields, and its split follows from that id alone.
+A file is read as raw records by :func:`caa.store.records.read_records` (A/B JSON array, JSONL, CSV
+or Parquet; a problem with the whole file raises at once); a record, from a file or from memory,
+becomes a pair with the paper's A/B fields or the free-form ones, its texts checked and its answer
+letters normalised. A pair's id is a hash of its fields, and its split follows from that id alone.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import re
 from collections.abc import Iterator, Mapping
@@ -19,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from caa.errors import InputError
-from caa.store.artifacts import read_table, require_file
-from caa.store.text import check_text, json_type, load_json
+from caa.store.records import BadRow, read_records
+from caa.store.text import check_text, json_type
 
 AB_FIELDS = ("question", "answer_matching_behavior", "answer_not_matching_behavior")
 FREEFORM_FIELDS = ("prompt", "positive", "negative")
@@ -46,99 +44,9 @@ class Pair:
 
 
 def records(path: Path, skip_invalid: bool, rejected: list[InputError]) -> Iterator[tuple[str, Any]]:
-    """(where, raw record) for every row of a file; file-level problems raise at once."""
-    suffix = path.suffix.lower()
-    if suffix not in EXTENSIONS:
-        raise InputError(
-            path, f"unknown file type '{suffix or path.name}': caa ingest reads {', '.join(EXTENSIONS)}"
-        )
-    require_file(path)
-    if suffix == ".parquet":
-        yield from _parquet_records(path)
-        return
-    data = path.read_bytes()
-    if not data.strip():
-        raise InputError(path, "file is empty")
-    if suffix == ".jsonl":
-        yield from _jsonl_records(path, data, skip_invalid, rejected)
-        return
-    text = _decode(path, data)
-    if suffix == ".json":
-        yield from _json_records(path, text)
-    else:
-        yield from _csv_records(path, text)
-
-
-def _decode(path: Path, data: bytes, where: str | None = None) -> str:
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise InputError(
-            path, f"not valid UTF-8 (byte 0x{data[e.start]:02x})", where=where or f"line {line}"
-        ) from None
-
-
-def _json_records(path: Path, text: str) -> Iterator[tuple[str, Any]]:
-    doc = load_json(text, path, rows=True)
-    if not isinstance(doc, list):
-        raise InputError(path, f"expected a JSON array of objects, found a JSON {json_type(doc)}")
-    if not doc:
-        raise InputError(path, "the JSON array is empty: no pairs")
-    for i, record in enumerate(doc):
-        yield f"index {i}", record
-
-
-def _jsonl_records(
-    path: Path, data: bytes, skip_invalid: bool, rejected: list[InputError]
-) -> Iterator[tuple[str, Any]]:
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        where = f"line {number}"
-        try:
-            record = load_json(_decode(path, raw, where), path, where=where)
-        except InputError as e:
-            if not skip_invalid:
-                raise
-            rejected.append(e)
-            continue
-        yield where, record
-
-
-def _csv_records(path: Path, text: str) -> Iterator[tuple[str, Any]]:
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    try:
-        header = next(reader)
-        width = len(header)
-        seen = set()
-        for name in header:
-            if name in seen:
-                raise InputError(path, f"duplicate column '{name}' in the header", where="line 1")
-            seen.add(name)
-        for row in reader:
-            where = f"line {reader.line_num}"
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) != width:
-                yield where, _BadRow(f"row has {len(row)} fields, the header has {width}")
-                continue
-            yield where, dict(zip(header, row, strict=True))
-    except csv.Error as e:
-        raise InputError(path, f"malformed CSV: {e}", where=f"line {reader.line_num}") from None
-
-
-def _parquet_records(path: Path) -> Iterator[tuple[str, Any]]:
-    table = read_table(path)
-    if table.num_rows == 0:
-        raise InputError(path, "file is empty: the table has no rows")
-    for i, record in enumerate(table.to_pylist()):
-        yield f"row {i}", record
-
-
-@dataclass(frozen=True)
-class _BadRow:
-    problem: str
+    """(where, raw record) for every row of a dataset file; file-level problems raise at once."""
+    hint = f"caa ingest reads {', '.join(EXTENSIONS)}"
+    return read_records(path, EXTENSIONS, hint, skip_invalid=skip_invalid, rejected=rejected)
 
 
 def to_pair(
@@ -150,7 +58,7 @@ def to_pair(
     test_fraction: float,
     seed: int,
 ) -> Pair:
-    if isinstance(record, _BadRow):
+    if isinstance(record, BadRow):
         raise InputError(path, record.problem, where=where)
     if not isinstance(record, dict):
         raise InputError(path, f"expected an object, found a JSON {json_type(record)}", where=where)

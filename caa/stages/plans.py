@@ -22,7 +22,7 @@ from caa.stages.generate import gather_prompts
 from caa.stages.ingest import PairSet, read_pairs, select_pairs
 from caa.stages.options import ExtractOptions, GenerateOptions, SweepOptions
 from caa.stages.sweep import held_out, sweep_work
-from caa.stages.vectors import VectorSet, read_vectors
+from caa.stages.vectors import VectorSet
 from caa.store.checkpoint import check_fresh
 
 
@@ -75,7 +75,7 @@ def plan_sweep(
 ) -> SweepPlan:
     """Read a sweep's files and check them against its options (``neutral`` None: the packaged
     neutral texts)."""
-    vecs, pair_set = read_vectors(vectors), PairSet.read(pairs)
+    vecs, pair_set = VectorSet.read(vectors), PairSet.read(pairs)
     names, test = held_out(vecs, pair_set.frame, pairs, options.behaviors, options.max_pairs)
     check_model_layers(model, options.layers)
     known = options.layers if config_num_layers(model) is not None else None
@@ -106,7 +106,7 @@ def plan_generate(
 ) -> GeneratePlan:
     """Read a generate run's vectors and prompts and check them against its options."""
     texts, labels = gather_prompts(prompts, prompts_file, limit)
-    vecs = read_vectors(vectors)
+    vecs = VectorSet.read(vectors)
     picked = vecs.pick(options.behavior)
     warnings = check_vectors(vecs, [picked], [options.layer], options.scale)
     return GeneratePlan(vecs, picked, texts, labels, warnings)

@@ -14,9 +14,7 @@ import pyarrow as pa
 import torch
 
 from caa.errors import CaaError, InputError
-from caa.stages.extract import Activations as Activations  # activations are read beside their writer
-from caa.stages.extract import check_same_model as check_same_model
-from caa.stages.extract import read_activations as read_activations
+from caa.stages.extract import Activations
 from caa.store.artifacts import make_meta, read_artifact, vectors_of, write_artifact
 from caa.store.schemas import VECTORS
 
@@ -25,7 +23,7 @@ SCALES = ("raw", "residual")  # what a multiplier multiplies: the vector, or a r
 ABSURD_RATIO = 100.0  # a vector this many times its layer's mean residual norm is an error, not a choice
 
 
-def compute_vectors(acts: Activations, method: str = "mean") -> pd.DataFrame:
+def vector_rows(acts: Activations, method: str = "mean") -> pd.DataFrame:
     """One row per (behavior, layer): the steering vector and its diagnostics.
 
     ``mean``: mean over training pairs of (positive - negative), accumulated in float64.
@@ -151,13 +149,8 @@ def _adjacent_cosines(frame: pd.DataFrame) -> tuple[list[float | None], list[flo
     return prev, nxt
 
 
-def write_vectors(frame: pd.DataFrame, out: Path, acts: Activations, options: dict[str, Any]) -> None:
-    """Write ``vectors.parquet`` with the model and prompt of the activations it came from."""
-    vector_set(frame, acts, options).save(out)
-
-
 def vector_set(frame: pd.DataFrame, acts: Activations, options: dict[str, Any] | None = None) -> VectorSet:
-    """The rows of :func:`compute_vectors` as a :class:`VectorSet`, with the provenance of the
+    """The rows of :func:`vector_rows` as a :class:`VectorSet`, with the provenance of the
     activations they came from (model, prompt format, and the training pairs, which the sweep
     refuses to score)."""
     trained = acts.keys.pair_id[acts.keys.split == "train"]
@@ -193,7 +186,34 @@ class VectorSet:
 
     @classmethod
     def read(cls, path: Path | str) -> VectorSet:
-        return read_vectors(Path(path))
+        """Read ``vectors.parquet``; refuses non-finite or zero vectors, and two vectors of one behavior
+        at one layer."""
+        path = Path(path)
+        art = read_artifact(path, VECTORS)
+        values = vectors_of(art.table, "vector")
+        frame = art.table.drop_columns("vector").to_pandas()
+        if not len(frame):
+            raise InputError(path, "has no vectors")
+        for bad, problem in (
+            (~np.isfinite(values).all(axis=1), "has NaN or infinite values"),
+            (~(np.abs(values).max(axis=1) > 0), "is all zeros (steering with it changes nothing)"),
+        ):
+            if bad.any():
+                r = frame.iloc[int(np.flatnonzero(bad)[0])]
+                raise InputError(
+                    path, f"the vector of '{r.behavior}' at layer {r.layer} {problem}", field="vector"
+                )
+        repeated = frame.duplicated(["behavior", "layer"]).to_numpy()
+        if repeated.any():
+            row = int(repeated.argmax())
+            r = frame.iloc[row]
+            raise InputError(
+                path,
+                f"a second vector of '{r.behavior}' at layer {r.layer}: which one to use is ambiguous",
+                where=f"row {row}",
+                field="layer",
+            )
+        return cls(frame, values, art.meta, path)
 
     def save(self, path: Path | str) -> Path:
         """Write ``vectors.parquet`` atomically, with its provenance."""
@@ -298,33 +318,3 @@ class VectorSet:
             )
         unit = value.astype(np.float64) / np.linalg.norm(value.astype(np.float64))
         return (unit * float(residual)).astype(np.float32)
-
-
-def read_vectors(path: Path) -> VectorSet:
-    """Read ``vectors.parquet``; refuses non-finite or zero vectors, and two vectors of one behavior
-    at one layer."""
-    art = read_artifact(Path(path), VECTORS)
-    values = vectors_of(art.table, "vector")
-    frame = art.table.drop_columns("vector").to_pandas()
-    if not len(frame):
-        raise InputError(path, "has no vectors")
-    for bad, problem in (
-        (~np.isfinite(values).all(axis=1), "has NaN or infinite values"),
-        (~(np.abs(values).max(axis=1) > 0), "is all zeros (steering with it changes nothing)"),
-    ):
-        if bad.any():
-            r = frame.iloc[int(np.flatnonzero(bad)[0])]
-            raise InputError(
-                path, f"the vector of '{r.behavior}' at layer {r.layer} {problem}", field="vector"
-            )
-    repeated = frame.duplicated(["behavior", "layer"]).to_numpy()
-    if repeated.any():
-        row = int(repeated.argmax())
-        r = frame.iloc[row]
-        raise InputError(
-            path,
-            f"a second vector of '{r.behavior}' at layer {r.layer}: which one to use is ambiguous",
-            where=f"row {row}",
-            field="layer",
-        )
-    return VectorSet(frame, values, art.meta, Path(path))

@@ -14,7 +14,7 @@ import json
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,6 @@ import pyarrow.parquet as pq
 from caa.errors import InputError
 from caa.store.files import atomic_path, file_sha256
 from caa.store.schemas import KINDS, META_FIELDS, META_FIELDS_OF_KIND, META_KEY, SCHEMA_VERSION, Kind
-from caa.store.schemas import PNG_SOFTWARE as PNG_SOFTWARE  # caa.plots imports it from here
 from caa.store.text import json_type, load_json
 
 
@@ -183,7 +182,7 @@ def _check_meta(path: Path, value: Any, spec: Any, name: str) -> None:
                 inside = inside or (e if e.field != name else None)
         if inside is not None:
             raise inside
-    elif (isinstance(spec, dict) or typing.is_typeddict(spec)) and isinstance(value, dict):
+    elif (isinstance(spec, dict) or _is_record(spec)) and isinstance(value, dict):
         fields = spec if isinstance(spec, dict) else typing.get_type_hints(spec)
         for key, inner in fields.items():
             if key in value:
@@ -207,10 +206,16 @@ def _check_meta(path: Path, value: Any, spec: Any, name: str) -> None:
     raise InputError(path, problem, field=name)
 
 
+def _is_record(spec: Any) -> bool:
+    """Whether ``spec`` declares an object's fields (a TypedDict, or a dataclass such as
+    :class:`caa.store.schemas.Fingerprint`)."""
+    return typing.is_typeddict(spec) or (isinstance(spec, type) and is_dataclass(spec))
+
+
 def _is_a(value: Any, spec: Any) -> bool:
     if spec is Any:
         return True
-    if typing.is_typeddict(spec):
+    if _is_record(spec):
         return False  # not a dict, or it would have been checked field by field
     if spec is None or spec is type(None):
         return value is None
@@ -232,7 +237,7 @@ def _describe(spec: Any) -> str:
         return f"a list of {plural.get(args[0], 'values')}"
     if origin is tuple:
         return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
-    if origin is dict or typing.is_typeddict(spec):
+    if origin is dict or _is_record(spec):
         return "an object"
     return single.get(spec, str(spec))
 

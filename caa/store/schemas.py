@@ -7,7 +7,7 @@ by which a rerun knows its own file, so that every output is checked alike (:mod
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, TypedDict
 
 import pyarrow as pa
@@ -151,8 +151,10 @@ GENERATIONS = Kind(
 KINDS = {k.name: k for k in (PAIRS, ACTIVATIONS, VECTORS, SWEEP, SWEEP_ITEMS, GENERATIONS)}
 
 
-class ModelMeta(TypedDict, total=False):
-    """The ``model`` entry: the fingerprint of the model an artifact was made with."""
+@dataclass(frozen=True)
+class Fingerprint:
+    """What identifies a model: the ``model`` entry of every artifact made with it (its fields, where
+    present, are checked on read like a TypedDict's)."""
 
     name: str
     source: str
@@ -161,6 +163,9 @@ class ModelMeta(TypedDict, total=False):
     num_layers: int
     hidden_size: int
     dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class PromptMeta(TypedDict, total=False):
@@ -205,9 +210,9 @@ META_FIELDS: dict[str, Any] = {
 }
 META_FIELDS_OF_KIND: dict[str, dict[str, Any]] = {
     "pairs": {"counts": dict[str, dict[str, int]]},
-    "activations": {"model": ModelMeta, "prompt": PromptMeta, "layers": list[int]},
+    "activations": {"model": Fingerprint, "prompt": PromptMeta, "layers": list[int]},
     "vectors": {
-        "model": ModelMeta | None,
+        "model": Fingerprint | None,
         "prompt": PromptMeta | None,
         "layers": list[int],
         "behaviors": list[str],
@@ -215,13 +220,13 @@ META_FIELDS_OF_KIND: dict[str, dict[str, Any]] = {
         "source": SourceMeta,
     },
     "sweep": {
-        "model": ModelMeta,
+        "model": Fingerprint,
         "prompt": PromptMeta | None,
         "recommended": dict[str, tuple[int, float] | None],  # behavior -> [layer, multiplier]
         "best_unreliable": dict[str, tuple[int, float] | None],  # the best gain, reliable or not
         "fluency": FluencyMeta,
     },
-    "generations": {"model": ModelMeta},
+    "generations": {"model": Fingerprint},
 }
 META_FIELDS_OF_KIND["sweep_items"] = META_FIELDS_OF_KIND["sweep"]  # written by the same run
 

@@ -11,7 +11,7 @@ from caa.core.budget import planner_for
 from caa.models.loading import load_model
 from caa.stages.options import SweepOptions
 from caa.stages.sweep import run_sweep
-from caa.stages.vectors import read_vectors
+from caa.stages.vectors import VectorSet
 from tests.helpers import MULTIPLIERS, NEUTRAL, held_out
 
 
@@ -28,7 +28,7 @@ def test_memory_budget_sets_batches_not_results(
     tables = {
         name: run_sweep(
             loaded,
-            read_vectors(vectors_path),
+            VectorSet.read(vectors_path),
             test,
             NEUTRAL,
             SweepOptions(layers=(1, 2), multipliers=MULTIPLIERS),

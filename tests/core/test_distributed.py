@@ -22,7 +22,7 @@ from caa.models.loading import load_model
 from caa.stages.generate import Generations
 from caa.stages.options import GenerateOptions, SweepOptions
 from caa.stages.sweep import SweepResult, run_sweep
-from caa.stages.vectors import read_vectors
+from caa.stages.vectors import VectorSet
 from tests.helpers import NEUTRAL, REPO, held_out
 
 
@@ -77,7 +77,7 @@ def test_two_shards_of_a_sweep_merge_into_the_one_process_result(
 ) -> None:
     pairs_path, vectors_path = pipelines("llama")
     models = [load_model(str(tiny_models["llama"]), device="cpu") for _ in range(2)]  # one per process
-    vectors = read_vectors(vectors_path)
+    vectors = VectorSet.read(vectors_path)
     test = held_out(pairs_path)
 
     def run(shard: Shard, rank: int = 0) -> SweepResult:
@@ -111,7 +111,7 @@ def test_two_shards_of_generation_merge_into_the_one_process_rows(
     from caa.stages.generate import generate_steered
 
     models = [load_model(str(tiny_models["llama"]), device="cpu") for _ in range(2)]
-    vectors = read_vectors(pipelines("llama")[1])
+    vectors = VectorSet.read(pipelines("llama")[1])
     vector = vectors.tensor("mood", 2)
     prompts = ["Hello there.", "Tell me about trains, please.", "Why?", "A long prompt " * 5, "Ok."]
 

@@ -224,3 +224,18 @@ def test_the_adder_moves_its_vector_once_per_device_and_dtype() -> None:
         expected = torch.tensor([[[0.0, 0.0], [1.0, 2.0]], [[3.0, 4.0], [3.0, 4.0]]], dtype=dtype)
         assert torch.equal(out, expected)
     assert sorted(str(dtype) for _, dtype in adder._placed) == ["torch.bfloat16", "torch.float32"]
+
+
+def test_deltas_are_each_rows_multiplier_times_the_vector_made_in_one_place() -> None:
+    """``multiplier * vector`` per row is built by caa.core.hooks.deltas alone (engines, generate)."""
+    from caa.core.hooks import deltas
+
+    vector = torch.tensor([1.0, -2.0, 0.5])
+    made = deltas(vector, [2.0, 0.0, -1.5])  # [rows, d_model]
+    assert made.dtype == torch.float32 and made.shape == (3, 3)
+    assert torch.equal(made, torch.stack([2.0 * vector, 0.0 * vector, -1.5 * vector]))
+    assert torch.equal(deltas(vector, torch.tensor([1.0, 3.0])), torch.stack([vector, 3.0 * vector]))
+    package = Path(caa.__file__).parent
+    for name in ("evaluation/engines.py", "stages/generate.py"):
+        source = (package / name).read_text()
+        assert "deltas(vector, " in source and "[:, None] * vector" not in source, name

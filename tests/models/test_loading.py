@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from caa.errors import ModelError
+from caa.errors import InputError, ModelError
 from caa.models.loading import SUPPORTED_ARCHITECTURES, decoder_blocks, load_model, resolve_dtype
 from tests.tiny_models import EXTRA_ARCHITECTURES, make_config, make_tokenizer, save_tiny_model
 
@@ -185,12 +185,20 @@ def test_paths_in_datasets_are_text(tmp_path: Path) -> None:
     assert (pair.prompt, pair.positive) == (str(secret), "file://" + str(secret))
 
 
-def test_fingerprint_and_its_metadata_schema_name_the_same_fields() -> None:
-    """The fingerprint a loaded model carries is what the 'model' metadata entry declares."""
-    import dataclasses
-    import typing
+def test_fingerprint_and_its_metadata_schema_are_one_declaration(tiny_models: dict[str, Path]) -> None:
+    """The fingerprint a loaded model carries is the class that declares the 'model' metadata entry."""
+    from caa.store import schemas
+    from caa.store.artifacts import _check_meta
+    from caa.store.schemas import META_FIELDS_OF_KIND, Fingerprint
 
-    from caa.models.loading import Fingerprint
-    from caa.store.schemas import ModelMeta
-
-    assert [f.name for f in dataclasses.fields(Fingerprint)] == list(typing.get_type_hints(ModelMeta))
+    loaded = load_model(str(tiny_models["llama"]), device="cpu")
+    assert type(loaded.fingerprint) is Fingerprint
+    assert all(META_FIELDS_OF_KIND[kind]["model"] is Fingerprint for kind in ("activations", "sweep"))
+    assert not hasattr(schemas, "ModelMeta")
+    assert loaded.fingerprint.to_dict()["hidden_size"] == loaded.hidden_size
+    with pytest.raises(InputError, match=r"field 'model.hidden_size': expected an integer in the 'caa'"):
+        _check_meta(
+            Path("a.parquet"), {"model": {"hidden_size": "wide"}}, META_FIELDS_OF_KIND["sweep"], "caa"
+        )
+    with pytest.raises(InputError, match=r"field 'model': expected an object in the 'caa' metadata"):
+        _check_meta(Path("a.parquet"), {"model": 3}, META_FIELDS_OF_KIND["sweep"], "caa")

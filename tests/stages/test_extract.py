@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from caa.cli import app
 from caa.core.prompts import collate, encode, prompt_format
 from caa.models.loading import load_model
-from caa.stages.extract import encode_pairs, extract_activations, read_pairs
+from caa.stages.extract import encode_pairs, extract_activations
+from caa.stages.ingest import read_pairs
 from caa.store.artifacts import read_artifact
 from caa.store.schemas import ACTIVATIONS
 from tests.helpers import AB_ROWS, FREEFORM_ROWS, REPO, write_pairs_file

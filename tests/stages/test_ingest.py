@@ -287,3 +287,29 @@ def test_project_datasets_ingest(tmp_path: Path) -> None:
     ab_rows = df[df.format == "ab"]
     share_a = (ab_rows.positive == "(A)").groupby(ab_rows.behavior).mean()
     assert share_a.between(0.4, 0.6).all(), share_a
+
+
+def test_pairs_written_by_pair_set_save_read_back_equal(tmp_path: Path) -> None:
+    """One writer of pairs.parquet: PairSet.save, which the command line calls too."""
+    import caa.stages.ingest as ingest_module
+    from caa.stages.ingest import PairSet, ingest, pair_set
+
+    src = write_jsonl(tmp_path / "mood.jsonl", [ff(i) for i in range(6)])
+    result = ingest([src], test_fraction=0.5, seed=3)
+    saved = pair_set(result, [src], {"seed": 3}).save(tmp_path / "saved.parquet")
+    back = PairSet.read(saved)
+    expected = pairs_frame(result)
+    pd.testing.assert_frame_equal(back.frame, expected)
+    assert back.counts() == result.counts() and back.meta["counts"] == result.counts()
+    assert back.meta["options"] == {"seed": 3} and list(back.meta["inputs"]) == [str(src)]
+    assert not hasattr(ingest_module, "write_pairs")
+    source = (Path(__file__).parents[2] / "caa" / "stages" / "ingest.py").read_text()
+    assert source.count("write_artifact(") == 1  # in PairSet.save only
+
+
+def pairs_frame(result: Any) -> pd.DataFrame:
+    from caa.stages.ingest import pairs_table
+
+    frame = pairs_table(result.pairs).to_pandas()
+    frame["split"] = frame["split"].astype(str)
+    return frame

@@ -30,7 +30,7 @@ from typer.testing import Result
 from caa.cli import app
 from caa.errors import InputError
 from caa.stages.foreign import sae_layer
-from caa.stages.vectors import read_vectors
+from caa.stages.vectors import VectorSet
 from caa.store.artifacts import read_meta
 from tests import test_bad_inputs as corpus
 from tests.helpers import DATA
@@ -47,7 +47,7 @@ def cli(*args: object) -> Result:
 
 
 def vector(path: Path, behavior: str, layer: int) -> np.ndarray:
-    return read_vectors(path).vector(behavior, layer)
+    return VectorSet.read(path).vector(behavior, layer)
 
 
 # --- export -----------------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def test_imported_vectors_carry_their_source_and_no_invented_diagnostics(
     ):
         assert table[column].isna().all(), column
     assert table.cos_next_layer.notna().iloc[0]  # adjacent cosines need only the vectors
-    vecs = read_vectors(imported)
+    vecs = VectorSet.read(imported)
     assert vecs.absurd_norms() == []  # no residual norm: nothing to judge, nothing invented
     for layer in (1, 2):
         assert np.array_equal(vecs.vector("agreeable", layer), vector(valid.vectors, "agree", layer))
@@ -137,7 +137,7 @@ def test_round_trips(fmt: str, valid: Valid, tmp_path: Path) -> None:
     layers = ["--layers", "2"] if fmt == "npy" else []
     cli("export", valid.vectors, "--behavior", "mood", *layers, "-o", out)
     cli("import", out, "-m", valid.model, *(["--layer", "2"] if fmt == "npy" else []), "-o", back)
-    vecs = read_vectors(back)
+    vecs = VectorSet.read(back)
     assert vecs.layers(vecs.behaviors()[0]) == ([2] if fmt == "npy" else [1, 2])
     for layer in vecs.layers(vecs.behaviors()[0]):
         assert np.array_equal(vecs.vector(vecs.behaviors()[0], layer), vector(valid.vectors, "mood", layer))
@@ -223,7 +223,7 @@ def test_sae_feature_is_exactly_its_decoder_row(hook: str, layer: int, valid: Va
     w_dec = write_sae(tmp_path / "sae", hook)
     out = tmp_path / "feature.parquet"
     cli("import", tmp_path / "sae", "--feature", 7, "-m", valid.model, "-o", out)
-    vecs = read_vectors(out)
+    vecs = VectorSet.read(out)
     assert vecs.behaviors() == ["feature_7"] and vecs.layers("feature_7") == [layer]
     assert np.array_equal(vecs.vector("feature_7", layer), w_dec[7])
     source = read_meta(out)["source"]
@@ -538,7 +538,7 @@ def test_llama_cpp_agrees_with_steering_at_all_positions(tmp_path: Path) -> None
     ]
     cli("generate", "-v", vectors, *grid, *[a for p in PROMPTS for a in ("-p", p)], "-o", gens)
     texts = pq.read_table(gens).to_pandas().set_index(["prompt", "multiplier"]).text
-    loaded, vecs = load_model("smollm2-135m"), read_vectors(vectors)
+    loaded, vecs = load_model("smollm2-135m"), VectorSet.read(vectors)
     tok, compared = loaded.tokenizer, 0
     for prompt in PROMPTS:
         ids = tok(prompt_format(tok).prefix(tok, prompt), add_special_tokens=False, return_tensors="pt")[

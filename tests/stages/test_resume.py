@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from caa.cli import app
 from caa.errors import CaaError, MismatchError
 from caa.models.loading import load_model
-from caa.stages.extract import read_pairs, run_extract
+from caa.stages.extract import run_extract
+from caa.stages.ingest import read_pairs
 from caa.stages.options import ExtractOptions
 from caa.store.artifacts import read_artifact
 from caa.store.checkpoint import partial_dir

@@ -16,7 +16,7 @@ from caa.core.prompts import encode, prompt_format
 from caa.models.loading import load_model
 from caa.stages.options import SweepOptions
 from caa.stages.sweep import run_sweep
-from caa.stages.vectors import read_vectors
+from caa.stages.vectors import VectorSet
 from caa.store.artifacts import read_artifact
 from caa.store.schemas import SWEEP, SWEEP_ITEMS
 from tests.helpers import FREEFORM_ROWS, MULTIPLIERS, NEUTRAL, held_out, inject_oom, write_pairs_file
@@ -146,7 +146,7 @@ def test_sweep_equals_naive_loop(
 ) -> None:
     pairs_path, vectors_path = pipelines(arch)
     loaded = load_model(str(tiny_models[arch]), device="cpu")
-    vectors = read_vectors(vectors_path)
+    vectors = VectorSet.read(vectors_path)
     test = held_out(pairs_path)
     layers = [1, 3]
     notices: list[str] = []
@@ -451,7 +451,7 @@ def test_a_batch_out_of_cuda_memory_is_retried_in_halves(
 
     pairs_path, vectors_path = pipelines("llama")
     loaded = load_model(str(tiny_models["llama"]), device="cpu")
-    vectors, test = read_vectors(vectors_path), held_out(pairs_path)
+    vectors, test = VectorSet.read(vectors_path), held_out(pairs_path)
 
     def run(notice: Callable[[str], None] | None = None) -> pd.DataFrame:
         return run_sweep(

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+import caa
 from caa.cli import app
-from caa.stages.vectors import compute_vectors, read_activations
+from caa.stages import vectors as vectors_module
+from caa.stages.extract import read_activations
+from caa.stages.vectors import VectorSet, vector_rows
 from caa.store.artifacts import read_artifact, vectors_of
 from caa.store.schemas import ACTIVATIONS
 
@@ -28,8 +33,8 @@ def test_vectors_equal_naive_mean_and_pca_sign(
     keys = art.table.drop_columns("activation").to_pandas()
     values = vectors_of(art.table, "activation")
     acts = read_activations([out])
-    mean = compute_vectors(acts, "mean")
-    pca = compute_vectors(acts, "pca")
+    mean = vector_rows(acts, "mean")
+    pca = vector_rows(acts, "pca")
     for behavior in ("agree", "mood"):
         for layer in range(4):
             sel = (keys.behavior == behavior) & (keys.layer == layer) & (keys.split.astype(str) == "train")
@@ -54,6 +59,23 @@ def test_vectors_equal_naive_mean_and_pca_sign(
     result = runner.invoke(app, ["compute-vectors", str(out), "-o", str(tmp_path / "v.parquet")])
     assert result.exit_code == 0, result.output
     assert "wrote" in result.output and "cons" in result.output
+    check_one_vector_set(acts, mean, tmp_path)
+
+
+def check_one_vector_set(acts: Any, rows: pd.DataFrame, tmp_path: Path) -> None:
+    """The frame of :func:`vector_rows` is what caa.compute_vectors's VectorSet holds; the set saves
+    and reads back equal through its own methods, and the CLI's helpers are those methods."""
+    made = caa.compute_vectors(acts)
+    assert isinstance(made, VectorSet) and not hasattr(vectors_module, "compute_vectors")
+    np.testing.assert_array_equal(made.values, np.stack(rows.vector.to_list()))
+    pd.testing.assert_frame_equal(made.frame, rows.drop(columns="vector"))
+    back = VectorSet.read(made.save(tmp_path / "saved.parquet"))
+    np.testing.assert_array_equal(back.values, made.values)
+    pd.testing.assert_frame_equal(back.frame[made.frame.columns], made.frame, check_dtype=False)
+    assert back.meta == made.meta and back.path == tmp_path / "saved.parquet"
+    assert not hasattr(vectors_module, "write_vectors") and not hasattr(vectors_module, "read_vectors")
+    source = Path(vectors_module.__file__).read_text()
+    assert source.count("write_artifact(") == 1 and source.count("read_artifact(") == 1
 
 
 def test_compute_vectors_refuses_mixed_models(

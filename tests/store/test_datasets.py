@@ -13,8 +13,7 @@ from typer.testing import CliRunner
 from caa import cli
 from caa.cli import app
 from caa.errors import CaaError
-from caa.stages.extract import read_pairs
-from caa.stages.ingest import ingest
+from caa.stages.ingest import ingest, read_pairs
 from caa.store import datasets
 from caa.store.artifacts import read_artifact
 from caa.store.schemas import SWEEP

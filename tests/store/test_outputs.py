@@ -27,7 +27,8 @@ from typer.testing import CliRunner
 from caa.cli import app
 from caa.errors import CaaError
 from caa.models.loading import load_model
-from caa.stages.extract import read_pairs, run_extract
+from caa.stages.extract import run_extract
+from caa.stages.ingest import read_pairs
 from caa.stages.options import ExtractOptions
 from caa.store.artifacts import columns_table, make_meta, read_artifact, read_meta, write_artifact
 from caa.store.checkpoint import partial_dir

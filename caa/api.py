@@ -52,6 +52,7 @@ from caa.stages.options import (
     GenerateOptions,
     IngestOptions,
     SweepOptions,
+    check_behavior,
 )
 from caa.stages.plans import GeneratePlan, SweepPlan, plan_extract, plan_generate, plan_sweep
 from caa.stages.sweep import SweepResult, held_out, run_sweep
@@ -85,6 +86,7 @@ __all__ = [
     "VectorSet",
     "build_report",
     "cards",
+    "check_behavior",
     "check_layers",
     "check_outputs",
     "clean",

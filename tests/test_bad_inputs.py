@@ -39,6 +39,7 @@ BAD = Path(__file__).parent / "bad_inputs"
 runner = CliRunner()
 NEUTRAL = ["the weather is warm today and the park is nice", "we walk to work in the morning"]
 HUGE_MB = 100
+INVISIBLE = "a behavior name must have a visible character"  # empty, blank and invisible names alike
 
 
 # --- valid upstream artifacts, made once per session by the real commands ---------------------------
@@ -305,6 +306,22 @@ def pairs_all_test(v: Valid, tmp: Path) -> Path:
 def prompts_too_long(v: Valid, tmp: Path) -> Path:
     (tmp / "prompts_too_long.txt").write_text("hello\n" + LONG_PROMPT + "\n")
     return tmp / "prompts_too_long.txt"
+
+
+@maker
+def source_named_zero_width(v: Valid, tmp: Path) -> Path:
+    """A valid dataset whose name (its behavior's, by default) is one zero-width space."""
+    return shutil.copy(v.source, tmp / "\u200b.jsonl")
+
+
+@maker
+def pairs_behavior_invisible(v: Valid, tmp: Path) -> Path:
+    """Pairs whose first behavior name is U+FEFF (written elsewhere, or by hand)."""
+    table = pq.read_table(v.pairs)
+    names = ["\ufeff", *table.column("behavior").to_pylist()[1:]]
+    index = table.column_names.index("behavior")
+    table = table.set_column(index, table.field(index), pa.array(names, pa.string()))
+    return _with(v.pairs, tmp / "pairs_behavior_invisible.parquet", table)
 
 
 @maker
@@ -642,7 +659,11 @@ CASES = [
             ("test-fraction-1", "", "--test-fraction 1", "must be at least 0 and below 1"),
             ("test-fraction-negative", "", "--test-fraction=-0.2", "must be at least 0 and below 1"),
             ("test-fraction-nan", "", "--test-fraction nan", "must be at least 0 and below 1"),
-            ("behavior-blank", "", "--behavior '  '", "--behavior must not be empty"),
+            ("behavior-blank", "", "--behavior '  '", INVISIBLE, "--behavior"),
+            # invisible names are refused like blank ones, with the same message (they print as nothing)
+            ("behavior-zero-width", "", "--behavior '\u200b'", INVISIBLE, "--behavior"),
+            ("behavior-bom-and-space", "", "--behavior '\ufeff \u2060'", INVISIBLE, "--behavior"),
+            ("file-name-zero-width", "source=source_named_zero_width", "", INVISIBLE),
         ],
     ),
     *stage(
@@ -671,6 +692,13 @@ CASES = [
             ("directory", "pairs=pairs_is_a_directory", "", "is a directory"),
             ("nonexistent", "pairs=pairs_missing", "", "file not found"),
             ("behavior-absent", "pairs=valid.pairs", "--behavior nosuch", "no behavior nosuch"),
+            ("behavior-zero-width", "", "--behavior '\u200b'", INVISIBLE, "--behavior"),
+            (
+                "pairs-behavior-invisible",
+                "pairs=pairs_behavior_invisible",
+                "",
+                f"row 0: field 'behavior': {INVISIBLE}",
+            ),
             ("layers-out-of-range", "", "--layers 2,4", "layer 4 is out of range; valid layers are 0-3"),
             ("layers-range-out-of-range", "", "--layers 0-99", "layer 4 is out of range"),
             ("layers-negative", "", "--layers=-1", "'-1' is not a layer"),
@@ -733,6 +761,7 @@ CASES = [
                 "no vector for 'agree' at layer 3",
             ),
             ("behavior-absent", "vectors=valid.vectors", "--behavior nosuch", "no behavior 'nosuch'"),
+            ("behavior-blank", "", "--behavior ' '", INVISIBLE, "--behavior"),
             ("layers-out-of-range", "", "--layers 4", "layer 4 is out of range"),
             ("layers-syntax", "", "--layers 1-x", "'1-x' is not a layer"),
             ("multipliers-word", "", "--multipliers 1,two", "'two' is not a number"),
@@ -788,6 +817,7 @@ CASES = [
             ("pairs-as-vectors", "vectors=valid.pairs", "", "expected a 'vectors' file"),
             ("truncated-vectors", "vectors=vectors_truncated", "", "not a readable Parquet file"),
             ("behavior-absent", "vectors=valid.vectors", "--behavior nosuch", "no behavior 'nosuch'"),
+            ("behavior-blank", "", "--behavior ' '", INVISIBLE, "--behavior"),
             ("multipliers-inf", "", "--multipliers inf", "'inf' is not finite"),
             ("max-new-tokens-0", "", "--max-new-tokens 0", "--max-new-tokens 0"),
             ("top-p-above-1", "", "--temperature 1 --top-p 1.5", "--top-p 1.5", "--top-p"),

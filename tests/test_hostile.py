@@ -15,9 +15,11 @@ import json
 import os
 import re
 import shlex
+import shutil
 import threading
 import time
 import traceback
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +40,9 @@ from caa.report.summary import check_input_files
 from caa.stages.vectors import VectorSet
 from caa.store.artifacts import read_meta
 from caa.store.schemas import ACTIVATIONS, VECTORS
-from caa.store.text import MAX_JSON_DEPTH, clean, load_json, text_problem
+from caa.store.text import MAX_JSON_DEPTH, NAME_PROBLEM, behavior_name, clean, load_json, text_problem
 from tests import test_bad_inputs as corpus
+from tests.helpers import FREEFORM_ROWS
 from tests.test_bad_inputs import BAD, Valid, _artifact, _meta, _with, runner
 
 valid = corpus.valid  # the valid artifacts of the bad-input corpus, a fixture here too
@@ -965,3 +968,98 @@ def test_absurd_norms_are_warned_about(valid: Valid, tmp_path: Path) -> None:
     result = runner.invoke(app, [*args, "-p", "hello", "--max-new-tokens", "2", "-o", str(out)])
     assert result.exit_code == 0, _describe(result)
     assert result.output.count("warning:") == 1 and "times the layer's mean residual norm" in result.output
+
+
+# --- behavior names: one spelling (NFC), something visible, drawn as written -------------------------
+
+CAFE_NFC, CAFE_NFD = "caf\u00e9", "cafe\u0301"  # print alike; macOS keeps file names as the second
+
+
+def _renamed(src: Path, dst: Path, names: dict[str, str]) -> Path:
+    """``src`` with its behaviors renamed, bypassing every check (a file written elsewhere, or by a caa
+    that kept names as they came)."""
+    table = pq.read_table(src)
+    renamed = [names.get(b, b) for b in table.column("behavior").to_pylist()]
+    index = table.column_names.index("behavior")
+    return _with(src, dst, table.set_column(index, table.field(index), pa.array(renamed, pa.string())))
+
+
+def test_behavior_names_are_kept_in_nfc_and_must_show_something() -> None:
+    """The one check (caa.stages.options.check_behavior, caa.store.text.behavior_name): NFC, and an
+    empty name and one of only spaces or invisible characters are refused alike."""
+    import caa
+
+    assert behavior_name(CAFE_NFD) == behavior_name(CAFE_NFC) == CAFE_NFC
+    assert caa.IngestOptions(behavior=CAFE_NFD).behavior == CAFE_NFC
+    assert caa.ExtractOptions(behaviors=[CAFE_NFD]).behaviors == (CAFE_NFC,)
+    assert caa.SweepOptions(behaviors=[CAFE_NFD, "agree"]).behaviors == (CAFE_NFC, "agree")
+    assert caa.GenerateOptions(layer=1, behavior=CAFE_NFD).behavior == CAFE_NFC
+    problems = set()
+    for name in ["", "  ", "\u200b", "\ufeff", "\u2060\u00a0", "\u3164", "\u0301"]:
+        assert behavior_name(name) is None, repr(name)
+        with pytest.raises(caa.OptionError) as e:
+            caa.IngestOptions(behavior=name)
+        problems.add(e.value.problem)
+        with pytest.raises(caa.OptionError, match="behaviors="):
+            caa.SweepOptions(behaviors=["agree", name])
+        with pytest.raises(caa.OptionError, match="behavior="):
+            caa.GenerateOptions(layer=1, behavior=name)
+    assert problems == {NAME_PROBLEM}
+    for name in ["a", "é", "$", "ca\u200bfé", "日本"]:
+        assert behavior_name(name) == unicodedata.normalize("NFC", name)
+
+
+def test_nfc_and_nfd_file_names_are_one_behavior(valid: Valid, tmp_path: Path) -> None:
+    files = [shutil.copy(valid.source, tmp_path / f"{name}.jsonl") for name in (CAFE_NFD, CAFE_NFC)]
+    out = tmp_path / "pairs.parquet"
+    result = runner.invoke(app, ["ingest", *map(str, files), "-o", str(out)])
+    assert result.exit_code == 0, _describe(result)
+    frame = pq.read_table(out).to_pandas()
+    assert set(frame.behavior) == {CAFE_NFC}
+    assert result.output.count("exact duplicate") == len(frame)  # the same pairs: the second file's dropped
+
+
+def test_a_rows_behavior_field_is_kept_in_nfc_and_checked() -> None:
+    import caa
+
+    pairs = caa.ingest([{**row, "behavior": CAFE_NFD} for row in FREEFORM_ROWS])
+    assert pairs.behaviors() == [CAFE_NFC]
+    with pytest.raises(InputError, match=re.escape(f"records: index 1: field 'behavior': {NAME_PROBLEM}")):
+        caa.ingest([FREEFORM_ROWS[0], {**FREEFORM_ROWS[1], "behavior": "\u200b"}])
+
+
+def test_a_behavior_stored_nfd_is_found_by_either_spelling(valid: Valid, tmp_path: Path) -> None:
+    """Artifacts are read with their names in NFC; every lookup (--behavior of extract, sweep,
+    generate and export; VectorSet.pick) takes either spelling."""
+    vectors = _renamed(valid.vectors, tmp_path / "vectors_nfd.parquet", {"mood": CAFE_NFD})
+    pairs = _renamed(valid.pairs, tmp_path / "pairs_nfd.parquet", {"mood": CAFE_NFD})
+    vecs = VectorSet.read(vectors)
+    assert vecs.behaviors() == ["agree", CAFE_NFC]
+    assert vecs.pick(CAFE_NFD) == vecs.pick(CAFE_NFC) == CAFE_NFC
+    assert vecs.layers(CAFE_NFD) == [1, 2] and vecs.tensor(CAFE_NFD, 1).shape == (32,)
+    common = ["-m", str(valid.model)]
+    commands = {
+        "acts.parquet": ["extract", str(pairs), *common, "--layers", "1", "--behavior", CAFE_NFC],
+        "gen.parquet": ["generate", "-v", str(vectors), *common, "--layer", "1", "--behavior", CAFE_NFC,
+                        "-p", "hello", "--max-new-tokens", "2"],
+        "mood.npz": ["export", str(vectors), "--behavior", CAFE_NFC],
+        "sweep.parquet": ["sweep", str(vectors), str(pairs), *common, "--neutral", str(valid.neutral),
+                          "--multipliers", "1", "--layers", "1", "--max-pairs", "1", "--behavior", CAFE_NFC],
+    }  # fmt: skip
+    for out, args in commands.items():
+        result = runner.invoke(app, [*args, "-o", str(tmp_path / out)])
+        assert result.exit_code == 0, _describe(result)
+    assert set(pq.read_table(tmp_path / "sweep.parquet").column("behavior").to_pylist()) == {CAFE_NFC}
+
+
+def test_dollars_in_a_behavior_name_are_drawn_as_written(valid: Valid, tmp_path: Path) -> None:
+    """`greed$$` once crashed the sweep's plot with a mathtext error, after all the work."""
+    names = {"mood": "greed$$", "agree": "cost $5 vs $6"}
+    vectors = _renamed(valid.vectors, tmp_path / "vectors.parquet", names)
+    pairs = _renamed(valid.pairs, tmp_path / "pairs.parquet", names)
+    out = tmp_path / "sweep.parquet"
+    args = ["sweep", str(vectors), str(pairs), "-m", str(valid.model), "--neutral", str(valid.neutral),
+            "--multipliers", "1", "--layers", "1", "--max-pairs", "1", "-o", str(out)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, _describe(result)
+    assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")

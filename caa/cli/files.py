@@ -188,7 +188,8 @@ def import_cmd(
         "dtype": dtype,
     }
     try:
-        _require(behavior is None or behavior.strip() != "", "--behavior must not be empty")
+        if behavior is not None:
+            behavior = api.check_behavior("behavior", behavior)
         foreign = api.read_foreign(source, layer=layer, feature=feature)
         api.check_layers(foreign, api.config_num_layers(model), model)  # before the model loads, where it can
         loaded = _load(model, dtype, None, trust_remote_code)

@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from caa.report.html import esc, figure, new_figure, num, number, table, wrap
-from caa.report.plots import draw_score_and_cost
+from caa.report.plots import PLAIN, draw_score_and_cost, legend
 from caa.report.summary import layer_spans
 from caa.store.artifacts import read_artifact
 from caa.store.schemas import GENERATIONS, SWEEP, VECTORS
@@ -59,15 +59,15 @@ def _vectors_figure(part: pd.DataFrame) -> str:
 
     fig, (ratio_ax, sep_ax, cos_ax) = new_figure(3, 12, 2.8)
     ratio_ax.plot(part.layer, part.ratio, marker="o")
-    ratio_ax.set_title("|v| / |h|", fontsize=10)
+    ratio_ax.set_title("|v| / |h|", fontsize=10, **PLAIN)
     sep_ax.plot(part.layer, part.test_auc, marker="o", label="test AUC")
     sep_ax.plot(part.layer, part.pair_consistency, marker="s", label="pair consistency")
-    sep_ax.set_title("separability and consistency", fontsize=10)
-    sep_ax.legend(fontsize=8)
+    sep_ax.set_title("separability and consistency", fontsize=10, **PLAIN)
+    legend(sep_ax, fontsize=8)
     cos_ax.plot(part.layer, part.cos_prev_layer, marker="o")
-    cos_ax.set_title("cosine with the previous layer's vector", fontsize=10)
+    cos_ax.set_title("cosine with the previous layer's vector", fontsize=10, **PLAIN)
     for ax in (ratio_ax, sep_ax, cos_ax):
-        ax.set_xlabel("layer")
+        ax.set_xlabel("layer", **PLAIN)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     layers = layer_spans(int(x) for x in part.layer)
@@ -176,20 +176,20 @@ def _sweep_figure(part: pd.DataFrame, pick: tuple[int, float] | None, max_kl: An
     if isinstance(max_kl, (int, float)):
         kl_ax.axhline(max_kl, color="grey", linestyle="--", linewidth=1, label=f"--max-kl {max_kl:g}")
     score_p = part.score_kind.iloc[0] == "p_match"
-    score_ax.set_ylabel("p(matching answer)" if score_p else "log p(pos) − log p(neg)")
-    score_ax.set_title(f"score on {part.n.iloc[0]} held-out pairs (± sem)", fontsize=10)
-    kl_ax.set_ylabel("KL, nats/token")
-    kl_ax.set_title("fluency cost", fontsize=10)
+    score_ax.set_ylabel("p(matching answer)" if score_p else "log p(pos) − log p(neg)", **PLAIN)
+    score_ax.set_title(f"score on {part.n.iloc[0]} held-out pairs (± sem)", fontsize=10, **PLAIN)
+    kl_ax.set_ylabel("KL, nats/token", **PLAIN)
+    kl_ax.set_title("fluency cost", fontsize=10, **PLAIN)
     kl_ax.set_yscale("symlog", linthresh=0.01)
     highest = max([float(part.kl_mean.max()), max_kl if isinstance(max_kl, (int, float)) else 0, 0.01])
     kl_ax.set_ylim(0, highest * 2)  # room above the highest point on the log part of the scale
     multipliers = sorted(set(part.multiplier))
     for ax in (score_ax, kl_ax):
-        ax.set_xlabel("multiplier")
+        ax.set_xlabel("multiplier", **PLAIN)
         if len(multipliers) <= 11:
-            ax.set_xticks(multipliers, [f"{m:g}" for m in multipliers])
+            ax.set_xticks(multipliers, [f"{m:g}" for m in multipliers], **PLAIN)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        legend(ax, fontsize=8)
     return figure(fig, "Score (mean ± standard error) and fluency cost per layer and multiplier.")
 
 

@@ -17,10 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from caa.errors import CaaError, InputError
+from caa.stages.options import check_behavior
 from caa.stages.pair_rows import AB_FIELDS, FREEFORM_FIELDS, Pair, records, to_pair
 from caa.store.artifacts import make_meta, read_artifact, write_artifact
 from caa.store.schemas import META_KEY, PAIRS
-from caa.store.text import text_problem
+from caa.store.text import NAME_PROBLEM, behavior_name, check_name, same_name
 
 SPLITS = ("train", "test")
 FORMATS = ("ab", "freeform")
@@ -118,15 +119,15 @@ def ingest_records(
     """Like :func:`ingest`, for rows in memory (dicts in any format a file may hold, A/B or
     free-form); errors name ``label`` and the row's index. A row's ``behavior`` field names its
     behavior when ``behavior`` is not given (else ``pairs``)."""
-    _check_options(behavior, test_fraction)
+    behavior = _check_options(behavior, test_fraction)
     result = IngestResult()
     seen: set[str] = set()
     source = Path(label)
     for i, record in enumerate(records):
         where = f"index {i}"
         own = record.get("behavior") if isinstance(record, Mapping) else None
-        name = behavior or (own if isinstance(own, str) and own.strip() else "pairs")
         try:
+            name = behavior or _row_name(own, source, where)
             pair = to_pair(
                 source,
                 where,
@@ -151,13 +152,16 @@ def ingest_records(
     return result
 
 
-def _check_options(behavior: str | None, test_fraction: float) -> None:
+def _row_name(own: object, source: Path, where: str) -> str:
+    """A row's own behavior name (its ``behavior`` field, checked), or ``pairs`` without one."""
+    return check_name(own, source, where, "behavior") if isinstance(own, str) else "pairs"
+
+
+def _check_options(behavior: str | None, test_fraction: float) -> str | None:
+    """``behavior`` as caa keeps names (NFC), once the options are checked."""
     if not 0.0 <= test_fraction < 1.0:
         raise CaaError(f"--test-fraction {test_fraction}: must be at least 0 and below 1")
-    if behavior is not None and not behavior.strip():
-        raise CaaError("--behavior must not be empty")
-    if behavior is not None and (problem := text_problem(behavior)):
-        raise CaaError(f"--behavior: {problem}")
+    return None if behavior is None else check_behavior("behavior", behavior)
 
 
 def select_pairs(
@@ -165,6 +169,7 @@ def select_pairs(
 ) -> pd.DataFrame:
     """Filter pairs by split (train, test or all) and behavior names, with clear errors."""
     if behaviors:
+        behaviors = [same_name(b) for b in behaviors]
         missing = sorted(set(behaviors) - set(pairs.behavior))
         if missing:
             raise CaaError(
@@ -227,7 +232,7 @@ def ingest(
     """
     if not paths:
         raise CaaError("no input files given")
-    _check_options(behavior, test_fraction)
+    behavior = _check_options(behavior, test_fraction)
     result = IngestResult()
     seen: dict[str, str] = {}
     for path in paths:
@@ -264,13 +269,22 @@ def _pairs(
         for i, row in enumerate(frame.itertuples(index=False)):
             yield f"row {i}", Pair(*(str(getattr(row, f.name)) for f in PAIRS.fields))
         return
+    name = behavior or _stem_name(path)
     for where, record in records(path, skip_invalid, result.rejected):
         try:
-            yield where, to_pair(path, where, record, behavior or path.stem, mapping, test_fraction, seed)
+            yield where, to_pair(path, where, record, name, mapping, test_fraction, seed)
         except InputError as e:
             if not skip_invalid:
                 raise
             result.rejected.append(e)
+
+
+def _stem_name(path: Path) -> str:
+    """The behavior name a file's name gives (``café.jsonl`` -> ``café``, in NFC)."""
+    name = behavior_name(path.stem)
+    if name is None:
+        raise InputError(path, f"the file's name is its pairs' behavior name, and {NAME_PROBLEM}")
+    return name
 
 
 def _is_caa_artifact(path: Path) -> bool:

@@ -33,10 +33,12 @@ import pandas as pd
 
 from caa.errors import CaaError, MismatchError
 from caa.stages.foreign import EXPORT_FORMATS, GGUF_ARCHITECTURE, Foreign
+from caa.stages.options import check_behavior
 from caa.stages.vectors import VectorSet, _adjacent_cosines
 from caa.store.artifacts import make_meta
 from caa.store.files import atomic_path
 from caa.store.schemas import EXPORT_MARKER, VECTORS
+from caa.store.text import check_name
 
 LAYER_CONVENTION = (
     "layer N is the output of decoder block N (0-based): the residual stream after block N, "
@@ -201,7 +203,10 @@ def import_vectors(
                 f"the model '{name}' has hidden_size {width}"
             )
     check_layers(foreign, int(model["num_layers"]), name)
-    behavior = behavior or default_behavior(foreign)
+    if behavior is not None:
+        behavior = check_behavior("behavior", behavior)
+    else:
+        behavior = check_name(default_behavior(foreign), foreign.source["file"], field="behavior")
     layers = sorted(foreign.vectors)
     values = np.stack([foreign.vectors[layer] for layer in layers]).astype(np.float32)  # [layers, d_model]
     frame = pd.DataFrame(

@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeAlias
 from caa.core.hooks import STEER_POSITIONS
 from caa.core.prompts import POSITIONS, TEMPLATES
 from caa.errors import OptionError
+from caa.store.text import NAME_PROBLEM, behavior_name, text_problem
 
 Template: TypeAlias = Literal["auto", "on", "off"]
 SteerPositions: TypeAlias = Literal["answer", "prompt-end", "all"]
@@ -49,12 +50,25 @@ def _whole(option: str, value: object, lowest: int = 0, below: int | None = None
     )
 
 
+def check_behavior(option: str, value: str) -> str:
+    """A behavior name as caa keeps it (NFC, see :func:`caa.store.text.behavior_name`), refusing
+    what is not text or shows nothing."""
+    _require(isinstance(value, str), option, value, "must be a behavior name (text)")
+    problem = text_problem(value)
+    _require(problem is None, option, value, problem or "")
+    name = behavior_name(value)
+    _require(name is not None, option, value, NAME_PROBLEM)
+    assert name is not None
+    return name
+
+
 def _names(option: str, values: Sequence[str] | None) -> tuple[str, ...] | None:
-    """A list of names, refusing a lone string (which Python would split into its characters)."""
+    """A list of behavior names, refusing a lone string (which Python would split into its
+    characters); each checked by :func:`check_behavior`."""
     if values is None:
         return None
     _require(not isinstance(values, str), option, values, "must be a list of names, not one string")
-    return tuple(values)
+    return tuple(check_behavior(option, v) for v in values)
 
 
 def check_layers(option: str, layers: Sequence[int] | None) -> tuple[int, ...] | None:
@@ -117,6 +131,8 @@ class IngestOptions(_Options):
     skip_invalid: bool = False
 
     def check(self) -> None:
+        if self.behavior is not None:
+            object.__setattr__(self, "behavior", check_behavior("behavior", self.behavior))
         _whole("seed", self.seed, 0, 2**63, "must be at least 0 and below 2**63")
 
 
@@ -215,6 +231,8 @@ class GenerateOptions(_Options):
 
     def check(self) -> None:
         _whole("layer", self.layer)
+        if self.behavior is not None:
+            object.__setattr__(self, "behavior", check_behavior("behavior", self.behavior))
         mults = check_multipliers("multipliers", self.multipliers, with_zero=False)
         object.__setattr__(self, "multipliers", mults)
         _whole("batch_size", self.batch_size, 1)

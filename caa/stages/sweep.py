@@ -48,6 +48,7 @@ from caa.store.artifacts import make_meta, read_artifact, write_parquet
 from caa.store.files import atomic_paths
 from caa.store.outputs import sweep_paths
 from caa.store.schemas import SWEEP, SWEEP_ITEMS, Kind
+from caa.store.text import same_name
 
 
 def held_out(
@@ -59,7 +60,7 @@ def held_out(
 ) -> tuple[list[str], pd.DataFrame]:
     """The behaviors to sweep (``behaviors``, default: those of both the vectors and the pairs) and
     their test pairs (at most ``max_pairs`` each), with errors naming both files."""
-    names = list(behaviors or sorted(set(vectors.behaviors()) & set(pairs.behavior)))
+    names = [same_name(b) for b in behaviors or sorted(set(vectors.behaviors()) & set(pairs.behavior))]
     if not names:
         raise CaaError(f"{vectors.path} and {pairs_path} have no behavior in common")
     for name in names:

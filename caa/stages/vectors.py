@@ -17,6 +17,7 @@ from caa.errors import CaaError, InputError
 from caa.stages.extract import Activations
 from caa.store.artifacts import make_meta, read_artifact, vectors_of, write_artifact
 from caa.store.schemas import VECTORS
+from caa.store.text import same_name
 
 METHODS = ("mean", "pca")
 SCALES = ("raw", "residual")  # what a multiplier multiplies: the vector, or a residual-norm-length one
@@ -240,10 +241,12 @@ class VectorSet:
         return sorted(set(self.frame.behavior))
 
     def layers(self, behavior: str) -> list[int]:
+        behavior = same_name(behavior)
         return sorted(self.frame[self.frame.behavior == behavior].layer.astype(int))
 
     def require(self, behavior: str, layers: Sequence[int] | None = None) -> list[int]:
         """The layers to use for ``behavior`` (default: all it has), with an error for any it lacks."""
+        behavior = same_name(behavior)
         if behavior not in set(self.frame.behavior):
             raise CaaError(f"{self.path}: no behavior '{behavior}'; it has {', '.join(self.behaviors())}")
         have = self.layers(behavior)
@@ -256,7 +259,8 @@ class VectorSet:
         return list(layers) if layers else have
 
     def pick(self, behavior: str | None) -> str:
-        """``behavior`` if the file has it; without one, the file's only behavior."""
+        """``behavior`` (in NFC, as names are kept) if the file has it; without one, the file's only
+        behavior."""
         names = self.behaviors()
         if behavior is None:
             if len(names) != 1:
@@ -264,6 +268,7 @@ class VectorSet:
                     f"{self.path} holds several behaviors ({', '.join(names)}): pick one with --behavior"
                 )
             return names[0]
+        behavior = same_name(behavior)
         self.require(behavior)
         return behavior
 
@@ -281,7 +286,7 @@ class VectorSet:
         bad = ~(ratio <= ABSURD_RATIO)  # a zero residual norm counts as absurd
         bad &= ~np.isnan(residual)  # an unknown one (imported vectors, null) leaves nothing to judge
         if behaviors is not None:
-            bad &= frame.behavior.isin(list(behaviors)).to_numpy()
+            bad &= frame.behavior.isin([same_name(b) for b in behaviors]).to_numpy()
         if layers is not None:
             bad &= frame.layer.isin(list(layers)).to_numpy()
         return [
@@ -299,6 +304,7 @@ class VectorSet:
         multiplier of 0.5 is half a typical residual at any layer and in any model."""
         if scale not in SCALES:
             raise CaaError(f"--scale '{scale}': use one of {', '.join(SCALES)}")
+        behavior = same_name(behavior)
         if behavior not in set(self.frame.behavior):
             raise CaaError(f"{self.path}: no behavior '{behavior}'; it has {', '.join(self.behaviors())}")
         hit = np.flatnonzero(

@@ -20,12 +20,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from caa.errors import InputError
 from caa.store.files import atomic_path, file_sha256
 from caa.store.schemas import KINDS, META_FIELDS, META_FIELDS_OF_KIND, META_KEY, SCHEMA_VERSION, Kind
-from caa.store.text import json_type, load_json
+from caa.store.text import NAME_PROBLEM, behavior_name, json_type, load_json
 
 
 @dataclass
@@ -281,7 +282,23 @@ def read_artifact(path: Path, kind: Kind, columns: Sequence[str] | None = None) 
     for name in names:
         if not expected.field(name).nullable and table.column(name).null_count:
             raise InputError(path, "column has null values", field=name)
+    if "behavior" in names:
+        table = _named(path, table)
     return Artifact(path=path, table=table.select(names), meta=meta)
+
+
+def _named(path: Path, table: pa.Table) -> pa.Table:
+    """``table`` with its behavior names as caa keeps them (NFC), a name that shows nothing refused
+    (a file written elsewhere, or by a caa that kept names as they came)."""
+    column = table.column("behavior")
+    for value in pc.unique(column).to_pylist():
+        if value is not None and behavior_name(value) is None:
+            row = pc.index(column, value).as_py()
+            raise InputError(path, NAME_PROBLEM, where=f"row {row}", field="behavior")
+    if pc.all(pc.string_is_ascii(column)).as_py() is False:
+        index = table.column_names.index("behavior")
+        table = table.set_column(index, table.field(index), pc.utf8_normalize(column, form="NFC"))
+    return table
 
 
 def read_table(path: Path, columns: Sequence[str] | None = None) -> pa.Table:

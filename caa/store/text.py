@@ -6,6 +6,11 @@ the command line. Every JSON document goes through :func:`load_json` and every s
 (``json.loads`` accepts ``"\\ud800"``; Python decodes argv bytes that are not UTF-8 as surrogates),
 no nesting deep enough to exhaust the stack, no integer too long to convert. :func:`clean` shows
 control characters (ANSI escapes, carriage returns, bells) as visible escapes before text is printed.
+
+Behavior names are looked up, so two spellings of one name must be one name: :func:`behavior_name`
+brings every name to Unicode NFC where it enters (a file's stem, an option, a row's field, an
+artifact's column, a lookup), so that ``café`` typed (NFC) finds ``café`` from a file name stored
+decomposed (NFD, as macOS does), and refuses a name that shows nothing (empty, spaces, U+200B).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +30,14 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 # overrides and isolates that reorder what a reader sees, and surrogates (which cannot be printed).
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# What draws nothing: separators (spaces), controls, format characters (U+200B, U+FEFF, U+2060),
+# marks with no base to sit on, and the letters that are blank by design (Hangul fillers, braille blank).
+_UNSEEN_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf", "Mn", "Me"})
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+NAME_PROBLEM = (
+    "a behavior name must have a visible character: this one is empty, or only spaces or invisible "
+    "characters such as U+200B"
+)
 
 
 def text_problem(value: str) -> str | None:
@@ -47,6 +61,30 @@ def check_text(value: str, path: Path | str, where: str | None = None, field: st
     if problem is not None:
         raise InputError(path, problem, where=where, field=field)
     return value
+
+
+def behavior_name(value: str) -> str | None:
+    """``value`` as caa keeps a behavior name (Unicode NFC), or None when it is not one: empty, or
+    only characters that draw nothing (spaces, U+200B, U+FEFF, ...), which :data:`NAME_PROBLEM` says.
+    Check :func:`text_problem` first: a lone surrogate cannot be normalised meaningfully."""
+    name = unicodedata.normalize("NFC", value)
+    if all(c.isspace() or c in _BLANK_LETTERS or unicodedata.category(c) in _UNSEEN_CATEGORIES for c in name):
+        return None
+    return name
+
+
+def check_name(value: str, path: Path | str, where: str | None = None, field: str | None = None) -> str:
+    """``value`` as a behavior name (NFC), else an error naming the file, row and field."""
+    name = behavior_name(check_text(value, path, where, field))
+    if name is None:
+        raise InputError(path, NAME_PROBLEM, where=where, field=field)
+    return name
+
+
+def same_name(value: str) -> str:
+    """A behavior name to look up, in the form names are kept (NFC); no check (a name that is not
+    there is simply not found)."""
+    return unicodedata.normalize("NFC", value) if not value.isascii() else value
 
 
 class _TooLong(ValueError):

@@ -819,6 +819,7 @@ CASES = [
             ("behavior-absent", "vectors=valid.vectors", "--behavior nosuch", "no behavior 'nosuch'"),
             ("behavior-blank", "", "--behavior ' '", INVISIBLE, "--behavior"),
             ("multipliers-inf", "", "--multipliers inf", "'inf' is not finite"),
+            ("multipliers-overflow", "", "--multipliers=1e30", "beyond what torch.float32 activations hold"),
             ("max-new-tokens-0", "", "--max-new-tokens 0", "--max-new-tokens 0"),
             ("top-p-above-1", "", "--temperature 1 --top-p 1.5", "--top-p 1.5", "--top-p"),
             ("limit-negative", "", "--prompts {prompts} --limit=-1", "--limit -1", "--limit"),

@@ -78,18 +78,36 @@ def check_held_out(
         )
 
 
+def activation_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """``dtype`` (a torch dtype or a name such as ``bfloat16``) as a floating torch dtype; float32
+    when it is unknown."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def strength_problem(peak: float, dtype: torch.dtype | str | None) -> str | None:
+    """Why a steering delta whose largest entry is ``peak`` does not fit ``dtype`` activations (None if
+    it does). The limit is the square root of the dtype's largest value: norms square the residual,
+    and beyond it they overflow."""
+    resolved = activation_dtype(dtype)
+    top = float(torch.finfo(resolved).max) ** 0.5
+    if math.isfinite(peak) and peak < top:
+        return None
+    return f"is {peak:.3g}, beyond what {resolved} activations hold (about {top:.3g})"
+
+
 def check_strength(
     vectors: dict[int, torch.Tensor], multipliers: Sequence[float], loaded: LoadedModel
 ) -> None:
     """Refuse (before any work) a multiplier and vector whose product overflows the model's dtype."""
     dtype = next(loaded.model.parameters()).dtype
-    top = float(torch.finfo(dtype).max) ** 0.5  # norms square the residual: beyond this they overflow
     biggest = max(abs(m) for m in multipliers)
     for layer, vector in vectors.items():
         peak = biggest * float(vector.double().abs().max())
-        if not math.isfinite(peak) or peak >= top:
+        problem = strength_problem(peak, dtype)
+        if problem:
             raise CaaError(
                 f"--multipliers: x{biggest:g} times the layer-{layer} vector (largest entry "
-                f"{float(vector.abs().max()):.3g}) is {peak:.3g}, beyond what {dtype} activations hold "
-                f"(about {top:.3g}): lower the multipliers"
+                f"{float(vector.abs().max()):.3g}) {problem}: lower the multipliers"
             )

@@ -8,8 +8,9 @@ files are untrusted: every parser failure is an error naming the file, and pickl
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,17 +18,26 @@ from typing import Any
 import numpy as np
 
 from caa.errors import CaaError, InputError
+from caa.store.arrays import read_npy, read_npz
 from caa.store.artifacts import require_file
 from caa.store.files import file_sha256
-from caa.store.text import load_json
+from caa.store.text import first_line, load_json
 
 EXPORT_FORMATS = ("gguf", "safetensors", "npy", "npz")  # what `caa export` writes and this reads back
 IMPORT_FORMATS = (*EXPORT_FORMATS, "sae")
 GGUF_ARCHITECTURE = "controlvector"
 SAE_CONFIG, SAE_WEIGHTS = "cfg.json", "sae_weights.safetensors"
-_LAYER_NAME = re.compile(r"layer[._](\d+)")  # safetensors layer.12, npz layer_12
-_DIRECTION = re.compile(r"direction\.(\d+)")
-_HOOK = re.compile(r"blocks\.(\d+)\.(hook_[a-z_]+)")
+# Layer numbers are ASCII digits only: Python's \d and int() take any script's digits ("direction.٣")
+_LAYER_NAME = re.compile(r"layer[._]([0-9]+)")  # safetensors layer.12, npz layer_12
+_DIRECTION = re.compile(r"direction\.([0-9]+)")
+_HOOK = re.compile(r"blocks\.([0-9]+)\.(hook_[a-z_]+)")
+FORMAT_NAMES = {
+    "gguf": "a GGUF file",
+    "safetensors": "a safetensors file",
+    "npy": "a NumPy .npy array",
+    "npz": "a zip archive (.npz)",
+}
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of the floating-point dtypes
 
 
 @dataclass
@@ -40,6 +50,8 @@ class Foreign:
     source: dict[str, Any]
     behavior: str | None = None  # the name the file suggests (a caa export's), if any
     inputs: dict[str, Path] = field(default_factory=dict)
+    model: dict[str, Any] | None = None  # the model fingerprint the file records (a caa export's)
+    model_hint: str | None = None  # a control vector's controlvector.model_hint (an architecture)
 
 
 def read_foreign(path: Path, *, layer: int | None = None, feature: int | None = None) -> Foreign:
@@ -88,32 +100,46 @@ def read_foreign(path: Path, *, layer: int | None = None, feature: int | None = 
             field=named[other],
         )
     source = {"file": str(path), "sha256": file_sha256(path), "format": fmt, "feature": None}
-    return Foreign(vectors, dict(named), source, extra.get("behavior"), {"source": path})
+    found = Foreign(vectors, dict(named), source, extra.get("behavior"), {"source": path})
+    found.model, found.model_hint = extra.get("model"), extra.get("model_hint")
+    return found
 
 
 def sniff(path: Path) -> str:
-    """The format of ``path``: ``sae`` for a directory, else by its suffix, else by its first bytes."""
+    """The format of ``path``: ``sae`` for a directory, else by its first bytes (its magic), which
+    must agree with the format its suffix names, if it names one."""
     if path.is_dir():
         return "sae"
     require_file(path)
-    suffix = path.suffix.lower().removeprefix(".")
-    if suffix in EXPORT_FORMATS:
-        return suffix
     with open(path, "rb") as f:
         head = f.read(16)
+    found = _magic(head, path.stat().st_size)
+    suffix = path.suffix.lower().removeprefix(".")
+    if suffix in EXPORT_FORMATS and found != suffix:
+        what = f"it is {FORMAT_NAMES[found]}" if found else f"it is not {FORMAT_NAMES[suffix]}"
+        raise InputError(path, f"named .{suffix}, but {what} (by its first bytes, {head[:8]!r})")
+    if found is None:
+        raise InputError(
+            path,
+            "unknown vector file: expected a GGUF control vector, .safetensors, .npy, .npz, or a "
+            "sparse-autoencoder directory",
+        )
+    return found
+
+
+def _magic(head: bytes, size: int) -> str | None:
+    """The format whose magic bytes ``head`` starts with: GGUF ``GGUF``, npy ``\\x93NUMPY``, npz a
+    zip archive (``PK\\x03\\x04``, or ``PK\\x05\\x06`` when empty), safetensors an 8-byte header
+    length that fits the file, then the JSON header's ``{``."""
     if head.startswith(b"GGUF"):
         return "gguf"
     if head.startswith(b"\x93NUMPY"):
         return "npy"
-    if head.startswith(b"PK\x03\x04"):
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return "npz"
-    if len(head) > 8 and head[8:9] == b"{":
+    if len(head) > 8 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
         return "safetensors"
-    raise InputError(
-        path,
-        "unknown vector file: expected a GGUF control vector, .safetensors, .npy, .npz, or a "
-        "sparse-autoencoder directory",
-    )
+    return None
 
 
 Read = tuple[dict[int, str], dict[str, np.ndarray], dict[str, Any]]
@@ -127,7 +153,9 @@ def _read_gguf(path: Path) -> Read:
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # an untrusted file in a third-party parser: any failure means unreadable
-        raise InputError(path, f"not a readable GGUF file ({type(e).__name__}: {_first_line(e)})") from None
+        raise InputError(
+            path, f"not a readable GGUF file ({type(e).__name__}: {first_line(e)[:200]})"
+        ) from None
     kv = {name: _field_value(f) for name, f in reader.fields.items()}
     arch = kv.get("general.architecture")
     if arch != GGUF_ARCHITECTURE:
@@ -158,12 +186,29 @@ def _read_gguf(path: Path) -> Read:
                 path, f"type {tensor.tensor_type.name}, but llama.cpp reads only F32 directions", field=name
             )
         shape = [int(n) for n in tensor.shape]
-        if sum(n > 1 for n in shape) > 1:
+        if len(shape) != 1:  # llama.cpp counts [d_model, 1] as 1-D but [1, d_model] as 2-D: neither
             raise InputError(path, f"shape {shape}: a direction is one-dimensional", field=name)
         named[layer] = name
         arrays[name] = np.array(tensor.data, dtype=np.float32).reshape(-1)  # copied out of the memmap
-    behavior = kv.get("caa.behavior")
-    return named, arrays, {"behavior": behavior if isinstance(behavior, str) else None}
+    hint = kv.get(f"{GGUF_ARCHITECTURE}.model_hint")
+    return named, arrays, {**_recorded(path, kv), "model_hint": hint if isinstance(hint, str) else None}
+
+
+def _recorded(path: Path, meta: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The behavior and the model (``caa.model``, a fingerprint as JSON) that a caa export recorded
+    in a file's metadata; None for each it does not record."""
+    meta = meta or {}
+    behavior = meta.get("caa.behavior")
+    raw = meta.get("caa.model")
+    model = None
+    if raw is not None:
+        try:
+            model = json.loads(raw) if isinstance(raw, str) else raw
+        except ValueError:
+            raise InputError(path, "not valid JSON (a model fingerprint)", field="caa.model") from None
+        if model is not None and not isinstance(model, dict):
+            raise InputError(path, "expected a JSON object (a model fingerprint)", field="caa.model")
+    return {"behavior": behavior if isinstance(behavior, str) else None, "model": model}
 
 
 def _field_value(f: Any) -> Any:
@@ -171,11 +216,6 @@ def _field_value(f: Any) -> Any:
         return f.contents()
     except Exception:  # a field type this gguf version cannot decode: not one we read
         return None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else "no details"
 
 
 def _layer_names(path: Path, names: Sequence[str]) -> dict[int, str]:
@@ -198,43 +238,53 @@ def _layer_names(path: Path, names: Sequence[str]) -> dict[int, str]:
 
 
 def _read_safetensors(path: Path) -> Read:
+    """Every tensor, each checked from the header (a float dtype, one dimension) before it is read."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            arrays = {name: f.get_tensor(name).float().numpy() for name in f.keys()}  # noqa: SIM118
+            names = list(f.keys())
+            for name in names:
+                _check_header(path, name, f.get_slice(name), "a steering vector")
+            arrays = {name: f.get_tensor(name).float().numpy() for name in names}
             meta = f.metadata() or {}
+    except InputError:
+        raise
     except Exception as e:  # an untrusted file in a third-party parser
-        raise InputError(path, f"not a readable safetensors file ({_first_line(e)})") from None
+        raise InputError(path, f"not a readable safetensors file ({first_line(e)[:200]})") from None
     if not arrays:
         raise InputError(path, "holds no tensors")
-    behavior = meta.get("caa.behavior")
-    return _layer_names(path, list(arrays)), arrays, {"behavior": behavior}
+    return _layer_names(path, list(arrays)), arrays, _recorded(path, meta)
+
+
+def _check_header(path: Path, name: str, piece: Any, what: str, dims: int = 1) -> list[int]:
+    """The shape of a safetensors tensor, from its header: ``dims`` dimensions of floating point."""
+    dtype, shape = str(piece.get_dtype()), [int(n) for n in piece.get_shape()]
+    if dtype not in _FLOAT_DTYPES:
+        raise InputError(
+            path, f"dtype {dtype}: expected floating-point values ({', '.join(_FLOAT_DTYPES)})", field=name
+        )
+    if len(shape) != dims:
+        raise InputError(path, f"shape {shape}: {what} has {dims} dimension{'s' * (dims > 1)}", field=name)
+    return shape
 
 
 def _read_npy(path: Path) -> Read:
-    try:
-        array = np.load(path, allow_pickle=False)
-    except Exception as e:  # pickled objects are refused, never loaded
-        raise InputError(path, f"not a readable .npy array ({_first_line(e)})") from None
-    return {}, {"array": array}, {}
+    array, note = read_npy(path)
+    return {}, {"array": array}, _recorded(path, note)
 
 
 def _read_npz(path: Path) -> Read:
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except Exception as e:
-        raise InputError(path, f"not a readable .npz archive ({_first_line(e)})") from None
+    arrays, note = read_npz(path)
     if not arrays:
         raise InputError(path, "holds no arrays")
-    return _layer_names(path, list(arrays)), arrays, {}
+    return _layer_names(path, list(arrays)), arrays, _recorded(path, note)
 
 
 def _checked_vector(path: Path, name: str, array: np.ndarray) -> np.ndarray:
     """``array`` as a finite, non-zero float32 vector [d_model], or an error naming ``name``."""
-    if array.dtype.kind not in "fiu":
-        raise InputError(path, f"dtype {array.dtype}: expected numbers", field=name)
+    if array.dtype.kind != "f":
+        raise InputError(path, f"dtype {array.dtype}: expected floating-point values", field=name)
     if array.ndim != 1:
         raise InputError(path, f"shape {list(array.shape)}: a steering vector is one-dimensional", field=name)
     if array.shape[0] == 0:
@@ -265,6 +315,9 @@ def _read_sae(directory: Path, feature: int) -> Foreign:
     d_in = config.get("d_in")
     if not isinstance(d_in, int) or isinstance(d_in, bool) or d_in < 1:
         raise InputError(config_path, f"expected a positive integer, found {d_in!r}", field="d_in")
+    d_sae = config.get("d_sae")  # optional; when given, it must be W_dec's row count
+    if d_sae is not None and (not isinstance(d_sae, int) or isinstance(d_sae, bool) or d_sae < 1):
+        raise InputError(config_path, f"expected a positive integer, found {d_sae!r}", field="d_sae")
     from safetensors import safe_open
 
     try:
@@ -272,12 +325,16 @@ def _read_sae(directory: Path, feature: int) -> Foreign:
             if "W_dec" not in f.keys():  # noqa: SIM118
                 raise InputError(weights, "tensor missing", field="W_dec")
             rows = f.get_slice("W_dec")
-            shape = list(rows.get_shape())
-            if len(shape) != 2 or shape[1] != d_in:
+            shape = _check_header(weights, "W_dec", rows, "a decoder [d_sae, d_in]", dims=2)
+            if shape[1] != d_in:
                 raise InputError(
                     weights,
                     f"shape {shape}, expected [d_sae, d_in] with d_in = {d_in} (cfg.json)",
                     field="W_dec",
+                )
+            if d_sae is not None and d_sae != shape[0]:
+                raise InputError(
+                    config_path, f"{d_sae}, but {weights} (field 'W_dec') has {shape[0]} rows", field="d_sae"
                 )
             if not 0 <= feature < shape[0]:
                 raise CaaError(
@@ -288,7 +345,7 @@ def _read_sae(directory: Path, feature: int) -> Foreign:
     except CaaError:
         raise
     except Exception as e:  # an untrusted file in a third-party parser
-        raise InputError(weights, f"not a readable safetensors file ({_first_line(e)})") from None
+        raise InputError(weights, f"not a readable safetensors file ({first_line(e)[:200]})") from None
     name = f"W_dec[{feature}]"
     vector = _checked_vector(weights, name, row)
     source = {

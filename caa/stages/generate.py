@@ -22,7 +22,7 @@ from caa.core.hooks import deltas, steer_start, steering
 from caa.core.prompts import Encoded, collate, prompt_format, read_texts
 from caa.errors import CaaError
 from caa.models.loading import LoadedModel
-from caa.stages.checks import check_model, check_template
+from caa.stages.checks import check_model, check_strength, check_template
 from caa.stages.options import GenerateOptions
 from caa.stages.vectors import VectorSet
 from caa.store.artifacts import make_meta, read_artifact, write_artifact
@@ -214,6 +214,7 @@ def run_generate(
     check_template(vectors, prompt_format(loaded.tokenizer, options.chat_template))
     behavior = vectors.pick(options.behavior)
     vector = vectors.tensor(behavior, options.layer, options.scale)
+    check_strength({options.layer: vector}, options.multipliers, loaded)  # as the sweep checks it
     gens = generate_steered(
         loaded, prompts, vector, options, behavior=behavior, labels=labels, shard=shard, notice=notice
     )

@@ -9,7 +9,11 @@ Layer l is always the output of decoder block l (0-based), caa's convention. The
   so layer 0 cannot be exported there.
 - ``safetensors``: one 1-D tensor per layer named ``layer.N``; the metadata holds the model
   fingerprint (JSON) and the layer convention.
-- ``npy``: one [d_model] array (one layer); ``npz``: arrays named ``layer_N``.
+- ``npy``: one [d_model] array (one layer); ``npz``: arrays named ``layer_N``; the provenance rides in
+  the .npy header's comment and the .npz zip comment (:mod:`caa.store.arrays`), unseen by numpy.
+
+Every export records its model (``caa.model``); an import of a file that records one is refused for
+another model (:func:`check_origin`), and the strengths of both are checked against the model's dtype.
 - ``sae`` (import only): a SAELens directory, ``cfg.json`` (``hook_name``, ``d_in``) beside
   ``sae_weights.safetensors`` (``W_dec`` [d_sae, d_in]); feature K's vector is ``W_dec[K]``. The
   output of block L (``blocks.L.hook_resid_post``) is our layer L; its input
@@ -31,10 +35,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from caa.errors import CaaError, MismatchError
+from caa.errors import CaaError, InputError, MismatchError
+from caa.stages.checks import strength_problem
 from caa.stages.foreign import EXPORT_FORMATS, GGUF_ARCHITECTURE, Foreign
 from caa.stages.options import check_behavior
 from caa.stages.vectors import VectorSet, _adjacent_cosines
+from caa.store.arrays import write_npy, write_npz
 from caa.store.artifacts import make_meta
 from caa.store.files import atomic_path
 from caa.store.schemas import EXPORT_MARKER, VECTORS
@@ -100,6 +106,7 @@ def export_vectors(
             f"--format npy holds one layer, and {len(chosen)} are chosen "
             f"({', '.join(map(str, chosen))}): pick one with --layers, or use npz"
         )
+    dtype = (vectors.meta.get("model") or {}).get("dtype")  # the activations it will be added to
     scaled = {}
     for layer in chosen:
         with np.errstate(over="ignore"):
@@ -108,6 +115,12 @@ def export_vectors(
             raise CaaError(
                 f"--multiplier {multiplier:g}: times the vector of '{picked}' at layer {layer}, "
                 "it overflows float32"
+            )
+        problem = strength_problem(float(np.abs(value).max()), dtype) if dtype else None
+        if problem:
+            raise CaaError(
+                f"--multiplier {multiplier:g}: times the vector of '{picked}' at layer {layer}, its "
+                f"largest entry {problem} (the model of {vectors.path})"
             )
         scaled[layer] = value  # [d_model]
     provenance = {
@@ -152,13 +165,11 @@ def _write_safetensors(
 
 
 def _write_npy(path: Path, vectors: Mapping[int, np.ndarray], provenance: Mapping[str, str], _: Any) -> None:
-    with open(path, "wb") as f:  # a file object: np.save would add .npy to a name
-        np.save(f, next(iter(vectors.values())), allow_pickle=False)
+    write_npy(path, next(iter(vectors.values())), provenance)  # the provenance: a comment in the header
 
 
 def _write_npz(path: Path, vectors: Mapping[int, np.ndarray], provenance: Mapping[str, str], _: Any) -> None:
-    with open(path, "wb") as f:
-        np.savez(f, **{f"layer_{layer}": v for layer, v in vectors.items()})  # type: ignore[arg-type]
+    write_npz(path, {f"layer_{layer}": v for layer, v in vectors.items()}, provenance)  # the zip's comment
 
 
 # --- import: into vectors.parquet -------------------------------------------------------------------
@@ -184,6 +195,37 @@ def check_layers(foreign: Foreign, count: int | None, model: str) -> None:
             )
 
 
+_RECORDED = ("hidden_size", "num_layers")  # compared when recorded, then the weights (or the name)
+_SAME_ARCHITECTURE = {"mistral": "llama", "mixtral": "llama"}  # llama.cpp converts these as llama
+
+
+def check_origin(foreign: Foreign, model: Mapping[str, Any]) -> None:
+    """Refuse vectors whose file records another model than ``model`` (a fingerprint): a caa export's
+    ``caa.model`` (hidden size, layer count, then the weights hash, or the name when it records no
+    hash), a control vector's ``controlvector.model_hint`` (the architecture). A file that records
+    no model is not checked here (only its widths and layers are, against ``model``)."""
+    file, name = foreign.source["file"], str(model.get("name", "the model"))
+    made = foreign.model or {}
+    keys = [*_RECORDED, "weights_hash" if made.get("weights_hash") is not None else "name"]
+    for key in keys:
+        if made.get(key) is not None and made[key] != model.get(key):
+            raise MismatchError(
+                f"{file}: field 'caa.model.{key}' is {made[key]!r}, but the model '{name}' has "
+                f"{model.get(key)!r}: these vectors were made with another model"
+            )
+
+    def family(arch: Any) -> str:
+        plain = "".join(c for c in str(arch).lower() if c.isalnum())
+        return _SAME_ARCHITECTURE.get(plain, plain)
+
+    hint, arch = foreign.model_hint, model.get("architecture")
+    if hint and hint != "unknown" and arch and family(hint) != family(arch):
+        raise MismatchError(
+            f"{file}: field '{GGUF_ARCHITECTURE}.model_hint' is {hint!r}, but the model '{name}' is a "
+            f"{arch!r} model: this control vector was made for another architecture"
+        )
+
+
 def import_vectors(
     foreign: Foreign,
     model: Mapping[str, Any],
@@ -194,6 +236,7 @@ def import_vectors(
     hidden size and layer count. Diagnostics that need activations (pair counts, residual norm,
     consistency, test accuracy and AUC) are null; there are no training pairs, and the metadata's
     ``source`` says where the vectors came from (file, sha256, format, SAE feature and hook)."""
+    check_origin(foreign, model)
     name = str(model.get("name", "the model"))
     width = int(model["hidden_size"])
     for layer, vector in foreign.vectors.items():
@@ -203,6 +246,14 @@ def import_vectors(
                 f"the model '{name}' has hidden_size {width}"
             )
     check_layers(foreign, int(model["num_layers"]), name)
+    for layer, vector in foreign.vectors.items():
+        problem = strength_problem(float(np.abs(vector.astype(np.float64)).max()), model.get("dtype"))
+        if problem:
+            raise InputError(
+                foreign.source["file"],
+                f"its largest entry {problem} in the model '{name}'",
+                field=foreign.names[layer],
+            )
     if behavior is not None:
         behavior = check_behavior("behavior", behavior)
     else:

@@ -147,8 +147,10 @@ def require_file(path: Path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise InputError(path, "is a directory, not a file")
-    if not path.is_file():
+    if not path.exists():
         raise InputError(path, "file not found")
+    if not path.is_file():  # opening a FIFO would block, a device (/dev/zero) never ends
+        raise InputError(path, "is not a regular file (a FIFO, a device or a socket): caa reads files only")
     return path
 
 

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from caa.errors import CaaError, InputError
+from caa.store.arrays import npy_note, npz_note
 from caa.store.artifacts import read_meta
 from caa.store.files import check_distinct, require_replaceable, same_file
 from caa.store.schemas import (
@@ -96,6 +97,12 @@ def _identify(path: Path) -> tuple[str | None, str]:
         if EXPORT_MARKER in head:
             return EXPORT.name, "a file from `caa export`"
         return None, "a GGUF file" if head.startswith(b"GGUF") else "a safetensors file"
+    if head.startswith((b"\x93NUMPY", b"PK\x03\x04", b"PK\x05\x06")):  # .npy, .npz (a zip archive)
+        npy = head.startswith(b"\x93NUMPY")
+        note = npy_note(head) if npy else npz_note(path)  # the header's comment, the zip's comment
+        if note is not None and EXPORT_MARKER.decode() in note:
+            return EXPORT.name, "a file from `caa export`"
+        return None, "a .npy array not made by caa" if npy else "a zip archive (.npz) not made by caa"
     if f'<meta name="generator" content="{REPORT_GENERATOR} '.encode() in head:
         return REPORT.name, "a report from `caa report`"
     return None, "an empty file" if not head else "a file that is not a caa artifact"

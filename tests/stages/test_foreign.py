@@ -136,3 +136,109 @@ def test_sae_layer_and_sniff(tmp_path: Path) -> None:
         sniff(unnamed)
     with pytest.raises(CaaError, match="--feature 1: only a sparse-autoencoder directory has features"):
         read_foreign(tmp_path / "v.npy", feature=1)
+
+
+def _control(path: Path, tensors: dict[str, np.ndarray]) -> Path:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "controlvector")
+    for key, value in tensors.items():
+        writer.add_tensor(key, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_layer_names_take_ascii_digits_only(tmp_path: Path) -> None:
+    """Python's \\d and int() read any script's digits; llama.cpp and caa's own names are ASCII."""
+    for digit in ("\u0663", "\uff13", "\u09e9"):  # Arabic-Indic, fullwidth, Bengali three
+        with pytest.raises(InputError, match="not a direction tensor") as e:
+            read_foreign(_control(tmp_path / "v.gguf", {f"direction.{digit}": np.ones(4, np.float32)}))
+        assert e.value.field == f"direction.{digit}"
+        np.savez(tmp_path / "v.npz", layer_1=np.ones(4), **{f"layer_{digit}": np.ones(4)})
+        with pytest.raises(InputError, match="does not name a layer") as e:
+            read_foreign(tmp_path / "v.npz")
+        assert e.value.field == f"layer_{digit}"
+
+
+@pytest.mark.parametrize("shape", [(1, 4), (4, 1), (1, 1, 4)])
+def test_gguf_directions_have_exactly_one_dimension(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    path = _control(tmp_path / "v.gguf", {"direction.1": np.ones(shape, np.float32)})
+    with pytest.raises(InputError, match=r"shape \[.*\]: a direction is one-dimensional"):
+        read_foreign(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64, torch.int8, torch.uint8])
+def test_safetensors_and_sae_need_floating_point(tmp_path: Path, dtype: torch.dtype) -> None:
+    save_file({"layer.1": torch.ones(4, dtype=dtype)}, str(tmp_path / "v.safetensors"))
+    with pytest.raises(InputError, match="expected floating-point values") as e:
+        read_foreign(tmp_path / "v.safetensors")
+    assert e.value.field == "layer.1"
+    sae = tmp_path / "sae"
+    sae.mkdir()
+    (sae / "cfg.json").write_text(json.dumps({"hook_name": "blocks.2.hook_resid_post", "d_in": 4}))
+    save_file({"W_dec": torch.ones(3, 4, dtype=dtype)}, str(sae / "sae_weights.safetensors"))
+    with pytest.raises(InputError, match="expected floating-point values") as e:
+        read_foreign(sae, feature=1)
+    assert e.value.field == "W_dec"
+    for array in (np.ones(4, bool), np.arange(1, 5)):
+        np.save(tmp_path / "v.npy", array)
+        with pytest.raises(InputError, match="expected floating-point values"):
+            read_foreign(tmp_path / "v.npy", layer=1)
+
+
+def test_sae_d_sae_must_be_w_decs_rows(tmp_path: Path) -> None:
+    sae = tmp_path / "sae"
+    sae.mkdir()
+    save_numpy({"W_dec": np.ones((3, 4), np.float32)}, str(sae / "sae_weights.safetensors"))
+    for d_sae, problem in (
+        (5, "5, but"),
+        (True, "expected a positive integer"),
+        ("3", "expected a positive"),
+    ):
+        cfg = {"hook_name": "blocks.2.hook_resid_post", "d_in": 4, "d_sae": d_sae}
+        (sae / "cfg.json").write_text(json.dumps(cfg))
+        with pytest.raises(InputError, match=problem) as e:
+            read_foreign(sae, feature=1)
+        assert e.value.field == "d_sae" and e.value.path == str(sae / "cfg.json")
+    (sae / "cfg.json").write_text(json.dumps({**cfg, "d_sae": 3}))
+    assert list(read_foreign(sae, feature=1).vectors) == [2]
+
+
+def test_formats_are_told_by_their_magic_bytes(tmp_path: Path) -> None:
+    """Whatever the suffix says; a suffix that names another format than the content is refused,
+    naming both, and no message suggests unpickling."""
+    control = _control(tmp_path / "c.gguf", {"direction.1": np.ones(4, np.float32)})
+    np.save(tmp_path / "a.npy", np.ones(4))
+    np.savez(tmp_path / "z.npz", layer_1=np.ones(4))
+    save_numpy({"layer.1": np.ones(4, np.float32)}, str(tmp_path / "s.safetensors"))
+    made = {"gguf": control, "npy": tmp_path / "a.npy", "npz": tmp_path / "z.npz"}
+    made["safetensors"] = tmp_path / "s.safetensors"
+    for fmt, path in made.items():
+        assert sniff(path) == fmt
+        bare = tmp_path / f"bare-{fmt}"
+        bare.write_bytes(path.read_bytes())
+        assert sniff(bare) == fmt  # no suffix: the content alone
+        for other in {"gguf", "npy", "npz", "safetensors"} - {fmt}:
+            renamed = tmp_path / f"renamed-{fmt}.{other}"
+            renamed.write_bytes(path.read_bytes())
+            with pytest.raises(InputError, match=rf"named \.{other}, but it is ") as e:
+                read_foreign(renamed, layer=1)
+            assert "allow_pickle" not in str(e.value)
+    (tmp_path / "empty.npy").write_bytes(b"")
+    with pytest.raises(InputError, match=r"named \.npy, but it is not a NumPy .npy array"):
+        sniff(tmp_path / "empty.npy")
+
+
+def test_non_regular_files_are_named_as_such(tmp_path: Path) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "fifo.npy")
+    (tmp_path / "zero.gguf").symlink_to("/dev/zero")
+    for path in (tmp_path / "fifo.npy", tmp_path / "zero.gguf"):
+        with pytest.raises(InputError, match="is not a regular file"):
+            read_foreign(path, layer=1)
+    with pytest.raises(InputError, match="file not found"):
+        read_foreign(tmp_path / "absent.npy", layer=1)

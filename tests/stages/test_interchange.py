@@ -8,11 +8,13 @@ end are listed in tests/bad_inputs/README.md ("Vectors in and out").
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import shutil
 import subprocess
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,6 +195,66 @@ def test_export_replaces_its_own_file_but_not_a_model(valid: Valid, tmp_path: Pa
     assert model.read_bytes() == before
 
 
+@pytest.mark.parametrize("fmt", ["npy", "npz"])
+def test_export_knows_its_own_npy_and_npz_but_not_anothers(fmt: str, valid: Valid, tmp_path: Path) -> None:
+    """A rerun replaces its own .npy/.npz (marked in the .npy header's comment, the .npz's zip comment,
+    both invisible to numpy), while an array from elsewhere is kept."""
+    out = tmp_path / f"mood.{fmt}"
+    line = ["export", valid.vectors, "--behavior", "mood", "--layers", "2", "-o", out]
+    cli(*line)
+    result = cli(*line[:-2], "--multiplier", "2", "-o", out)
+    assert "a file from `caa export`): replacing it" in " ".join(result.output.split())
+    loaded = np.load(out, allow_pickle=False)  # what any numpy user gets
+    value = loaded if fmt == "npy" else loaded["layer_2"]
+    expected = (vector(valid.vectors, "mood", 2).astype(np.float64) * 2).astype(np.float32)
+    assert np.array_equal(value, expected)
+    if fmt == "npz":
+        assert loaded.files == ["layer_2"]
+    foreign = tmp_path / f"theirs.{fmt}"
+    np.save(foreign, _ones()) if fmt == "npy" else np.savez(foreign, layer_2=_ones())
+    before = foreign.read_bytes()
+    result = runner.invoke(app, [str(a) for a in line[:-1]] + [str(foreign)])
+    assert result.exit_code == 2 and "not made by caa" in result.output, result.output
+    assert foreign.read_bytes() == before
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "safetensors", "npz", "npy"])
+def test_import_refuses_the_export_of_another_model(fmt: str, valid: Valid, tmp_path: Path) -> None:
+    """The export records its model; importing it for another model (same sizes, other weights) is
+    refused, as `caa generate` would refuse the original vectors; for its own model it is imported."""
+    out, back = tmp_path / f"agree.{fmt}", tmp_path / "back.parquet"
+    cli("export", valid.other_vectors, "--behavior", "agree", "--layers", "2", "-o", out)
+    args = ["import", str(out), "--layer", "2", "-o", str(back)]
+    result = runner.invoke(app, [*args, "-m", str(valid.model)])
+    assert result.exit_code == 2 and not back.exists(), _describe(result)
+    assert f"{out}: field 'caa.model.weights_hash' is " in " ".join(result.output.split())
+    assert "these vectors were made with another model" in " ".join(result.output.split())
+    cli(*args, "-m", valid.other_model)
+    assert read_meta(back)["model"] == read_meta(valid.other_vectors)["model"]
+
+
+def test_control_vectors_that_record_no_model_or_its_architecture_import(
+    valid: Valid, tmp_path: Path
+) -> None:
+    bare = _gguf(tmp_path / "bare.gguf", "controlvector", {"direction.1": _ones()})
+    hinted = _gguf(
+        tmp_path / "hinted.gguf", "controlvector", {"direction.1": _ones()}, controlvector__model_hint="LLaMA"
+    )
+    for path in (bare, hinted):
+        cli("import", path, "-m", valid.model, "-o", tmp_path / f"{path.stem}.parquet")
+
+
+def test_generate_checks_the_strength_as_the_sweep_does(valid: Valid, tmp_path: Path) -> None:
+    """A multiplier whose product with the vector the model's activations cannot hold is refused
+    before generating, with the sweep's message."""
+    out = tmp_path / "gen.parquet"
+    line = ["generate", "-v", valid.vectors, "-m", valid.model, "--layer", "1", "--behavior", "mood"]
+    result = runner.invoke(app, [str(a) for a in line] + ["-p", "hi", "--multipliers=1e30", "-o", str(out)])
+    assert result.exit_code == 2 and not out.exists(), _describe(result)
+    assert "--multipliers: x1e+30 times the layer-1 vector" in result.output
+    assert "beyond what torch.float32 activations hold" in result.output
+
+
 # --- sparse autoencoders ----------------------------------------------------------------------------
 
 
@@ -241,8 +303,10 @@ def test_sae_hooks_map_to_layers() -> None:
 # --- bad inputs: exit 2, one line naming the file and the field, no output ---------------------------
 
 
-def _gguf(path: Path, arch: str, tensors: dict[str, np.ndarray]) -> Path:
+def _gguf(path: Path, arch: str, tensors: dict[str, np.ndarray], **kv: str) -> Path:
     writer = gguf.GGUFWriter(str(path), arch)
+    for key, text in kv.items():
+        writer.add_string(key.replace("__", "."), text)
     for name, value in tensors.items():
         writer.add_tensor(name, value)
     writer.write_header_to_file()
@@ -264,12 +328,75 @@ def _npy(value: np.ndarray) -> Callable[[Path], Path]:
     return make
 
 
-def _sae(hook: str) -> Callable[[Path], Path]:
+def _sae(hook: str, edit: Callable[[Path], object] = lambda sae: None) -> Callable[[Path], Path]:
     def make(tmp: Path) -> Path:
         write_sae(tmp / "sae", hook)
+        edit(tmp / "sae")
         return tmp / "sae"
 
     return make
+
+
+def _safetensors(value: np.ndarray) -> Callable[[Path], Path]:
+    def make(tmp: Path) -> Path:
+        save_file({"layer.1": value}, str(tmp / "typed.safetensors"))
+        return tmp / "typed.safetensors"
+
+    return make
+
+
+def _renamed(make: Callable[[Path], Path], name: str) -> Callable[[Path], Path]:
+    """The file ``make`` makes, under another name (another suffix)."""
+    return lambda tmp: make(tmp).rename(tmp / name)
+
+
+def _zip(tmp: Path, name: str, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(tmp / name, "w") as archive:
+        for member, data in members.items():
+            archive.writestr(member, data)
+    return tmp / name
+
+
+def npz_bomb(tmp: Path, shape: tuple[int, ...] = (2048, 1024)) -> Path:
+    """A deflated .npz of a few kilobytes whose one member unpacks to ``shape`` float64 zeros (16 MB)."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": shape})
+    deflated = zipfile.ZipFile(tmp / "bomb.npz", "w", zipfile.ZIP_DEFLATED)
+    with deflated as archive, archive.open("layer_1.npy", "w", force_zip64=True) as member:
+        member.write(header.getvalue())
+        chunk = bytes(1 << 20)
+        for _ in range(int(np.prod(shape)) * 8 // len(chunk)):
+            member.write(chunk)
+    return tmp / "bomb.npz"
+
+
+def _w_dec_bool(sae: Path) -> None:
+    tensors = {"W_dec": np.ones((12, 32), bool)}
+    save_file(tensors, str(sae / "sae_weights.safetensors"))
+
+
+def _d_sae(count: int) -> Callable[[Path], None]:
+    def edit(sae: Path) -> None:
+        cfg = json.loads((sae / "cfg.json").read_text())
+        (sae / "cfg.json").write_text(json.dumps({**cfg, "d_sae": count}))
+
+    return edit
+
+
+def _not_regular(name: str) -> Callable[[Path], None]:
+    def edit(sae: Path) -> None:
+        (sae / name).unlink()
+        if name == "cfg.json":
+            os.mkfifo(sae / name)  # reading it would block forever
+        else:
+            (sae / name).symlink_to("/dev/zero")  # reading it would never end
+
+    return edit
+
+
+OTHER_MODEL = json.dumps(
+    {"name": "elsewhere", "hidden_size": 32, "num_layers": 4, "weights_hash": "sha256:0"}
+)
 
 
 MAKERS: dict[str, Callable[[Path], Path]] = {
@@ -294,6 +421,35 @@ MAKERS: dict[str, Callable[[Path], Path]] = {
     "npy_zeros": _npy(np.zeros(32, np.float32)),
     "npy_2d": _npy(np.ones((2, 32), np.float32)),
     "npy_pickled": _npy(np.array([{"a": 1}], dtype=object)),
+    "npy_3e38": _npy(np.array([3e38] + [1.0] * 31, np.float32)),
+    "gguf_arabic_digit": lambda tmp: _gguf(
+        tmp / "arabic.gguf", "controlvector", {"direction.\u0663": _ones()}
+    ),
+    "gguf_column": lambda tmp: _gguf(
+        tmp / "column.gguf", "controlvector", {"direction.1": np.ones((32, 1), np.float32)}
+    ),
+    "gguf_other_model": lambda tmp: _gguf(
+        tmp / "other.gguf", "controlvector", {"direction.1": _ones()}, caa__model=OTHER_MODEL
+    ),
+    "gguf_other_width": lambda tmp: _gguf(
+        tmp / "wide.gguf",
+        "controlvector",
+        {"direction.1": _ones()},
+        caa__model=json.dumps({"hidden_size": 64, "num_layers": 4}),
+    ),
+    "gguf_other_hint": lambda tmp: _gguf(
+        tmp / "qwen.gguf", "controlvector", {"direction.1": _ones()}, controlvector__model_hint="qwen2"
+    ),
+    "gguf_named_npy": _renamed(
+        lambda tmp: _gguf(tmp / "cv.gguf", "controlvector", {"direction.1": _ones()}), "cv.npy"
+    ),
+    "npz_named_npy": _renamed(
+        lambda tmp: np.savez(tmp / "arrays.npz", layer_1=_ones()) or tmp / "arrays.npz", "arrays.npy"
+    ),
+    "npz_member_no_suffix": lambda tmp: _zip(tmp, "bare.npz", {"layer_1": _npy(_ones())(tmp).read_bytes()}),
+    "npz_bomb": npz_bomb,
+    "safetensors_bool": _safetensors(np.ones(32, bool)),
+    "safetensors_int64": _safetensors(np.ones(32, np.int64)),
     "npz_layer_7": lambda tmp: np.savez(tmp / "deep.npz", layer_7=_ones()) or tmp / "deep.npz",
     "npz_mixed_names": lambda tmp: (
         np.savez(tmp / "mixed.npz", layer_1=_ones(), bias=_ones()) or tmp / "mixed.npz"
@@ -303,6 +459,10 @@ MAKERS: dict[str, Callable[[Path], Path]] = {
     "sae_resid_pre_0": _sae("blocks.0.hook_resid_pre"),
     "sae_resid_post": _sae("blocks.2.hook_resid_post"),
     "sae_layer_9": _sae("blocks.9.hook_resid_post"),
+    "sae_w_dec_bool": _sae("blocks.2.hook_resid_post", _w_dec_bool),
+    "sae_d_sae_lies": _sae("blocks.2.hook_resid_post", _d_sae(16)),
+    "sae_cfg_fifo": _sae("blocks.2.hook_resid_post", _not_regular("cfg.json")),
+    "sae_weights_dev_zero": _sae("blocks.2.hook_resid_post", _not_regular("sae_weights.safetensors")),
 }
 
 
@@ -355,7 +515,12 @@ CASES = [
         "npy_2d",
         "shape [2, 32]: a steering vector is one-dimensional",
     ),
-    Case("import-npy-pickled", "import {bad} --layer 1", "npy_pickled", "not a readable .npy array"),
+    Case(
+        "import-npy-pickled",
+        "import {bad} --layer 1",
+        "npy_pickled",
+        "holds Python objects (a pickle), which caa never loads",
+    ),
     Case("import-npy-no-layer", "import {bad}", "npy_zeros", "does not say its layer: give --layer L"),
     Case("import-npz-mixed-names", "import {bad}", "npz_mixed_names", "field 'bias': does not name a layer"),
     Case("import-unknown-file", "import {bad}", "text_file", "unknown vector file"),
@@ -382,6 +547,79 @@ CASES = [
         "npy_inf",
         "only a sparse-autoencoder",
         "--feature",
+    ),
+    # layer names, shapes and dtypes as llama.cpp and the formats take them
+    Case("import-gguf-non-ascii-digit", "import {bad}", "gguf_arabic_digit", "not a direction tensor"),
+    Case(
+        "import-gguf-1-by-d", "import {bad}", "gguf_column", "shape [1, 32]: a direction is one-dimensional"
+    ),
+    Case(
+        "import-safetensors-bool",
+        "import {bad}",
+        "safetensors_bool",
+        "field 'layer.1': dtype BOOL: expected floating-point values",
+    ),
+    Case("import-safetensors-int64", "import {bad}", "safetensors_int64", "field 'layer.1': dtype I64"),
+    Case("import-sae-w-dec-bool", "import {bad} --feature 1", "sae_w_dec_bool", "field 'W_dec': dtype BOOL"),
+    Case(
+        "import-sae-d-sae-lies",
+        "import {bad} --feature 1",
+        "sae_d_sae_lies",
+        "field 'd_sae': 16, but",
+        "cfg.json",
+    ),
+    # formats by their magic bytes; archives checked from their headers; regular files only
+    Case("import-gguf-named-npy", "import {bad} --layer 1", "gguf_named_npy", "named .npy, but it is a GGUF"),
+    Case(
+        "import-npz-named-npy",
+        "import {bad} --layer 1",
+        "npz_named_npy",
+        "named .npy, but it is a zip archive (.npz)",
+    ),
+    Case(
+        "import-npz-member-no-suffix",
+        "import {bad}",
+        "npz_member_no_suffix",
+        "field 'layer_1': not a .npy member",
+    ),
+    Case("import-npz-bomb", "import {bad}", "npz_bomb", "shape [2048, 1024]: 2097152 values"),
+    Case(
+        "import-sae-cfg-fifo",
+        "import {bad} --feature 1",
+        "sae_cfg_fifo",
+        "cfg.json: is not a regular file",
+    ),
+    Case(
+        "import-sae-weights-dev-zero",
+        "import {bad} --feature 1",
+        "sae_weights_dev_zero",
+        "sae_weights.safetensors: is not a regular file",
+    ),
+    # the model a file records
+    Case(
+        "import-recorded-other-model",
+        "import {bad}",
+        "gguf_other_model",
+        "field 'caa.model.weights_hash' is 'sha256:0'",
+    ),
+    Case(
+        "import-recorded-other-width",
+        "import {bad}",
+        "gguf_other_width",
+        "field 'caa.model.hidden_size' is 64",
+    ),
+    Case(
+        "import-model-hint-other",
+        "import {bad}",
+        "gguf_other_hint",
+        "field 'controlvector.model_hint' is 'qwen2'",
+    ),
+    # strengths the model's activations cannot hold
+    Case(
+        "import-entries-beyond-dtype",
+        "import {bad} --layer 1",
+        "npy_3e38",
+        "field 'array': its largest entry is 3e+38, beyond what torch.float32 activations hold",
     ),
     Case(
         "export-gguf-layer-0",
@@ -419,6 +657,13 @@ CASES = [
         "--multiplier",
     ),
     Case(
+        "export-multiplier-beyond-dtype",
+        "export {vectors} --format npz --behavior mood --multiplier 1e25",
+        None,
+        "beyond what torch.float32 activations hold",
+        "--multiplier",
+    ),
+    Case(
         "export-layer-absent",
         "export {vectors} --format npz --behavior mood --layers 3",
         None,
@@ -453,6 +698,8 @@ def test_bad_input(case: Case, valid: Valid, tmp_path: Path) -> None:
         wrong.append(f"the message lacks {case.problem!r}")
     if named not in result.output:
         wrong.append(f"the message does not name {named!r}")
+    if "allow_pickle" in result.output:
+        wrong.append("the message suggests unpickling")
     leftovers = sorted(p.name for p in tmp_path.iterdir() if "out." in p.name)
     if leftovers:
         wrong.append(f"left {', '.join(leftovers)}")

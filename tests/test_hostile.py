@@ -10,17 +10,23 @@ at test time from the valid artifacts of test_bad_inputs.py.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import resource
 import shlex
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 import traceback
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,15 +36,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from safetensors import SafetensorError
 from typer.testing import Result
 
 from caa.cli import app
 from caa.errors import CaaError, InputError, ModelError
+from caa.models.cache import gguf_directory, gguf_hash
 from caa.models.loading import load_model
 from caa.models.specs import config_num_layers, looks_like_path
 from caa.report.summary import check_input_files
 from caa.stages.vectors import VectorSet
 from caa.store.artifacts import read_meta
+from caa.store.checkpoint import partial_dir
+from caa.store.files import WriteError, atomic_directory, atomic_path
 from caa.store.schemas import ACTIVATIONS, VECTORS
 from caa.store.text import MAX_JSON_DEPTH, NAME_PROBLEM, behavior_name, clean, load_json, text_problem
 from tests import test_bad_inputs as corpus
@@ -278,6 +288,15 @@ def model_without_weights(v: Valid, tmp: Path) -> Path:
     """The tiny llama's config and tokenizer without weights: loading it fails, so a check that
     fails first ran before the model loaded."""
     return _model_dir(v, tmp, "model_without_weights", weights=False)
+
+
+@maker
+def model_weights_cut_short(v: Valid, tmp: Path) -> Path:
+    """The tiny llama with its model.safetensors cut off after 100 bytes (an interrupted download)."""
+    path = _model_dir(v, tmp, "model_weights_cut_short")
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    return path
 
 
 @maker
@@ -672,6 +691,13 @@ CASES = [
     ),
     Case("ingest-vectors-file", "ingest {vectors}", "expected a 'pairs' file", names="vectors.parquet"),
     Case(
+        "extract-model-weights-cut-short",
+        "extract {pairs} -m {bad}",
+        "not a readable safetensors file",
+        "model_weights_cut_short",
+        names="model_weights_cut_short/model.safetensors",
+    ),
+    Case(
         "generate-layer-before-load",
         GENERATE.replace("{model}", "./no/such/model") + " --layer 3",
         "no vector for 'mood' at layer 3",
@@ -1063,3 +1089,320 @@ def test_dollars_in_a_behavior_name_are_drawn_as_written(valid: Valid, tmp_path:
     result = runner.invoke(app, args)
     assert result.exit_code == 0, _describe(result)
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+
+
+# --- a hostile machine: SIGTERM, a full disk, names too long, places that cannot be written ---------
+
+REPO = Path(__file__).parents[1]
+
+
+def _one_error(result: Result, *fragments: str, after_work: bool = False) -> None:
+    """Exit code 2 and one error line holding every fragment (``after_work``: the last line, after
+    the progress bars), no traceback."""
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2, _describe(result)
+    assert len(lines) == 1 or after_work, _describe(result)
+    assert lines[-1].startswith("error: "), _describe(result)
+    assert not (result.exception and not isinstance(result.exception, SystemExit)), _describe(result)
+    text = " ".join(result.output.split())
+    for fragment in fragments:
+        assert " ".join(fragment.split()) in text, f"{fragment!r} missing\n" + _describe(result)
+
+
+def _temporaries(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*.tmp"))
+
+
+@contextmanager
+def file_size_limit(size: int) -> Iterator[None]:
+    """Every file this process writes stops at ``size`` bytes (``ulimit -f``): a write past it fails
+    with EFBIG, as one on a full disk fails with ENOSPC (Python ignores SIGXFSZ)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+@pytest.fixture
+def read_only(tmp_path: Path) -> Iterator[Callable[[Path], Path]]:
+    """``read_only(dir)``: ``dir`` made (if need be) and unwritable to this process: mode 0555, and, for
+    root (whom modes do not stop), the immutable attribute; skipped where neither works."""
+    made: list[Path] = []
+
+    def make(path: Path) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        path.chmod(0o555)
+        made.append(path)
+        if os.access(path, os.W_OK):
+            subprocess.run(["chattr", "+i", str(path)], capture_output=True)
+        if os.access(path, os.W_OK):
+            pytest.skip("no way to make a directory read-only here (root, no chattr)")
+        return path
+
+    yield make
+    for path in made:
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+        path.chmod(0o755)
+
+
+# Every command, with -o into {out}; a model that does not exist ({tmp}/no-model) shows that the output
+# is refused before any work (else the model would be the error).
+NO_MODEL_COMMANDS = {
+    "ingest": "ingest {source}",
+    "extract": "extract {pairs} -m {tmp}/no-model",
+    "compute-vectors": "compute-vectors {acts}",
+    "sweep": "sweep {vectors} {pairs} -m {tmp}/no-model --neutral {neutral}",
+    "generate": "generate -v {vectors} -m {tmp}/no-model --layer 1 --behavior mood -p hello",
+    "report": "report {vectors}",
+    "export": "export {vectors} --behavior mood --format npz",
+    "import": "import {tmp}/v.npy --layer 1 -m {tmp}/no-model",
+}
+
+
+def _line(command: str, valid: Valid, tmp: Path, out: Path) -> list[str]:
+    subs = {**valid.subs(), "tmp": str(tmp)}
+    return [part.format(**subs) for part in shlex.split(command)] + ["-o", str(out)]
+
+
+@pytest.mark.parametrize("command", NO_MODEL_COMMANDS)
+def test_an_unwritable_output_directory_is_refused_before_any_work(
+    command: str, valid: Valid, tmp_path: Path, read_only: Callable[[Path], Path]
+) -> None:
+    """`caa sweep -o ro/s.parquet` used to run the whole grid, then fail to write."""
+    ro = read_only(tmp_path / "ro")
+    for out in (ro / "out.parquet", ro / "new" / "out.parquet"):  # in it, or in a directory to be made there
+        result = runner.invoke(app, _line(NO_MODEL_COMMANDS[command], valid, tmp_path, out))
+        _one_error(result, f"the directory {ro} is not writable")
+
+
+def test_a_read_only_partial_directory_is_one_error(
+    valid: Valid, tmp_path: Path, read_only: Callable[[Path], Path]
+) -> None:
+    """The output's directory is writable but extract's OUT.partial/ (left by a run) is not."""
+    out = tmp_path / "acts.parquet"
+    read_only(partial_dir(out))
+    result = runner.invoke(
+        app, ["extract", str(valid.pairs), "-m", str(valid.model), "-o", str(out), "--resume"]
+    )
+    _one_error(result, f"the directory {partial_dir(out)} is not writable")
+
+
+FULL_DISK_COMMANDS = {
+    **{k: v for k, v in corpus.COMMANDS.items()},
+    "report": "report {vectors}",
+    "export-safetensors": "export {vectors} --behavior mood --format safetensors",
+    "export-gguf": "export {vectors} --behavior mood --layers 1-2 --format gguf",
+    "export-npy": "export {vectors} --behavior mood --layers 1 --format npy",
+    "import": "import {tmp}/v.npy --layer 1 -m {model}",
+}
+
+
+@pytest.mark.parametrize("command", FULL_DISK_COMMANDS)
+def test_a_full_disk_is_one_error_naming_the_file(command: str, valid: Valid, tmp_path: Path) -> None:
+    """A write the disk refuses (here EFBIG under ``ulimit -f``; ENOSPC is the same path) is one
+    line naming the output, with no output and no temporary left."""
+    np.save(tmp_path / "v.npy", np.ones(32, dtype=np.float32))
+    out = tmp_path / "out.data"
+    args = [*_line(FULL_DISK_COMMANDS[command], valid, tmp_path, out)]
+    with file_size_limit(64):
+        result = runner.invoke(app, args)
+    _one_error(result, "cannot write there (File too large)", str(out), after_work=True)
+    assert not out.exists()
+    assert _temporaries(tmp_path) == []
+
+
+def test_a_full_disk_at_extracts_merge_is_one_error(valid: Valid, tmp_path: Path) -> None:
+    """The pieces fit, the merged file does not: its streamed writer fails at the footer too."""
+    out = tmp_path / "acts.parquet"
+    args = ["extract", str(valid.pairs), "-m", str(valid.model), "-o", str(out), "--batch-size", "2"]
+    with file_size_limit(50000):  # the file is 54 kB, 17 kB of it the footer
+        result = runner.invoke(app, args)
+    _one_error(result, f"{out}: cannot write there (File too large)", after_work=True)
+    assert not out.exists() and _temporaries(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+    ],
+)
+def test_a_write_the_disk_refuses_is_a_write_error(failure: Exception, tmp_path: Path) -> None:
+    """ENOSPC as Python or pyarrow raise it, and as safetensors reports it, at the atomic writers."""
+    target = tmp_path / "x.parquet"
+    disk_full = r"cannot write there \(No space left on device\)"
+    with pytest.raises(WriteError, match=r"x\.parquet: " + disk_full), atomic_path(target):
+        raise failure
+    with pytest.raises(WriteError, match=r"d: " + disk_full), atomic_directory(tmp_path / "d"):
+        raise failure
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(OSError, match="not a disk's refusal"), atomic_path(target):
+        raise OSError(errno.EINVAL, "not a disk's refusal")  # other failures are left as they are
+
+
+def _fake_gguf(monkeypatch: pytest.MonkeyPatch, tiny: Path, tmp: Path) -> tuple[Path, str]:
+    """A .gguf whose conversion transformers does by loading the tiny llama instead."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = tmp / "fake.gguf"
+    gguf.write_bytes(b"GGUF not really")
+    for auto in (AutoModelForCausalLM, AutoTokenizer):
+        load = auto.from_pretrained
+        monkeypatch.setattr(
+            auto, "from_pretrained", lambda *a, _load=load, gguf_file=None, **k: _load(tiny, **k)
+        )
+    return gguf, hashlib.sha256(gguf.read_bytes()).hexdigest()
+
+
+def test_a_conversion_into_a_full_cache_is_one_error(
+    valid: Valid, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CAA_CACHE", str(tmp_path / "cache"))
+    gguf, digest = _fake_gguf(monkeypatch, valid.model, tmp_path)
+    with (
+        file_size_limit(4096),
+        pytest.raises(ModelError, match=r"\(CAA_CACHE\): cannot write .*File too large"),
+    ):
+        gguf_directory(gguf, digest, None)
+    assert list((tmp_path / "cache" / "models").iterdir()) == []  # no half-written conversion
+
+
+def test_a_read_only_cache_that_holds_the_conversion_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_only: Callable[[Path], Path]
+) -> None:
+    monkeypatch.setenv("CAA_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    digest = gguf_hash(gguf)
+    converted = tmp_path / "cache" / "models" / digest[:32]
+    converted.mkdir(parents=True)
+    (converted / "config.json").write_text("{}")
+    read_only(tmp_path / "cache" / "models")
+    read_only(tmp_path / "cache" / "hashes")
+    assert gguf_directory(gguf, gguf_hash(gguf), None) == str(converted)
+
+
+def test_long_names_are_written_or_refused_before_any_work(valid: Valid, tmp_path: Path) -> None:
+    """A name the filesystem takes is written (the temporary's longer name is shortened to fit); a name
+    too long, the output's own or a sibling's (the sweep's STEM.items.parquet, extract's OUT.partial),
+    is one error before any work."""
+    longest = tmp_path / ("p" * 247 + ".parquet")  # 255 bytes
+    result = runner.invoke(app, ["ingest", str(valid.source), "-o", str(longest)])
+    assert result.exit_code == 0, _describe(result)
+    assert read_meta(longest)["kind"] == "pairs" and _temporaries(tmp_path) == []
+    cases = [
+        ("ingest", tmp_path / ("p" * 300 + ".parquet"), "a file name of 308 bytes"),
+        ("ingest", tmp_path / ("d" * 256) / "pairs.parquet", "a file name of 256 bytes"),
+        ("sweep", tmp_path / ("s" * 242 + ".parquet"), "a file name of 256 bytes"),  # STEM.items.parquet
+        ("extract", tmp_path / ("a" * 240 + ".parquet"), "a file name of 256 bytes"),  # OUT.partial
+    ]
+    for command, out, problem in cases:
+        result = runner.invoke(app, _line(NO_MODEL_COMMANDS[command], valid, tmp_path, out))
+        _one_error(result, problem, "this filesystem takes at most 255: choose a shorter name")
+
+
+def test_temporaries_of_the_longest_names_fit(tmp_path: Path) -> None:
+    for name in ("x" * 255, "é" * 127, "y" * 241):
+        target = tmp_path / name
+        with atomic_path(target) as tmp:
+            assert len(os.fsencode(tmp.name)) <= 255 and tmp.name.endswith(".tmp")
+            tmp.write_bytes(b"data")
+        assert target.read_bytes() == b"data"
+        with atomic_directory(tmp_path / f"{name[:-1]}d") as tmp:
+            assert len(os.fsencode(tmp.name)) <= 255
+    assert _temporaries(tmp_path) == []
+
+
+# SIGTERM: a real process, paused where the final temporaries exist (every file of the output written,
+# not yet renamed), then sent SIGTERM as kill, timeout, Slurm or docker stop would.
+CHILD = """
+import sys, time
+from pathlib import Path
+import caa.store.files as files
+import transformers
+
+ready, target, tiny = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+
+def pause():
+    ready.write_text("paused")
+    time.sleep(300)
+
+sync = files._sync
+def paused_sync(tmp, path):
+    if str(path) == target:
+        pause()
+    sync(tmp, path)
+files._sync = paused_sync
+
+if target == "conversion":  # a .gguf converted by loading the tiny model; paused once it is saved
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        load = auto.from_pretrained
+        auto.from_pretrained = lambda *a, _load=load, gguf_file=None, **k: _load(tiny, **k)
+    save = transformers.PreTrainedModel.save_pretrained
+    def paused_save(self, *a, **k):
+        save(self, *a, **k)
+        pause()
+    transformers.PreTrainedModel.save_pretrained = paused_save
+
+sys.argv = ["caa", *sys.argv[4:]]
+from caa.cli import main
+main()
+"""
+
+
+def _terminated(args: list[str], target: str, tiny: Path, tmp: Path, env: dict[str, str]) -> tuple[int, str]:
+    """Run ``caa ARGS`` in a process paused at ``target``; SIGTERM it there; (exit code, stderr)."""
+    ready = tmp / "ready"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env}
+    cmd = [sys.executable, "-c", CHILD, str(ready), target, str(tiny), *args]
+    child = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), f"never reached {target}: {child.communicate(timeout=60)}"
+        child.send_signal(signal.SIGTERM)
+        _, stderr = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    return child.returncode, stderr
+
+
+SIGTERM_COMMANDS = {
+    "sweep": corpus.COMMANDS["sweep"],
+    "export": "export {vectors} --behavior mood --format safetensors",
+    "extract": corpus.COMMANDS["extract"],
+}
+
+
+@pytest.mark.parametrize("command", SIGTERM_COMMANDS)
+def test_sigterm_leaves_no_temporary_and_the_old_output(command: str, valid: Valid, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "out.safetensors" if command == "export" else work / "out.parquet"
+    args = _line(SIGTERM_COMMANDS[command], valid, tmp_path, out)
+    first = runner.invoke(app, args)  # the output a rerun would replace
+    assert first.exit_code == 0, _describe(first)
+    before = {p.name: p.read_bytes() for p in work.iterdir()}
+    code, stderr = _terminated(args, str(out), valid.model, tmp_path, {})
+    assert code == 143, stderr
+    assert "terminated by SIGTERM" in stderr and "Traceback" not in stderr, stderr
+    assert _temporaries(tmp_path) == []
+    after = {p.name: p.read_bytes() for p in work.iterdir() if not p.name.endswith(".partial")}
+    assert after == before
+
+
+def test_sigterm_during_a_model_conversion_leaves_no_temporary(valid: Valid, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    gguf = tmp_path / "fake.gguf"
+    gguf.write_bytes(b"GGUF not really")
+    args = ["extract", str(valid.pairs), "-m", str(gguf), "-o", str(tmp_path / "out.parquet")]
+    code, stderr = _terminated(args, "conversion", valid.model, tmp_path, {"CAA_CACHE": str(cache)})
+    assert code == 143, stderr
+    assert "terminated by SIGTERM" in stderr and "Traceback" not in stderr, stderr
+    assert list((cache / "models").iterdir()) == []
+    assert _temporaries(tmp_path) == []

@@ -7,8 +7,10 @@ One module per group of commands; importing them registers their commands on ``a
 
 import atexit
 import os
+import signal
 import sys
 import threading
+from types import FrameType
 from typing import NoReturn
 
 # isort: off
@@ -32,12 +34,23 @@ def main() -> NoReturn:
     and the standard streams are flushed. Under torch.distributed (``accelerate launch``), or with
     another thread alive, the process exits normally. Output files never depend on the exit: they
     are written whole or not at all (as after a kill -9). Library callers and tests call ``app``.
+    SIGTERM is handled as Ctrl-C (:func:`_on_sigterm`), then said in a line, with exit code 143.
     """
     code: object = 0
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main_thread else None
     try:
         app()
     except SystemExit as e:
         code = e.code
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if _terminated.is_set():
+        err.print(f"terminated by SIGTERM: stopped as after Ctrl-C (exit code {SIGTERM_EXIT})")
+        code = SIGTERM_EXIT
     if _others_alive():
         raise SystemExit(code)
     if code is not None and not isinstance(code, int):
@@ -47,6 +60,19 @@ def main() -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code or 0)
+
+
+SIGTERM_EXIT = 128 + signal.SIGTERM  # 143, as a shell reports a process SIGTERM ended
+_terminated = threading.Event()
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM (kill, timeout, Slurm, docker stop) as Ctrl-C: a KeyboardInterrupt in the main thread,
+    so every command's cleanup runs (temporaries removed, an extract's finished batches kept). A
+    second SIGTERM during that cleanup is ignored: it would cut the cleanup short."""
+    if not _terminated.is_set():
+        _terminated.set()
+        raise KeyboardInterrupt
 
 
 def _others_alive() -> bool:

@@ -4,6 +4,7 @@ model quietly, progress bars, and the checks that run before any work."""
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import fields
@@ -147,11 +148,16 @@ ForceOpt = Annotated[
 
 
 def _check_outputs(
-    inputs: list[Any], outputs: list[tuple[Path, Any]], force: bool, show: bool = True
+    inputs: list[Any],
+    outputs: list[tuple[Path, Any]],
+    force: bool,
+    show: bool = True,
+    directories: tuple[Path, ...] = (),
 ) -> None:
-    """Before any work: refuse outputs that would destroy an input or other data; warn of replacements."""
+    """Before any work: refuse outputs that would destroy an input or other data, or that cannot be
+    written; warn of replacements."""
     try:
-        notices = api.check_outputs(inputs, outputs, force)
+        notices = api.check_outputs(inputs, outputs, force, directories)
     except CaaError as e:
         fail(e)
     for message in notices if show else []:
@@ -163,9 +169,9 @@ def _provenance(ctx: typer.Context) -> dict[str, Any]:
     return dict(ctx.params)
 
 
-def _model_file(model: str) -> Path | None:
-    """--model as an input to protect, where it names a file (a .gguf)."""
-    return Path(model) if Path(model).is_file() else None
+def _model_input(model: str) -> Path | None:
+    """--model as an input to protect, where it names a file (a .gguf) or a directory (its weights)."""
+    return Path(model) if os.path.exists(model) else None
 
 
 ModelOpt = Annotated[

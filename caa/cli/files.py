@@ -23,7 +23,7 @@ from caa.cli.common import (
     ScaleOpt,
     _check_outputs,
     _load,
-    _model_file,
+    _model_input,
     _require,
     app,
     escape,
@@ -178,7 +178,7 @@ def import_cmd(
 
     Example: [bold]caa import sae-dir --feature 1234 -m smollm2-135m -o vectors.parquet[/]
     """
-    _check_outputs([source, _model_file(model)], [(out_path, api.OUTPUTS["vectors"])], force)
+    _check_outputs([source, _model_input(model)], [(out_path, api.OUTPUTS["vectors"])], force)
     options = {
         "source": str(source),
         "model": model,

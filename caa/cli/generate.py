@@ -22,7 +22,7 @@ from caa.cli.common import (
     _check_outputs,
     _device,
     _load,
-    _model_file,
+    _model_input,
     _provenance,
     app,
     err,
@@ -86,7 +86,7 @@ def generate(
     accelerator = Accelerator()  # under `accelerate launch`, the batches are shared out
     main = accelerator.is_main_process
     outputs = [(out_path, api.OUTPUTS["generations"])]
-    _check_outputs([vectors, prompts_file, _model_file(model)], outputs, force, main)
+    _check_outputs([vectors, prompts_file, _model_input(model)], outputs, force, main)
     try:
         options = stage_options(api.GenerateOptions, ctx, multipliers=parse_multipliers(multipliers))
         plan = api.plan_generate(vectors, model, options, prompt or [], prompts_file, limit)

@@ -21,7 +21,7 @@ from caa.cli.common import (
     _check_outputs,
     _device,
     _load,
-    _model_file,
+    _model_input,
     _progress,
     _provenance,
     app,
@@ -93,7 +93,9 @@ def extract(
 
     accelerator = Accelerator()
     main = accelerator.is_main_process
-    _check_outputs([pairs, _model_file(model)], [(out_path, api.OUTPUTS["activations"])], force, main)
+    outputs = [(out_path, api.OUTPUTS["activations"])]
+    partial = (api.partial_dir(out_path),)  # the finished batches, kept until the run ends
+    _check_outputs([pairs, _model_input(model)], outputs, force, main, partial)
     try:
         options = stage_options(api.ExtractOptions, ctx, layers=parse_layers(layers))
         frame = api.plan_extract(pairs, out_path, model, options, resume)

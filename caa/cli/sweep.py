@@ -24,7 +24,7 @@ from caa.cli.common import (
     _device,
     _gc_paused,
     _load,
-    _model_file,
+    _model_input,
     _progress,
     _provenance,
     app,
@@ -141,7 +141,7 @@ def sweep(
     neutral = neutral or api.default_neutral(steer_positions)
     kinds = api.OUTPUTS
     outputs = [(table_path, kinds["sweep"]), (items_path, kinds["sweep_items"]), (plot, kinds["plot"])]
-    _check_outputs([vectors, pairs, neutral, _model_file(model)], outputs, force, main)
+    _check_outputs([vectors, pairs, neutral, _model_input(model)], outputs, force, main)
     try:
         options = stage_options(
             api.SweepOptions,

@@ -181,9 +181,9 @@ def _writing_cache() -> Iterator[None]:
 
 def gguf_directory(path: Path, digest: str, progress: Progress | None) -> str:
     """A transformers directory (safetensors) holding the de-quantised GGUF, converted once."""
+    if (cache_dir() / "models" / digest[:32] / "config.json").is_file():
+        return str(cache_dir() / "models" / digest[:32])  # converted before: read, even read-only
     target = _cache_subdir("models") / digest[:32]
-    if (target / "config.json").is_file():
-        return str(target)
     if progress:
         progress(f"Converting {path.name} to safetensors (once; cached in {target})")
     from transformers import AutoModelForCausalLM, AutoTokenizer

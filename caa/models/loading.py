@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from caa.errors import ModelError
@@ -136,6 +137,8 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True, **kwargs)
+    except SafetensorError as e:  # a weights file cut short (an interrupted download) or damaged
+        raise ModelError(_bad_weights(spec, directory, e)) from None
     except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
         # transformers reports a malformed config or weights file with any of these
         local = directory != spec or Path(spec).exists()
@@ -234,6 +237,22 @@ def _resolve(spec: str, progress: Progress | None) -> tuple[str, str, str, str |
         f"unknown model '{spec}': not an embedded alias ({', '.join(EMBEDDED)}), "
         "an existing directory, a .gguf file, or a hub id of the form org/name"
     )
+
+
+def _bad_weights(spec: str, directory: str, e: Exception) -> str:
+    """The message for a weights file that safetensors cannot read, naming the file where it is local."""
+    from safetensors import safe_open
+
+    for weights in sorted(Path(directory).glob("*.safetensors")) if Path(directory).is_dir() else []:
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as bad:
+            return (
+                f"could not load model '{spec}': {weights}: not a readable safetensors file "
+                f"({first_line(bad)}); cut short or damaged (an interrupted download?): fetch it again"
+            )
+    return f"could not load model '{spec}' from {directory}: a weights file is damaged: {first_line(e)}"
 
 
 def _directory_hash(path: Path) -> str:

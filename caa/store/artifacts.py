@@ -118,8 +118,17 @@ class StreamWriter:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         assert self._writer is not None
-        self._writer.close()
-        self._ctx.__exit__(exc_type, exc, tb)
+        failure = exc
+        try:
+            self._writer.close()  # writes the footer: on a full disk, this too fails
+        except Exception as e:
+            failure = failure or e
+        if failure is None:
+            self._ctx.__exit__(None, None, None)
+            return
+        self._ctx.__exit__(type(failure), failure, failure.__traceback__)  # a full disk: a WriteError
+        if failure is not exc:
+            raise failure
 
 
 def columns_table(columns: Mapping[str, Any], schema: pa.Schema) -> pa.Table:

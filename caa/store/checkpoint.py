@@ -66,7 +66,10 @@ class Checkpoint:
             self._check(run_file)
             self.done = self._finished()
         else:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # a read-only or full output directory
+                raise CaaError(f"{self.dir}: cannot be created ({e.strerror or e})") from None
             write_atomic(run_file, json.dumps(self.identity, indent=1).encode())
 
     def _check(self, run_file: Path) -> None:

@@ -1,15 +1,19 @@
 """Files on disk: every write that must be all or nothing, and the one SHA-256 of a file's bytes.
 
-A writer writes to a unique temporary beside its target (``.NAME.XXXX.tmp``), syncs it and renames
-it into place, so a crash never leaves a file that looks complete; the artifacts, the report, the
-exports, the pieces of a resumable run and the model cache all write this way.
+A writer writes to a unique temporary beside its target (``.NAME.XXXX.tmp``, NAME shortened with a
+hash where that would be too long a name), syncs it and renames it into place, so a crash never leaves
+a file that looks complete; the artifacts, the report, the exports, the pieces of a resumable run and
+the model cache all write this way. A write the disk refuses inside a writer (full, over quota or
+``ulimit -f``, read-only) becomes a :class:`WriteError` naming the target, the temporary removed.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -66,7 +70,8 @@ def atomic_paths(paths: Sequence[Path]) -> Iterator[list[Path]]:
 
     Each temporary has a unique name (``.NAME.XXXX.tmp``), so concurrent writers of one output never
     share one; it is synced to disk before the renames, and each directory after them. Every
-    temporary is removed when the block fails, Ctrl-C included.
+    temporary is removed when the block fails, Ctrl-C (and SIGTERM, which the CLI turns into it)
+    included; a write the disk refused in the block is a :class:`WriteError` naming the outputs.
     """
     paths = [Path(p) for p in paths]
     check_distinct(paths)
@@ -74,7 +79,11 @@ def atomic_paths(paths: Sequence[Path]) -> Iterator[list[Path]]:
     try:
         for path in paths:
             tmps.append(_new_temporary(path))
-        yield list(tmps)
+        try:
+            yield list(tmps)
+        except Exception as e:  # the writer's own failure: a full disk becomes a WriteError
+            _raise_if_disk_refused(e, _written(paths, tmps, e))
+            raise
         for path in paths:
             require_replaceable(path)  # e.g. a directory made there while the block ran
         for tmp, path in zip(tmps, paths, strict=True):
@@ -109,10 +118,17 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     one dropped: a directory is written once, by whichever writer finishes first. The temporary is
     removed in any case."""
     path = Path(path)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp"))
+    except OSError as e:
+        raise _cannot_write(path, e) from None
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a plain mkdir would not
-        yield tmp
+        try:
+            yield tmp
+        except Exception as e:  # e.g. a full disk while the directory's files are written
+            _raise_if_disk_refused(e, path)
+            raise
         try:
             os.rename(tmp, path)
         except OSError:
@@ -142,7 +158,27 @@ def same_file(a: Path, b: Path) -> bool:
 
 
 def require_replaceable(path: Path) -> None:
-    """Refuse an output that is a directory or no regular file, or that lies below a file."""
+    """Refuse an output that is a directory or no regular file, or that lies below a file, or whose
+    name (or a directory's on the way) is longer than the filesystem takes."""
+    try:
+        _require_replaceable(path)
+    except OSError as e:  # e.g. a path longer than the system takes in all
+        raise CaaError(f"{path}: cannot be written ({e.strerror or e})") from None
+
+
+def check_name(path: Path) -> None:
+    """Refuse a path with a name (its own or a directory's on the way) longer than the filesystem takes."""
+    limit = name_max(_existing_ancestor(path.parent))
+    for part in path.parts:
+        if len(os.fsencode(part)) > limit:
+            raise CaaError(
+                f"{path}: a file name of {len(os.fsencode(part))} bytes, and this "
+                f"filesystem takes at most {limit}: choose a shorter name"
+            )
+
+
+def _require_replaceable(path: Path) -> None:
+    check_name(path)
     if path.is_dir():
         raise CaaError(f"{path}: is a directory; give a file name to write")
     if path.exists() and not path.is_file():
@@ -159,7 +195,7 @@ def _new_temporary(path: Path) -> Path:
     require_replaceable(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp")
     except OSError as e:
         raise _cannot_write(path, e) from None
     try:
@@ -167,6 +203,70 @@ def _new_temporary(path: Path) -> Path:
     finally:
         os.close(fd)
     return Path(name)
+
+
+_TEMPORARY_EXTRA = len(".") + 8 + len(".tmp")  # tempfile's random part, then the suffix
+_DISK_REFUSED = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
+def name_max(directory: Path) -> int:
+    """The longest file name (in bytes) that ``directory``'s filesystem takes (255 if it cannot tell)."""
+    try:
+        return int(os.pathconf(directory, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return 255
+
+
+def _temporary_prefix(path: Path) -> str:
+    """The start of the temporary's name beside ``path``: ``.NAME.``, or, where that would make a name
+    longer than the filesystem takes, the start of NAME and a hash of all of it (``.NAMESTART~HASH.``)."""
+    prefix = f".{path.name}."
+    limit = name_max(_existing_ancestor(path.parent))
+    if len(os.fsencode(prefix)) + _TEMPORARY_EXTRA <= limit:
+        return prefix
+    digest = hashlib.sha256(os.fsencode(path.name)).hexdigest()[:12]
+    keep = os.fsencode(path.name)[: max(0, limit - _TEMPORARY_EXTRA - len(digest) - 3)]
+    return f".{keep.decode(errors='ignore')}~{digest}."
+
+
+def _existing_ancestor(directory: Path) -> Path:
+    """The nearest of ``directory`` and its parents that is an existing directory."""
+    for candidate in (directory, *directory.parents):
+        try:
+            if os.path.isdir(candidate):  # False, never an error, for a name too long
+                return candidate
+        except ValueError:
+            pass
+    return Path(".")
+
+
+def disk_refusal(e: BaseException) -> OSError | None:
+    """The OSError of a write the disk refused (full, over quota, over ``ulimit -f``, read-only, an
+    I/O error) behind ``e``, or None. safetensors reports one as a SafetensorError naming the OS
+    error's number; pyarrow as an OSError; Python as an OSError."""
+    if isinstance(e, OSError):
+        return e if e.errno in _DISK_REFUSED else None
+    if type(e).__name__ == "SafetensorError":  # safetensors' own class; not imported for it
+        found = re.search(r"os error (\d+)|code: (\d+)", str(e))
+        code = int(next(g for g in found.groups() if g)) if found else None
+        if code in _DISK_REFUSED:
+            return OSError(code, os.strerror(code))
+    return None
+
+
+def _raise_if_disk_refused(e: Exception, path: Path | str) -> None:
+    refused = disk_refusal(e)
+    if refused is not None:
+        why = os.strerror(refused.errno) if refused.errno else str(refused)  # pyarrow's strerror is long
+        raise WriteError(f"{path}: cannot write there ({why})", refused) from None
+
+
+def _written(paths: Sequence[Path], tmps: Sequence[Path], e: Exception) -> str:
+    """The output whose temporary a failure names, else every output of the block."""
+    for path, tmp in zip(paths, tmps, strict=True):
+        if getattr(e, "filename", None) is not None and Path(e.filename) == tmp:  # type: ignore[attr-defined]
+            return str(path)
+    return ", ".join(str(p) for p in paths)
 
 
 def _sync(tmp: Path, path: Path) -> None:

@@ -6,13 +6,14 @@ of an export or of the report), never by its name; the sweep's several files are
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from caa.errors import CaaError, InputError
 from caa.store.arrays import npy_note, npz_note
 from caa.store.artifacts import read_meta
-from caa.store.files import check_distinct, require_replaceable, same_file
+from caa.store.files import check_distinct, check_name, require_replaceable, same_file
 from caa.store.schemas import (
     EXPORT,
     EXPORT_MARKER,
@@ -36,32 +37,48 @@ def sweep_paths(out: Path) -> tuple[Path, Path, Path]:
 
 
 def check_outputs(
-    inputs: Iterable[Path | None], outputs: Sequence[tuple[Path, Kind]], force: bool = False
+    inputs: Iterable[Path | None],
+    outputs: Sequence[tuple[Path, Kind]],
+    force: bool = False,
+    directories: Sequence[Path] = (),
 ) -> list[str]:
-    """Refuse, before any work, outputs that would destroy data; the notices of files to be replaced.
+    """Refuse, before any work, outputs that would destroy data or cannot be written; the notices of
+    files to be replaced.
 
-    Refused: an output that is one of ``inputs`` (through a symlink, ``..`` or a hard link); two
-    outputs that are one file; an output that is a directory or no regular file, or below a file;
-    and an existing file that is not a caa artifact of the kind to be written there (a dataset,
-    another stage's artifact) unless ``force``. A file of that kind (a rerun) is replaced.
+    Refused: an output that is one of ``inputs`` (through a symlink, ``..`` or a hard link), or an
+    existing file inside an input that is a directory (a model's weights, an SAE's; a rerun's own
+    artifact there excepted), with or without ``force``, and without suggesting it; two outputs that
+    are one file; an output that is a directory or no regular file, or below a file; a name longer
+    than the filesystem takes; an output whose directory cannot be written; and an existing file that
+    is not a caa artifact of the kind to be written there (a dataset, another stage's artifact) unless
+    ``force``. A file of that kind (a rerun) is replaced.
+    ``directories`` are made beside the outputs as the run goes (extract's ``OUT.partial/``): their
+    names and places are checked the same way.
     """
     outs = [(Path(path), kind) for path, kind in outputs]
     check_distinct([path for path, _ in outs])
-    for given in inputs:
-        for path, _ in outs:
-            if given is not None and same_file(Path(given), path):
-                raise CaaError(
-                    f"{path}: is the input {given}; writing it would destroy that input: "
-                    "choose another output"
-                )
+    given = [Path(p) for p in inputs if p is not None]
+    for path, _ in outs:
+        _refuse_an_input(path, given)
+    for path, _ in outs:
+        require_replaceable(path)
+        _require_writable(path)
+    for directory in map(Path, directories):
+        check_name(directory)
+        _require_writable(directory, itself=True)
     notices = []
     for path, kind in outs:
-        require_replaceable(path)
         if not path.exists():
             continue
         found, what = _identify(path)
+        inside = _directory_holding(path, given)
         if found == kind.name:
             notices.append(f"{path} exists ({what}): replacing it")
+        elif inside is not None:
+            raise CaaError(
+                f"{path}: exists inside the input directory {inside} and is {what}; replacing it "
+                "would destroy that input: choose another output"
+            )
         elif force:
             notices.append(f"{path} exists ({what}): replacing it, as --force asks")
         else:
@@ -70,6 +87,36 @@ def check_outputs(
                 "add --force to replace it, or choose another output"
             )
     return notices
+
+
+def _refuse_an_input(path: Path, inputs: Sequence[Path]) -> None:
+    for given in inputs:
+        if same_file(given, path):
+            raise CaaError(
+                f"{path}: is the input {given}; writing it would destroy that input: choose another output"
+            )
+
+
+def _directory_holding(path: Path, inputs: Sequence[Path]) -> Path | None:
+    """The input directory that ``path`` lies in (below it, symlinks resolved), if any."""
+    real = os.path.realpath(path)
+    for given in inputs:
+        if os.path.isdir(given) and real.startswith(os.path.join(os.path.realpath(given), "")):
+            return given
+    return None
+
+
+def _require_writable(path: Path, itself: bool = False) -> None:
+    """Refuse an output whose directory (or the nearest one that exists, where it will be made; with
+    ``itself``, the directory ``path`` if it exists) cannot be written: found now, not after the run."""
+    for directory in (path, *path.parents) if itself else path.parents:
+        if os.path.isdir(directory):
+            if not os.access(directory, os.W_OK | os.X_OK):
+                raise CaaError(
+                    f"{path}: cannot be written: the directory {directory} is not writable "
+                    "(read-only, or no permission)"
+                )
+            return
 
 
 def _identify(path: Path) -> tuple[str | None, str]:

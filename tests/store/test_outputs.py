@@ -123,6 +123,8 @@ def setup(ops: str, tmp: Path, subs: dict[str, str]) -> None:
             os.mkfifo(path)
         elif what == "copy":
             shutil.copy(target, path)
+        elif what == "tree":
+            shutil.copytree(target, path)
         else:
             raise AssertionError(f"unknown setup {op!r}")
 
@@ -146,6 +148,7 @@ class OutCase:
 
 INPUT = "is the input"
 FORCE = "add --force to replace it"
+INSIDE = "exists inside the input directory"
 SWEEP_CMD = COMMANDS["sweep"].replace("{neutral}", "{tmp}/neutral.jsonl")
 GENERATE_CMD = COMMANDS["generate"]
 OUT_CASES = [
@@ -214,6 +217,20 @@ OUT_CASES = [
         ("out-is-prompts-hardlink", "generate", GENERATE_CMD + " --prompts {prompts} -o {tmp}/h.txt",
          "hard:h.txt={prompts}", "is the input {prompts}", "{tmp}/h.txt"),
         ("out-is-directory", "generate", GENERATE_CMD + " -o {tmp}", "", "is a directory", "{tmp}"),
+        # a file inside a directory input (a model's weights, an SAE's), never replaced, --force or not
+        ("out-in-model-dir-force", "extract", "extract {pairs} -m {tmp}/m -o {tmp}/m/model.safetensors "
+         "--force", "tree:m={model}", INSIDE, "{tmp}/m/model.safetensors"),
+        ("out-in-model-dir", "extract", "extract {pairs} -m {tmp}/m -o {tmp}/m/model.safetensors",
+         "tree:m={model}", INSIDE, "{tmp}/m/model.safetensors"),
+        ("out-in-model-dir-symlink", "extract", "extract {pairs} -m {tmp}/m -o {tmp}/w.safetensors --force",
+         "tree:m={model} link:w.safetensors={tmp}/m/model.safetensors", INSIDE, "{tmp}/w.safetensors"),
+        ("out-in-sae-dir-force", "import", "import {tmp}/sae --feature 2 -m {model} -o "
+         "{tmp}/sae/sae_weights.safetensors --force", "text:sae/cfg.json text:sae/sae_weights.safetensors",
+         INSIDE, "{tmp}/sae/sae_weights.safetensors"),
+        ("out-in-model-dir-force", "sweep", SWEEP_CMD.replace("{model}", "{tmp}/m")
+         + " -o {tmp}/m/config.json --force", "tree:m={model}", INSIDE, "{tmp}/m/config.json"),
+        ("out-in-model-dir-force", "generate", GENERATE_CMD.replace("{model}", "{tmp}/m")
+         + " -o {tmp}/m/tokenizer.json --force", "tree:m={model}", INSIDE, "{tmp}/m/tokenizer.json"),
     ]
 ]  # fmt: skip
 
@@ -235,6 +252,8 @@ def test_bad_output(case: OutCase, valid: Valid, tmp_path: Path) -> None:
         wrong.append(f"the message lacks {case.problem.format(**subs)!r}")
     if case.names.format(**subs) not in result.output:
         wrong.append(f"the message does not name {case.names.format(**subs)!r}")
+    if case.problem == INSIDE and "--force" in result.output:
+        wrong.append("the message suggests --force, which would destroy the input")
     after = snapshot(tmp_path)
     if after != before:
         changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))

@@ -40,7 +40,8 @@ from caa.models.specs import config_num_layers
 from caa.report.page import build_report, find_artifacts, write_report
 from caa.report.summary import inspect_artifact, layer_spans
 from caa.stages.checks import check_model
-from caa.stages.extract import Activations, extract_in_memory, read_activations, run_extract
+from caa.stages.extract import Activations, extract_in_memory, read_activations
+from caa.stages.extract_file import run_extract, text_share
 from caa.stages.foreign import read_foreign
 from caa.stages.generate import Generations, run_generate
 from caa.stages.ingest import PairSet, ingest_records, pair_set, parse_mapping
@@ -97,6 +98,7 @@ __all__ = [
     "export_format",
     "export_vectors",
     "extract",
+    "extract_share",
     "extract_to_file",
     "find_artifacts",
     "fluency_label",
@@ -208,8 +210,15 @@ def extract_to_file(
         provenance=provenance,
         on_texts=on_texts,
         notice=notice,
-        accelerator=accelerator,
+        shard=Shard.of(accelerator),
     )
+
+
+def extract_share(pairs: pd.DataFrame, options: ExtractOptions, accelerator: Any = None) -> float:
+    """How many of ``pairs`` (in texts / 2) this process of ``accelerate launch`` extracts: the
+    total of its progress."""
+    work = text_share(2 * len(pairs), options.batch_size, Shard.of(accelerator))
+    return sum(b - a for a, b in work) / 2
 
 
 def compute_vectors(

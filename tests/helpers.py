@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,25 @@ from caa.models.loading import LoadedModel
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data"
 runner = CliRunner()
+
+
+def launch(args: list[str], processes: int, **popen: Any) -> subprocess.CompletedProcess[str]:
+    """``python -m caa ARGS`` under torchrun with ``processes`` real CPU processes (gloo), as README's
+    "Scaling out" launches them; ``--standalone`` picks a free port, so tests can run side by side.
+    (``accelerate launch --cpu --num_processes 2`` starts one process: accelerate reports 1.)"""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    torchrun += ["--nproc_per_node", str(processes)]
+    return subprocess.run(
+        [*torchrun, "-m", "caa", *args], env=env, capture_output=True, text=True, timeout=600, **popen
+    )
+
+
+def ranks_reported(proc: subprocess.CompletedProcess[str], processes: int) -> None:
+    """Assert that ``processes`` ranks ran: the main process prints the ranks that answered it."""
+    ranks = ", ".join(map(str, range(processes)))
+    assert f"{processes} processes share the work: ranks {ranks}" in proc.stderr, proc.stderr[-3000:]
+
 
 AB_ROWS = [
     {

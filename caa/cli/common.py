@@ -256,6 +256,20 @@ def _load(
     return loaded
 
 
+def _accelerator() -> Any:
+    """This process's ``accelerate.Accelerator``; under a launcher of several processes every rank
+    reports itself, and the main process says which ranks share the work."""
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+
+    accelerator = Accelerator()
+    if accelerator.num_processes > 1:
+        ranks = gather_object([accelerator.process_index])
+        if accelerator.is_main_process:
+            err.print(f"{len(ranks)} processes share the work: ranks {', '.join(map(str, ranks))}")
+    return accelerator
+
+
 def _device(accelerator: Any, device_map: str | None) -> Any:
     """Where this process puts the model: ``--device-map`` places it, else the accelerator's device."""
     return None if device_map else accelerator.device

@@ -19,6 +19,7 @@ from caa.cli.common import (
     ScaleOpt,
     SteerOpt,
     TemplateOpt,
+    _accelerator,
     _check_outputs,
     _device,
     _load,
@@ -81,9 +82,7 @@ def generate(
     Example: [bold]caa generate -v vectors.parquet --behavior sentiment --layer 14 --multipliers -4,0,4
     -p "Describe your morning."[/]
     """
-    from accelerate import Accelerator
-
-    accelerator = Accelerator()  # under `accelerate launch`, the batches are shared out
+    accelerator = _accelerator()  # under a launcher of several processes, the batches are shared out
     main = accelerator.is_main_process
     outputs = [(out_path, api.OUTPUTS["generations"])]
     _check_outputs([vectors, prompts_file, _model_input(model)], outputs, force, main)

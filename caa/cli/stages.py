@@ -18,6 +18,7 @@ from caa.cli.common import (
     RemoteOpt,
     TemplateOpt,
     TruncateOpt,
+    _accelerator,
     _check_outputs,
     _device,
     _load,
@@ -83,15 +84,14 @@ def extract(
     Layer l is the output of decoder block l (0-based): the residual stream after block l, which is
     hidden_states[l + 1] in transformers except for the last block, where transformers applies the
     final norm; caa records the block's own output there too. The forward pass stops after the
-    deepest requested layer. Under `accelerate launch -m caa extract ...` the pairs are sharded over
-    the processes and merged into one file. Finished batches are kept in OUT.partial/ until the run
-    ends: after Ctrl-C or a crash, the same command with --resume continues where it stopped.
+    deepest requested layer. Under `accelerate launch -m caa extract ...` (or torchrun) whole batches
+    are shared over the processes and merged into the file one process writes. Finished batches
+    are kept in OUT.partial/ until the run ends: after Ctrl-C or a crash, the same command with
+    --resume continues where it stopped.
 
     Example: [bold]caa extract pairs.parquet --layers 8-20 -o activations.parquet[/]
     """
-    from accelerate import Accelerator
-
-    accelerator = Accelerator()
+    accelerator = _accelerator()  # under a launcher of several processes, the batches are shared out
     main = accelerator.is_main_process
     outputs = [(out_path, api.OUTPUTS["activations"])]
     partial = (api.partial_dir(out_path),)  # the finished batches, kept until the run ends
@@ -102,7 +102,7 @@ def extract(
         loaded = _load(
             model, dtype, device_map, trust_remote_code, _device(accelerator, device_map), chat_template
         )
-        share = len(frame.iloc[accelerator.process_index :: accelerator.num_processes])
+        share = api.extract_share(frame, options, accelerator)
         with _progress(disable=not main) as bar:  # type: ignore[attr-defined]
             task = bar.add_task("extracting", total=share, rate="")
 

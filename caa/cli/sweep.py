@@ -20,6 +20,7 @@ from caa.cli.common import (
     SteerOpt,
     TemplateOpt,
     TruncateOpt,
+    _accelerator,
     _check_outputs,
     _device,
     _gc_paused,
@@ -130,9 +131,7 @@ def sweep(
 
     Example: [bold]caa sweep vectors.parquet pairs.parquet --layers 10,14,18 --multipliers -4,-2,0,2,4[/]
     """
-    from accelerate import Accelerator
-
-    accelerator = Accelerator()  # under `accelerate launch`, the grid's batches are shared out
+    accelerator = _accelerator()  # under a launcher of several processes, the batches are shared out
     main = accelerator.is_main_process
     try:
         table_path, items_path, plot = api.sweep_paths(out_path)

@@ -4,14 +4,13 @@
 every block but the last, where transformers returns the output after the final norm instead; we
 always record the block's own output.
 
-One module (about 400 lines) for the stage's three layers, each small: the batched forward pass
-that records, the in-memory result (:class:`Activations`), and the run that streams to Parquet
-with checkpoints and shards over processes; they share the encoding and the batch loop.
+This module holds the batched forward pass that records and the in-memory result
+(:class:`Activations`); :mod:`caa.stages.extract_file` the run that streams to Parquet with
+checkpoints and shares its batches over processes. They share the encoding and the batch loop.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,6 @@ from caa.errors import CaaError, InputError, MismatchError
 from caa.models.loading import LoadedModel
 from caa.stages.ingest import SIDES, describe_pair
 from caa.stages.options import ExtractOptions
-from caa.store import checkpoint
 from caa.store.artifacts import Artifact, StreamWriter, columns_table, make_meta, read_artifact, vectors_of
 from caa.store.schemas import ACTIVATIONS
 
@@ -86,11 +84,20 @@ def encode_pairs(
     return items
 
 
-def batches_by_length(items: Sequence[TextItem], batch_size: int, skip: int = 0) -> list[list[TextItem]]:
-    """Sort by length (least padding; ties keep their order), leave out the first ``skip``, and cut
-    into batches."""
-    ordered = sorted(items, key=lambda it: len(it.encoded.input_ids))[skip:]
-    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+def length_order(items: Sequence[TextItem]) -> list[TextItem]:
+    """The texts sorted by length (least padding; ties keep their order): the order they run in."""
+    return sorted(items, key=lambda it: len(it.encoded.input_ids))
+
+
+def batch_ranges(n_texts: int, batch_size: int) -> list[tuple[int, int]]:
+    """The batches of a run, as ranges ``[start, stop)`` of the texts in :func:`length_order`."""
+    return [(at, min(at + batch_size, n_texts)) for at in range(0, n_texts, batch_size)]
+
+
+def batches_by_length(items: Sequence[TextItem], batch_size: int) -> list[list[TextItem]]:
+    """The texts of :func:`length_order` cut into the batches of :func:`batch_ranges`."""
+    ordered = length_order(items)
+    return [ordered[a:b] for a, b in batch_ranges(len(ordered), batch_size)]
 
 
 @torch.inference_mode()
@@ -122,26 +129,63 @@ def extract_activations(
     padding_side: str = "left",
     on_texts: Callable[[int], None] | None = None,
     notice: Callable[[str], None] | None = None,
-    skip: int = 0,
     truncate: bool = False,
     pairs_path: Path | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield row groups of the activations table (column arrays), one per batch.
 
     Each text is one side of one pair; its rows are one per layer. Texts run in order of length
-    (ties in pair order), and each row group holds the next texts of that order; ``skip`` leaves
-    out its first texts (done before an interruption). On a CUDA out-of-memory error the batch is
-    retried in halves and the batch size stays halved. ``truncate``: see :func:`encode_pairs`.
+    (ties in pair order), and each row group holds the next texts of that order. ``truncate``: see
+    :func:`encode_pairs`; out of memory: see :func:`run_batches`.
     """
+    items = length_order(encode_texts(pairs, loaded, position, chat_template, truncate, notice, pairs_path))
+    ranges = batch_ranges(len(items), batch_size)
+    for start, stop, group in run_batches(
+        loaded, items, ranges, layers, pair_keys(pairs), padding_side, notice
+    ):
+        yield group
+        if on_texts:
+            on_texts(stop - start)
+
+
+def encode_texts(
+    pairs: pd.DataFrame,
+    loaded: LoadedModel,
+    position: str,
+    chat_template: str,
+    truncate: bool,
+    notice: Callable[[str], None] | None,
+    pairs_path: Path | None,
+) -> list[TextItem]:
+    """:func:`encode_pairs` in the model's prompt format; no pairs is an error."""
     if pairs.empty:
         raise CaaError("no pairs to extract")
     style = prompt_format(loaded.tokenizer, chat_template)
-    items = encode_pairs(pairs, loaded, style, position, truncate, notice, pairs_path)
+    return encode_pairs(pairs, loaded, style, position, truncate, notice, pairs_path)
+
+
+def run_batches(
+    loaded: LoadedModel,
+    ordered: Sequence[TextItem],
+    ranges: Sequence[tuple[int, int]],
+    layers: Sequence[int],
+    keys: dict[str, np.ndarray],
+    padding_side: str = "left",
+    notice: Callable[[str], None] | None = None,
+) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    """(start, stop, row group) of the texts ``ordered[start:stop]`` of each batch in ``ranges``.
+
+    On a CUDA out-of-memory error the batch is retried in halves, and every later batch is cut to
+    that size; the pieces of a batch stay in order, so the rows do."""
     pad_id = loaded.tokenizer.pad_token_id
-    keys = _keys(pairs)
-    queue = batches_by_length(items, batch_size, skip)
+    queue = list(ranges)
+    cap: int | None = None
     while queue:
-        chunk = queue.pop(0)
+        start, stop = queue.pop(0)
+        if cap is not None and stop - start > cap:
+            queue[:0] = [(at, min(at + cap, stop)) for at in range(start, stop, cap)]
+            continue
+        chunk = ordered[start:stop]
         acts: torch.Tensor | None = None
         try:
             acts = forward_layers(loaded, collate([it.encoded for it in chunk], pad_id, padding_side), layers)
@@ -151,18 +195,15 @@ def extract_activations(
         if acts is None:
             # out of the except block: its traceback held the failed pass's tensors until now
             torch.cuda.empty_cache()
-            half = len(chunk) // 2
+            cap = len(chunk) // 2
             if notice:
-                notice(f"CUDA out of memory at batch size {len(chunk)}; retrying at {half}")
-            rest = [it for b in queue for it in b]
-            queue = [chunk[:half], chunk[half:], *batches_by_length(rest, half)]
+                notice(f"CUDA out of memory at batch size {len(chunk)}; retrying at {cap}")
+            queue[:0] = [(start, start + cap), (start + cap, stop)]
             continue
-        yield _rows(keys, chunk, layers, acts.cpu().numpy())
-        if on_texts:
-            on_texts(len(chunk))
+        yield start, stop, _rows(keys, chunk, layers, acts.cpu().numpy())
 
 
-def _keys(pairs: pd.DataFrame) -> dict[str, np.ndarray]:
+def pair_keys(pairs: pd.DataFrame) -> dict[str, np.ndarray]:
     """The pair columns every row group repeats, converted once (not once per batch)."""
     return {
         "pair_id": pairs.pair_id.to_numpy(),
@@ -336,85 +377,3 @@ def extract_in_memory(
     recorded = {**options.provenance(), **(provenance or {})}
     meta = activations_meta(loaded, layers, options.position, options.chat_template, recorded, inputs)
     return Activations(keys, values, meta, [])
-
-
-def run_extract(
-    pairs: pd.DataFrame,
-    pairs_path: Path,
-    out: Path,
-    loaded: LoadedModel,
-    options: ExtractOptions,
-    *,
-    resume: bool = False,
-    provenance: Mapping[str, Any] | None = None,
-    on_texts: Callable[[int], None] | None = None,
-    notice: Callable[[str], None] | None = None,
-    accelerator: Any = None,
-) -> int:
-    """Extract activations of ``pairs`` (read from ``pairs_path``, already filtered with
-    :func:`caa.stages.ingest.select_pairs`) into ``out``; returns the number of pairs.
-
-    Finished batches are kept in ``out.partial/`` until the whole run is done, so an interrupted
-    run continues with ``resume`` and gives the same file. Under ``accelerate launch`` each process
-    takes every n-th pair; the main process merges the pieces into ``out``.
-    """
-    layers = model_layers(options.layers, loaded.num_layers)
-    position, chat_template = options.position, options.chat_template
-    batch_size, truncate = options.batch_size, options.truncate
-    recorded = {**options.provenance(), **(provenance or {})}
-    meta = activations_meta(loaded, layers, position, chat_template, recorded, {"pairs": Path(pairs_path)})
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    identity = {
-        "pairs_sha256": meta["inputs"][str(pairs_path)],
-        "pair_ids_sha256": hashlib.sha256("\n".join(pairs.pair_id).encode()).hexdigest(),
-        "model": meta["model"],
-        "prompt": meta["prompt"],
-        "layers": layers,
-        "batch_size": batch_size,
-        "truncate": truncate,
-        "processes": world,
-    }
-    checkpoint.check_fresh(Path(out), resume)
-    if accelerator:
-        accelerator.wait_for_everyone()  # every rank has looked before any rank creates its pieces
-    pieces = checkpoint.Checkpoint(Path(out), identity, rank)
-    shard = pairs.iloc[rank::world].reset_index(drop=True)
-    schema = ACTIVATIONS.schema(loaded.hidden_size)
-    for message in pieces.discarded:
-        if notice:
-            notice(message)
-    if pieces.done:
-        if notice:
-            notice(f"resuming: {pieces.done} of {2 * len(shard)} texts were done before the interruption")
-        if on_texts:
-            on_texts(pieces.done)
-    if pieces.done < 2 * len(shard):
-        try:
-            for group in extract_activations(
-                shard,
-                loaded,
-                layers,
-                position=position,
-                chat_template=chat_template,
-                batch_size=batch_size,
-                on_texts=on_texts,
-                notice=notice,
-                skip=pieces.done,
-                truncate=truncate,
-                pairs_path=Path(pairs_path),
-            ):
-                pieces.add(len(group["pair_id"]) // len(layers), columns_table(group, schema))
-        except CaaError:
-            if not pieces.done:  # an error in the inputs, before any work: nothing to resume
-                checkpoint.remove(Path(out))
-            raise
-    if accelerator:
-        accelerator.wait_for_everyone()
-    if rank == 0:
-        with StreamWriter(Path(out), ACTIVATIONS, meta, d_model=loaded.hidden_size) as writer:
-            for table in checkpoint.merged_pieces(Path(out), world):
-                writer.write_table(table)
-        checkpoint.remove(Path(out))
-    if accelerator:
-        accelerator.wait_for_everyone()
-    return len(pairs)

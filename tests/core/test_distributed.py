@@ -1,11 +1,8 @@
 """Sharing the sweep and generation out over processes (caa.distributed): every process's share,
-merged, equals what one process computes; and under a real `accelerate launch` with 2 CPU processes."""
+merged, equals what one process computes; and under torchrun with 2 real CPU processes."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +20,7 @@ from caa.stages.generate import Generations
 from caa.stages.options import GenerateOptions, SweepOptions
 from caa.stages.sweep import SweepResult, run_sweep
 from caa.stages.vectors import VectorSet
-from tests.helpers import NEUTRAL, REPO, held_out
+from tests.helpers import NEUTRAL, held_out, launch, ranks_reported
 
 
 def test_take_partitions_the_plan_and_balances_it() -> None:
@@ -130,13 +127,6 @@ def test_two_shards_of_generation_merge_into_the_one_process_rows(
     assert list(one.frame.prompt_index) == [i for i in range(5) for _ in range(3)]
 
 
-def _launch(args: list[str], processes: int) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes)]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "caa"]
-    return subprocess.run([*launch, *args], env=env, capture_output=True, text=True, timeout=600)
-
-
 def _sweep_inputs(pipelines: Callable[[str], tuple[Path, Path]], tmp_path: Path) -> tuple[Path, Path, Path]:
     """The tiny llama's pairs and vectors, and a neutral prompts file."""
     neutral = tmp_path / "neutral.txt"
@@ -144,7 +134,7 @@ def _sweep_inputs(pipelines: Callable[[str], tuple[Path, Path]], tmp_path: Path)
     return (*pipelines("llama"), neutral)
 
 
-def test_accelerate_launch_two_processes_sweep_and_generate_as_one(
+def test_two_real_processes_sweep_and_generate_as_one(
     pipelines: Callable[[str], tuple[Path, Path]], tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
     pairs_path, vectors_path, neutral = _sweep_inputs(pipelines, tmp_path)
@@ -156,9 +146,10 @@ def test_accelerate_launch_two_processes_sweep_and_generate_as_one(
     generate += ["--max-new-tokens", "6", "--multipliers", "-2,0,2"]
     for n in (1, 2):
         for args, name in ((sweep, "sweep"), (generate, "generations")):
-            proc = _launch([*args, "-o", str(tmp_path / f"{name}{n}.parquet")], n)
+            proc = launch([*args, "-o", str(tmp_path / f"{name}{n}.parquet")], n)
             assert proc.returncode == 0, proc.stderr[-3000:]
-            if n == 2:  # the main process alone prints
+            if n == 2:  # two ranks ran, and the main process alone prints
+                ranks_reported(proc, 2)
                 assert proc.stdout.count("wrote ") == 1, proc.stdout
     one, two = SweepResult.read(tmp_path / "sweep1.parquet"), SweepResult.read(tmp_path / "sweep2.parquet")
     pd.testing.assert_frame_equal(two.table, one.table, check_exact=True)

@@ -9,19 +9,19 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
 from caa.cli import app
+from caa.core.distributed import Shard
 from caa.errors import CaaError, MismatchError
 from caa.models.loading import load_model
-from caa.stages.extract import run_extract
+from caa.stages.extract_file import run_extract
 from caa.stages.ingest import read_pairs
 from caa.stages.options import ExtractOptions
 from caa.store.artifacts import read_artifact
-from caa.store.checkpoint import partial_dir
+from caa.store.checkpoint import RunLock, partial_dir
 from caa.store.schemas import ACTIVATIONS
 from tests.helpers import REPO, write_pairs_file
 
@@ -175,18 +175,14 @@ def test_ctrl_c_says_how_to_resume(tiny_models: dict[str, Path], tmp_path: Path)
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
 
 
-class FakeAccelerator:
-    """One rank of a run over ``world`` processes, run here one rank after the other."""
-
-    def __init__(self, rank: int, world: int) -> None:
-        self.process_index, self.num_processes = rank, world
-        self.is_main_process = rank == 0
-
-    def wait_for_everyone(self) -> None:
-        pass
+def one_after_the_other(rank: int, world: int) -> Shard:
+    """Rank ``rank`` of ``world`` processes run here one after the other: a gather returns this
+    rank's items for every rank (each rank agrees with itself)."""
+    return Shard(rank, world, lambda items: items * world)
 
 
-def test_each_process_resumes_its_own_shard(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+def test_each_process_resumes_its_own_batches(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """One rank killed mid-run: it resumes its own batches, and the merge is the one-process file."""
     pairs_path = many_pairs(tmp_path / "pairs.parquet", 20)
     pairs = read_pairs(pairs_path)[0]
     loaded = load_model(str(tiny_models["llama"]), device="cpu")
@@ -194,17 +190,9 @@ def test_each_process_resumes_its_own_shard(tiny_models: dict[str, Path], tmp_pa
     run_extract(pairs, pairs_path, one, loaded, BY2)
 
     def rank(r: int, **kw: object) -> None:
-        run_extract(
-            pairs,
-            pairs_path,
-            out,
-            loaded,
-            BY2,
-            accelerator=FakeAccelerator(r, 2),
-            **kw,
-        )  # type: ignore[arg-type]
+        run_extract(pairs, pairs_path, out, loaded, BY2, shard=one_after_the_other(r, 2), **kw)  # type: ignore[arg-type]
 
-    rank(1)  # finishes its shard; only rank 0 merges
+    rank(1)  # finishes its batches; only rank 0 merges
     assert not out.exists() and len(list((partial_dir(out) / "rank1").glob("items-*"))) == 10
     with pytest.raises(KeyboardInterrupt):  # (in a real run rank 0 looked before rank 1 started)
         rank(0, resume=True, on_texts=Interrupt(8))
@@ -213,9 +201,68 @@ def test_each_process_resumes_its_own_shard(tiny_models: dict[str, Path], tmp_pa
     counted: list[int] = []
     rank(0, resume=True, on_texts=counted.append)
     assert counted[0] == 8 and sum(counted) == 20
-    order = ["pair_id", "side", "layer"]
-    merged = table_of(out).to_pandas().sort_values(order).reset_index(drop=True)
-    single = table_of(one).to_pandas().sort_values(order).reset_index(drop=True)
-    assert merged.drop(columns="activation").equals(single.drop(columns="activation"))
-    np.testing.assert_allclose(np.stack(merged.activation), np.stack(single.activation), atol=1e-5)
+    assert table_of(out).equals(table_of(one))  # the same batches: the same rows, bit for bit
     assert not partial_dir(out).exists()
+
+
+def test_a_run_on_an_output_another_run_is_using_is_refused(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    pairs_path = many_pairs(tmp_path / "pairs.parquet", 6)
+    pairs = read_pairs(pairs_path)[0]
+    loaded = load_model(str(tiny_models["llama"]), device="cpu")
+    out = tmp_path / "out.parquet"
+    with pytest.raises(KeyboardInterrupt):
+        run_extract(pairs, pairs_path, out, loaded, BY2, on_texts=Interrupt(4))
+    before = sorted(p.name for p in (partial_dir(out) / "rank0").iterdir())
+    other = RunLock(out, 0)  # a run still going (here: an open lock of this process)
+    for resume in (False, True):
+        with pytest.raises(CaaError, match=rf"{out}: another run is using it"):
+            run_extract(pairs, pairs_path, out, loaded, BY2, resume=resume)
+    assert sorted(p.name for p in (partial_dir(out) / "rank0").iterdir()) == before  # untouched
+    other.release()
+    run_extract(pairs, pairs_path, out, loaded, BY2, resume=True)
+    assert table_of(out).num_rows == 2 * 6 * 2
+
+
+def test_a_resume_deletes_pieces_its_run_did_not_record(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """A rank's run.json gone (two runs at once left that): its pieces are not this run's to merge."""
+    pairs_path = many_pairs(tmp_path / "pairs.parquet", 10)
+    pairs = read_pairs(pairs_path)[0]
+    loaded = load_model(str(tiny_models["llama"]), device="cpu")
+    whole, out = tmp_path / "whole.parquet", tmp_path / "out.parquet"
+    run_extract(pairs, pairs_path, whole, loaded, BY2)
+    with pytest.raises(KeyboardInterrupt):
+        run_extract(pairs, pairs_path, out, loaded, BY2, on_texts=Interrupt(8))
+    (partial_dir(out) / "rank0" / "run.json").unlink()
+    notices: list[str] = []
+    run_extract(pairs, pairs_path, out, loaded, BY2, resume=True, notice=notices.append)
+    assert notices == [
+        f"{partial_dir(out) / 'rank0'}: 4 finished pieces without the run's record (run.json), "
+        "written by another run; deleted, to redo"
+    ]
+    assert table_of(out).equals(table_of(whole))  # 40 rows for 10 pairs, not 56
+
+
+def test_a_failed_first_batch_does_not_block_a_plain_rerun(
+    tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from caa.store import checkpoint
+
+    pairs_path = many_pairs(tmp_path / "pairs.parquet", 4)
+    pairs = read_pairs(pairs_path)[0]
+    loaded = load_model(str(tiny_models["llama"]), device="cpu")
+    out = tmp_path / "out.parquet"
+
+    def disk_full(self: object, items: int, table: pa.Table) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint.Checkpoint, "add", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            run_extract(pairs, pairs_path, out, loaded, BY2)
+    assert not partial_dir(out).exists()  # nothing finished, nothing kept
+    # what a killed first batch leaves (no cleanup ran): a run.json and no piece, of other options
+    checkpoint.Checkpoint(out, {"batch_size": 99})
+    run_extract(pairs, pairs_path, out, loaded, BY2)
+    assert table_of(out).num_rows == 2 * 4 * 2 and not partial_dir(out).exists()

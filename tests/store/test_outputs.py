@@ -10,6 +10,7 @@ listed in tests/bad_inputs/README.md ("Outputs that would destroy data").
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shlex
@@ -18,6 +19,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -27,7 +29,7 @@ from typer.testing import CliRunner
 from caa.cli import app
 from caa.errors import CaaError
 from caa.models.loading import load_model
-from caa.stages.extract import run_extract
+from caa.stages.extract_file import run_extract
 from caa.stages.ingest import read_pairs
 from caa.stages.options import ExtractOptions
 from caa.store.artifacts import columns_table, make_meta, read_artifact, read_meta, write_artifact
@@ -97,10 +99,14 @@ def snapshot(root: Path) -> dict[str, bytes | str]:
     return found
 
 
+HELD: list[BinaryIO] = []  # the locks of ``locked:`` setups
+
+
 def setup(ops: str, tmp: Path, subs: dict[str, str]) -> None:
     """Make what a case needs: ``link:NAME=TARGET`` (a symlink), ``hard:NAME=TARGET`` (a hard link),
     ``dir:NAME``, ``text:NAME`` (a text file), ``png:NAME`` (a PNG from elsewhere), ``dataset:NAME``
-    (a Parquet dataset without caa metadata), ``fifo:NAME``, ``copy:NAME=SOURCE``; targets and
+    (a Parquet dataset without caa metadata), ``fifo:NAME``, ``copy:NAME=SOURCE``, ``locked:NAME``
+    (a file locked as a running extract locks it, until the case ends); targets and
     sources are paths with ``{role}`` fields."""
     for op in ops.split():
         what, _, arg = op.partition(":")
@@ -125,6 +131,10 @@ def setup(ops: str, tmp: Path, subs: dict[str, str]) -> None:
             shutil.copy(target, path)
         elif what == "tree":
             shutil.copytree(target, path)
+        elif what == "locked":  # a run still going: its lock held (here by this process)
+            held = path.open("a+b")
+            fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            HELD.append(held)
         else:
             raise AssertionError(f"unknown setup {op!r}")
 
@@ -182,6 +192,10 @@ OUT_CASES = [
         ("partial-is-a-file", "extract", "extract {pairs} -m {model} -o {tmp}/out.parquet",
          "text:out.parquet.partial", "is a file; caa extract keeps its unfinished batches there",
          "{tmp}/out.parquet.partial"),
+        ("out-in-use", "extract", "extract {pairs} -m {model} -o {tmp}/out.parquet",
+         "locked:out.parquet.partial/rank0.lock", "another run is using it", "{tmp}/out.parquet"),
+        ("out-in-use-resume", "extract", "extract {pairs} -m {model} -o {tmp}/out.parquet --resume",
+         "locked:out.parquet.partial/rank0.lock", "another run is using it", "{tmp}/out.parquet"),
         ("out-is-vectors", "extract", "extract {pairs} -m {model} -o {vectors}", "",
          "is a 'vectors' file from `caa compute-vectors`, not a 'activations' file", "{vectors}"),
         # compute-vectors
@@ -241,7 +255,11 @@ def test_bad_output(case: OutCase, valid: Valid, tmp_path: Path) -> None:
     subs = files.subs(valid)
     setup(case.setup, tmp_path, subs)
     before = snapshot(tmp_path)
-    result = runner.invoke(app, shlex.split(case.args.format(**subs)))
+    try:
+        result = runner.invoke(app, shlex.split(case.args.format(**subs)))
+    finally:
+        while HELD:
+            HELD.pop().close()
     lines = result.output.strip().splitlines()
     wrong = []
     if result.exit_code != 2:

@@ -38,7 +38,7 @@ from caa.store.files import atomic_path, atomic_paths
 from caa.store.outputs import check_outputs, sweep_paths
 from caa.store.schemas import GENERATIONS, PAIRS, PLOT, PNG_SOFTWARE, SWEEP
 from tests.helpers import FREEFORM_ROWS
-from tests.stages.test_resume import Interrupt, many_pairs, table_of
+from tests.stages.test_extract_file import Interrupt, many_pairs, table_of
 from tests.test_bad_inputs import COMMANDS, Valid, _describe, _one_thread, valid
 
 BY4 = ExtractOptions(layers=(0, 1, 2, 3), batch_size=4)  # every block of the tiny models

@@ -1,4 +1,5 @@
-"""Interrupted extraction: nothing that looks complete is left, and --resume finishes the same file."""
+"""caa.stages.extract_file, the run that streams to a file: interrupted extraction leaves nothing that looks
+complete, --resume finishes the same file, and processes share whole batches."""
 
 from __future__ import annotations
 

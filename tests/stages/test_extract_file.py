@@ -152,7 +152,9 @@ def test_killed_extract_leaves_no_output_and_resumes(tiny_models: dict[str, Path
 
 
 def test_ctrl_c_says_how_to_resume(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    pairs_path = many_pairs(tmp_path / "pairs.parquet", 200)
+    # enough pairs that the run cannot end between the fifth piece and the signal on a loaded machine
+    # (200 pairs take about a second: a busy CI machine once let the run finish first)
+    pairs_path = many_pairs(tmp_path / "pairs.parquet", 3000)
     out = tmp_path / "out.parquet"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "caa", "extract", str(pairs_path), "-m", str(tiny_models["llama"])]

@@ -35,7 +35,10 @@ def test_plan_extract_reads_the_chosen_split_and_refuses_an_interrupted_run(
     assert len(plan_extract(pairs_file, out, model, ExtractOptions(layers=(0,)))) == 20  # all 20 pairs
     with pytest.raises(OptionError, match="layer 9 is out of range"):
         plan_extract(pairs_file, out, model, ExtractOptions(layers=(9,)))
-    partial_dir(out).mkdir()
+    partial_dir(out).mkdir()  # no finished piece in it: no run to resume, and no obstacle
+    assert len(plan_extract(pairs_file, out, model, ExtractOptions())) == 20
+    (partial_dir(out) / "rank0").mkdir()
+    (partial_dir(out) / "rank0" / "items-000000000-000000004.parquet").write_bytes(b"a finished piece")
     with pytest.raises(CaaError, match="holds an interrupted run: add --resume"):
         plan_extract(pairs_file, out, model, ExtractOptions())
     plan_extract(pairs_file, out, model, ExtractOptions(), resume=True)

@@ -54,9 +54,10 @@ $(SERVE_STAMP): pyproject.toml Makefile
 	$(SERVE_PY) -c "import vllm, transformers, openai, caa.serve.plugin"
 	touch $@
 
-# About 4 minutes on 2 CPU cores: three servers (eager, compiled, eager with chunked prefill) in turn.
+# About 5 minutes on 2 CPU cores: four servers in turn (eager, compiled, chunked prefill, preemption);
+# -s shows what each measured (engine start-up, the largest logprob gap to transformers).
 test-serve: $(SERVE_STAMP)
-	$(SERVE_PY) -m pytest -q -m serve -p no:cacheprovider tests/serve
+	$(SERVE_PY) -m pytest -q -s -m serve -p no:cacheprovider tests/serve
 
 lint: install
 	$(VENV)/bin/ruff check caa tests scripts

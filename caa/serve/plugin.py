@@ -21,12 +21,14 @@ vLLM is imported inside the functions only: caa itself never needs it.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from typing import Any
 
 import torch
 from torch import nn
 
+from caa.errors import CaaError
 from caa.serve.steering import SteeringRequestError, Tables, VectorBank
 
 ENV = "CAA_SERVE_VECTORS"
@@ -62,10 +64,17 @@ def _bank() -> VectorBank:
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's decoder blocks, each of which must return ``(hidden, residual)``."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise SteeringRequestError("model", f"{type(model).__name__} has no model.layers to steer")
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        raise CaaError(f"caa serve: {type(model).__name__} has no model.layers to steer")
+    params = inspect.signature(layers[0].forward).parameters
+    if "residual" not in params:
+        raise CaaError(
+            f"caa serve: {type(layers[0]).__name__} does not return (hidden, residual), so it cannot be "
+            "steered yet; models of the Llama family (llama, mistral, qwen2, SmolLM2) can"
+        )
     return layers
 
 
@@ -76,12 +85,10 @@ def install(runner: Any) -> Tables:
     layers = _decoder_layers(model)
     hidden = int(runner.model_config.get_hidden_size())
     if hidden != bank.width:
-        raise SteeringRequestError(
-            "vectors", f"{bank.path}: vectors of width {bank.width}, the model's is {hidden}"
-        )
+        raise CaaError(f"{bank.path}: vectors of width {bank.width}, but the model's is {hidden}")
     if bank.layers()[-1] >= len(layers):
-        raise SteeringRequestError(
-            "vectors", f"{bank.path}: layer {bank.layers()[-1]}, the model has {len(layers)}"
+        raise CaaError(
+            f"{bank.path}: a vector at layer {bank.layers()[-1]}, the model has {len(layers)} layers"
         )
     device = next(model.parameters()).device
     tables = Tables(bank, int(runner.max_num_tokens), runner.model_config.dtype, device)

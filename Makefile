@@ -54,7 +54,7 @@ $(SERVE_STAMP): pyproject.toml Makefile
 	$(SERVE_PY) -c "import vllm, transformers, openai, caa.serve.plugin"
 	touch $@
 
-# About 5 minutes on 2 CPU cores: four servers in turn (eager, compiled, chunked prefill, preemption);
+# About 6 minutes on 2 CPU cores: servers in turn (eager, compiled, chunked prefill, preemption, refusals);
 # -s shows what each measured (engine start-up, the largest logprob gap to transformers).
 test-serve: $(SERVE_STAMP)
 	$(SERVE_PY) -m pytest -q -s -m serve -p no:cacheprovider tests/serve

@@ -23,12 +23,14 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from caa.errors import CaaError
+from caa.errors import CaaError, MismatchError
+from caa.models.loading import directory_hash
 from caa.serve.steering import SteeringRequestError, Tables, VectorBank
 
 ENV = "CAA_SERVE_VECTORS"
@@ -78,18 +80,37 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def check_model(bank: VectorBank, model_path: str, hidden: int, num_layers: int) -> None:
+    """Refuse vectors made with another model (the check ``caa generate`` makes, on what the engine
+    knows without loading the model again): width, layers, and, for a model directory, the weights
+    hash the vectors recorded."""
+    if hidden != bank.width:
+        raise MismatchError(
+            f"{bank.path}: field 'vector' has width {bank.width} but the model's hidden_size is {hidden}"
+        )
+    bad = [layer for layer in bank.layers() if not 0 <= layer < num_layers]
+    if bad:
+        raise MismatchError(
+            f"{bank.path}: field 'layer': layer {bad[0]} is out of range; the model has {num_layers} blocks"
+        )
+    made = str((bank.model or {}).get("weights_hash") or "")
+    directory = Path(model_path)
+    if made.startswith("dir:") and directory.is_dir():
+        here = directory_hash(directory)
+        if here != made:
+            raise MismatchError(
+                f"{bank.path}: field 'model.weights_hash' is {made!r} but the served model {directory} has "
+                f"{here!r}: these vectors were made with another model"
+            )
+
+
 def install(runner: Any) -> Tables:
     """Wrap the steered decoder blocks of ``runner.model`` and give the runner its tables."""
     bank = _bank()
     model = runner.model
     layers = _decoder_layers(model)
-    hidden = int(runner.model_config.get_hidden_size())
-    if hidden != bank.width:
-        raise CaaError(f"{bank.path}: vectors of width {bank.width}, but the model's is {hidden}")
-    if bank.layers()[-1] >= len(layers):
-        raise CaaError(
-            f"{bank.path}: a vector at layer {bank.layers()[-1]}, the model has {len(layers)} layers"
-        )
+    config = runner.model_config
+    check_model(bank, str(config.model), int(config.get_hidden_size()), len(layers))
     device = next(model.parameters()).device
     tables = Tables(bank, int(runner.max_num_tokens), runner.model_config.dtype, device)
     for layer in tables.layers:
@@ -198,5 +219,6 @@ def register() -> None:
     # vLLM keys its saved compiled graphs by its config and the model's source, not by the blocks we
     # wrap: a graph saved by a server with other vectors (other layers), or none, would be loaded as is.
     os.environ["VLLM_DISABLE_COMPILE_CACHE"] = "1"
+    _bank()  # a vectors file that cannot be read stops the server here, in every process
     _patch_front_end()
     _patch_worker()

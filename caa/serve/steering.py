@@ -64,6 +64,7 @@ class VectorBank:
 
     def __init__(self, vectors: VectorSet):
         self.path = vectors.path
+        self.model: dict[str, Any] | None = vectors.meta.get("model")  # the fingerprint they were made with
         self.keys: list[tuple[str, int]] = [
             (str(b), int(layer)) for b, layer in zip(vectors.frame.behavior, vectors.frame.layer, strict=True)
         ]

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import functools
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +32,29 @@ def vllm_problem() -> str | None:
     return None if done.returncode == 0 else (lines[-1] if lines else f"exit {done.returncode}")
 
 
-def _tiny_llama(directory: Path) -> Path:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """End the server and every engine process it started (its own process group)."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            # the group outlives its leader while an engine process is still exiting
+            os.killpg(proc.pid, 0)
+            time.sleep(1)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            continue
+
+
+def _tiny_llama(directory: Path, seed: int = 0) -> Path:
     """A tiny random Llama with head_dim 32, saved with the tests' tokenizer."""
     import transformers as tf
 
@@ -46,7 +72,7 @@ def _tiny_llama(directory: Path) -> Path:
         head_dim=32,
         max_position_embeddings=256,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for p in model.parameters():
@@ -66,3 +92,12 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         model = _tiny_llama(root / "model")
         _, vectors = make_vectors(model, root)
     return model, vectors
+
+
+@pytest.fixture(scope="session")
+def other_vectors(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """vectors.parquet of another tiny model of the same shape (other random weights)."""
+    root = tmp_path_factory.mktemp("serve-other")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CAA_CACHE", str(root / "caa-cache"))
+        return make_vectors(_tiny_llama(root / "model", seed=1), root)[1]

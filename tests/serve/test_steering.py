@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from caa.core.hooks import steer_start
+from caa.errors import MismatchError
+from caa.models.loading import directory_hash
+from caa.serve.plugin import check_model
 from caa.serve.steering import SteeringRequestError, Tables, VectorBank
 from caa.stages.vectors import VectorSet
 
@@ -149,3 +154,26 @@ def test_tables_of_an_unsteered_batch_are_zero_and_a_batch_too_large_is_an_error
         tables.fill([steer, None], [3, 3], [0, 3, 6], torch.arange(6))
     tables.fill([steer], [3], [0, 3], torch.arange(3))
     assert tables.scale[2, :3].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_the_plugin_refuses_vectors_of_another_model(tmp_path: Path) -> None:
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    for directory, weights in ((mine, b"mine"), (other, b"other")):
+        directory.mkdir()
+        (directory / "config.json").write_text("{}")
+        (directory / "model.safetensors").write_bytes(weights)
+    frame = pd.DataFrame({"behavior": ["mood", "mood"], "layer": [0, 3]})
+    made = {"model": {"weights_hash": directory_hash(mine), "hidden_size": 6}}
+    bank = VectorBank(VectorSet(frame, np.ones((2, 6), np.float32), made, Path("v.parquet")))
+    check_model(bank, str(mine), 6, 4)
+    check_model(bank, "org/a-hub-id", 6, 4)  # no directory to hash: width and layers only
+    with pytest.raises(
+        MismatchError, match=r"^v\.parquet: field 'model\.weights_hash' is 'dir:.*another model"
+    ):
+        check_model(bank, str(other), 6, 4)
+    with pytest.raises(MismatchError, match=r"field 'vector' has width 6 but the model's hidden_size is 8"):
+        check_model(bank, str(mine), 8, 4)
+    with pytest.raises(
+        MismatchError, match=r"field 'layer': layer 3 is out of range; the model has 3 blocks"
+    ):
+        check_model(bank, str(mine), 6, 3)

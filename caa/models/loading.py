@@ -225,7 +225,7 @@ def _resolve(spec: str, progress: Progress | None) -> tuple[str, str, str, str |
         return gguf_directory(path, digest, progress), path.stem, str(path.resolve()), digest
     if path.is_dir():
         read_config(path)
-        return str(path), path.name, str(path.resolve()), _directory_hash(path)
+        return str(path), path.name, str(path.resolve()), directory_hash(path)
     if path.exists():
         raise ModelError(f"unknown model '{spec}': a file, but not a .gguf file or a model directory")
     if looks_like_path(spec):
@@ -255,7 +255,7 @@ def _bad_weights(spec: str, directory: str, e: Exception) -> str:
     return f"could not load model '{spec}' from {directory}: a weights file is damaged: {first_line(e)}"
 
 
-def _directory_hash(path: Path) -> str:
+def directory_hash(path: Path) -> str:
     """A fast content fingerprint of a model directory: config plus each weight file's name, size,
     and first and last MiB (hashing many GB of weights on every run would cost more than it tells)."""
     h = hashlib.sha256()

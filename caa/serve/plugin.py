@@ -1,0 +1,224 @@
+"""The vLLM plugin: per-request steering on stock vLLM (V1 model runner), eager or compiled.
+
+vLLM loads :func:`register` in every one of its processes (the ``vllm.general_plugins`` entry point);
+it does nothing unless ``CAA_SERVE_VECTORS`` names a caa ``vectors.parquet``. Then:
+
+- front end (the API server): a request's ``caa_*`` keys in ``vllm_xargs`` are checked at admission
+  (:meth:`VectorBank.parse`; a wrong one is an HTTP 400 naming the key, the engine never sees it),
+  and its prefix-cache salt gets the steering spec, so differently steered requests never share
+  KV blocks;
+- compile cache: off (``VLLM_DISABLE_COMPILE_CACHE=1``), since vLLM's key for a saved graph does
+  not see the wrapped blocks;
+- worker: after the model loads, each decoder block that has a vector is wrapped by
+  :class:`SteeredLayer`, which adds ``scale[:n, None] * bank[rows[:n]]`` to the residual stream it
+  returns; before each forward pass, outside the compiled region, the runner's batch (request order,
+  ``query_start_loc``, positions, prompt lengths) fills those tables (:class:`Tables`). The graph that
+  torch.compile traces reads the tables as inputs, so steering is never traced away.
+
+vLLM is imported inside the functions only: caa itself never needs it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from caa.errors import CaaError, MismatchError
+from caa.models.loading import directory_hash
+from caa.serve.steering import SteeringRequestError, Tables, VectorBank
+
+ENV = "CAA_SERVE_VECTORS"
+
+
+class SteeredLayer(nn.Module):
+    """A decoder block that returns ``(hidden, residual)`` (vLLM's Llama family), with this slot's
+    steering added to the residual: their sum, the residual stream after the block, moves by
+    ``multiplier * vector`` at the steered tokens and by nothing elsewhere."""
+
+    bank: torch.Tensor
+    rows: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(self, layer: nn.Module, tables: Tables, slot: int):
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("bank", tables.bank, persistent=False)
+        self.register_buffer("rows", tables.rows, persistent=False)
+        self.register_buffer("scale", tables.scale[slot], persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: Any, **kwargs: Any
+    ) -> Any:
+        hidden, residual = self.layer(positions, hidden_states, residual, **kwargs)
+        n = hidden.shape[0]
+        return hidden, residual + self.scale[:n, None] * self.bank[self.rows[:n]]
+
+
+@functools.cache
+def _bank() -> VectorBank:
+    return VectorBank.read(os.environ[ENV])
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's decoder blocks, each of which must return ``(hidden, residual)``."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        raise CaaError(f"caa serve: {type(model).__name__} has no model.layers to steer")
+    params = inspect.signature(layers[0].forward).parameters
+    if "residual" not in params:
+        raise CaaError(
+            f"caa serve: {type(layers[0]).__name__} does not return (hidden, residual), so it cannot be "
+            "steered yet; models of the Llama family (llama, mistral, qwen2, SmolLM2) can"
+        )
+    return layers
+
+
+def check_model(bank: VectorBank, model_path: str, hidden: int, num_layers: int) -> None:
+    """Refuse vectors made with another model (the check ``caa generate`` makes, on what the engine
+    knows without loading the model again): width, layers, and, for a model directory, the weights
+    hash the vectors recorded."""
+    if hidden != bank.width:
+        raise MismatchError(
+            f"{bank.path}: field 'vector' has width {bank.width} but the model's hidden_size is {hidden}"
+        )
+    bad = [layer for layer in bank.layers() if not 0 <= layer < num_layers]
+    if bad:
+        raise MismatchError(
+            f"{bank.path}: field 'layer': layer {bad[0]} is out of range; the model has {num_layers} blocks"
+        )
+    made = str((bank.model or {}).get("weights_hash") or "")
+    directory = Path(model_path)
+    if made.startswith("dir:") and directory.is_dir():
+        here = directory_hash(directory)
+        if here != made:
+            raise MismatchError(
+                f"{bank.path}: field 'model.weights_hash' is {made!r} but the served model {directory} has "
+                f"{here!r}: these vectors were made with another model"
+            )
+
+
+def install(runner: Any) -> Tables:
+    """Wrap the steered decoder blocks of ``runner.model`` and give the runner its tables."""
+    bank = _bank()
+    model = runner.model
+    layers = _decoder_layers(model)
+    config = runner.model_config
+    check_model(bank, str(config.model), int(config.get_hidden_size()), len(layers))
+    device = next(model.parameters()).device
+    tables = Tables(bank, int(runner.max_num_tokens), runner.model_config.dtype, device)
+    for layer in tables.layers:
+        layers[layer] = SteeredLayer(layers[layer], tables, tables.slot[layer])
+    runner._caa_tables = tables
+    from vllm.logger import init_logger
+
+    init_logger("caa.serve").info(
+        "caa: steering layers %s with %d vectors from %s", tables.layers, len(bank.keys), bank.path
+    )
+    return tables
+
+
+def fill(runner: Any, positions: torch.Tensor | None) -> None:
+    """Fill the runner's tables from its input batch (called just before the model's forward)."""
+    tables: Tables | None = getattr(runner, "_caa_tables", None)
+    if tables is None or positions is None:
+        return
+    batch = runner.input_batch
+    n = batch.num_reqs
+    ids = batch.req_ids[:n]
+    query_start = runner.query_start_loc.cpu[: n + 1].tolist()
+    dtype = runner.model_config.dtype
+    steers, lengths = [], []
+    for req_id in ids:
+        state = runner.requests[req_id]
+        params = state.sampling_params
+        steers.append(_bank().parse(params.extra_args if params is not None else None, dtype))
+        lengths.append(int(state.num_prompt_tokens))
+    tables.fill(steers, lengths, query_start, positions)
+
+
+def _patch_worker() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    classes: list[type] = [GPUModelRunner]
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+        classes.append(CPUModelRunner)
+    except ImportError:  # a GPU build without the CPU runner
+        pass
+    for cls in classes:
+        load = cls.__dict__.get("load_model")
+        if load is not None and not getattr(load, "_caa", False):
+            setattr(cls, "load_model", _after_load(load))  # noqa: B010
+    forward = GPUModelRunner._model_forward
+    if not getattr(forward, "_caa", False):
+
+        @functools.wraps(forward)
+        def model_forward(
+            self: Any, input_ids: Any = None, positions: Any = None, *args: Any, **kwargs: Any
+        ) -> Any:
+            fill(self, positions)
+            return forward(self, input_ids, positions, *args, **kwargs)
+
+        model_forward._caa = True  # type: ignore[attr-defined]
+        setattr(GPUModelRunner, "_model_forward", model_forward)  # noqa: B010
+
+
+def _after_load(load: Any) -> Any:
+    @functools.wraps(load)
+    def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = load(self, *args, **kwargs)
+        if getattr(self, "_caa_tables", None) is None:
+            install(self)
+        return result
+
+    load_model._caa = True  # type: ignore[attr-defined]
+    return load_model
+
+
+def _patch_front_end() -> None:
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    process = InputProcessor.process_inputs
+    if getattr(process, "_caa", False):
+        return
+
+    @functools.wraps(process)
+    def process_inputs(
+        self: Any, request_id: str, prompt: Any, params: Any, *args: Any, **kwargs: Any
+    ) -> Any:
+        steer = None
+        extra = getattr(params, "extra_args", None)
+        if extra:
+            try:
+                steer = _bank().parse(extra, self.model_config.dtype)
+            except SteeringRequestError as e:
+                raise VLLMValidationError(str(e), parameter=f"vllm_xargs.{e.field}") from None
+        request = process(self, request_id, prompt, params, *args, **kwargs)
+        if steer is not None:
+            request.cache_salt = f"{request.cache_salt or ''}|{steer.salt()}"
+        return request
+
+    process_inputs._caa = True  # type: ignore[attr-defined]
+    setattr(InputProcessor, "process_inputs", process_inputs)  # noqa: B010
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point: patch this process's vLLM when ``CAA_SERVE_VECTORS``
+    is set (the bank is read once per process, at the first request or model load)."""
+    if not os.environ.get(ENV):
+        return
+    # vLLM keys its saved compiled graphs by its config and the model's source, not by the blocks we
+    # wrap: a graph saved by a server with other vectors (other layers), or none, would be loaded as is.
+    os.environ["VLLM_DISABLE_COMPILE_CACHE"] = "1"
+    _bank()  # a vectors file that cannot be read stops the server here, in every process
+    _patch_front_end()
+    _patch_worker()

@@ -1,0 +1,179 @@
+"""The engine-free half of serving: what a request's keys mean, and the per-token tables (no vLLM)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from caa.core.hooks import steer_start
+from caa.errors import MismatchError
+from caa.models.loading import directory_hash
+from caa.serve.plugin import check_model
+from caa.serve.steering import SteeringRequestError, Tables, VectorBank
+from caa.stages.vectors import VectorSet
+
+
+@pytest.fixture
+def bank() -> VectorBank:
+    frame = pd.DataFrame({"behavior": ["mood", "mood", "agree", "café"], "layer": [1, 3, 2, 0]})
+    values = np.arange(4 * 6, dtype=np.float32).reshape(4, 6) + 1
+    return VectorBank(VectorSet(frame, values, {}))
+
+
+def test_a_request_without_caa_keys_is_unsteered(bank: VectorBank) -> None:
+    assert bank.parse(None) is None
+    assert bank.parse({}) is None
+    assert bank.parse({"other_plugin": 1}) is None
+
+
+def test_a_request_names_behavior_layer_multiplier_and_positions(bank: VectorBank) -> None:
+    steer = bank.parse({"caa_behavior": "mood", "caa_layer": 3, "caa_multiplier": -2})
+    assert steer is not None
+    assert (steer.behavior, steer.layer, steer.multiplier, steer.positions, steer.row) == (
+        "mood",
+        3,
+        -2.0,
+        "answer",
+        1,
+    )
+    only = bank.parse({"caa_behavior": "agree", "caa_multiplier": 1.5, "caa_positions": "all"})
+    assert only is not None and (only.layer, only.row, only.positions) == (2, 2, "all")
+    decomposed = "cafe\u0301"  # the same name, not in NFC
+    assert bank.parse({"caa_behavior": decomposed, "caa_multiplier": 1.0}).row == 3  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("keys", "field", "words"),
+    [
+        ({"caa_layer": 1, "caa_multiplier": 1.0}, "caa_behavior", "required"),
+        ({"caa_behavior": 3, "caa_multiplier": 1.0}, "caa_behavior", "required"),
+        ({"caa_behavior": "nope", "caa_multiplier": 1.0}, "caa_behavior", "loaded: agree, café, mood"),
+        ({"caa_behavior": "mood", "caa_multiplier": 1.0}, "caa_layer", "has layers 1, 3"),
+        ({"caa_behavior": "mood", "caa_layer": 2, "caa_multiplier": 1.0}, "caa_layer", "it has 1, 3"),
+        ({"caa_behavior": "mood", "caa_layer": "1", "caa_multiplier": 1.0}, "caa_layer", "not an integer"),
+        ({"caa_behavior": "mood", "caa_layer": True, "caa_multiplier": 1.0}, "caa_layer", "not an integer"),
+        ({"caa_behavior": "mood", "caa_layer": 1}, "caa_multiplier", "required"),
+        ({"caa_behavior": "mood", "caa_layer": 1, "caa_multiplier": "2"}, "caa_multiplier", "not a number"),
+        (
+            {"caa_behavior": "mood", "caa_layer": 1, "caa_multiplier": float("nan")},
+            "caa_multiplier",
+            "not finite",
+        ),
+        (
+            {"caa_behavior": "mood", "caa_layer": 1, "caa_multiplier": float("-inf")},
+            "caa_multiplier",
+            "not finite",
+        ),
+        (
+            {"caa_behavior": "mood", "caa_layer": 1, "caa_multiplier": 1.0, "caa_positions": "x"},
+            "caa_positions",
+            "use one",
+        ),
+        (
+            {"caa_behavior": "mood", "caa_layer": 1, "caa_multiplier": 1.0, "caa_scale": "raw"},
+            "caa_scale",
+            "unknown",
+        ),
+    ],
+)
+def test_a_wrong_key_is_an_error_naming_it(bank: VectorBank, keys: dict, field: str, words: str) -> None:
+    with pytest.raises(SteeringRequestError) as e:
+        bank.parse(keys)
+    assert e.value.field == field
+    assert str(e.value).startswith(f"vllm_xargs.{field}: ") and words in str(e.value)
+
+
+def test_a_multiplier_that_overflows_the_models_dtype_is_refused(bank: VectorBank) -> None:
+    keys = {"caa_behavior": "mood", "caa_layer": 1, "caa_multiplier": 1e4}
+    assert bank.parse(keys, torch.float32) is not None
+    with pytest.raises(SteeringRequestError, match=r"overflows torch\.float16"):
+        bank.parse(keys, torch.float16)
+
+
+def test_the_cache_salt_names_the_whole_steering(bank: VectorBank) -> None:
+    base = {"caa_behavior": "mood", "caa_layer": 1, "caa_multiplier": 1.0}
+    salts = {
+        bank.parse(k).salt()  # type: ignore[union-attr]
+        for k in (
+            base,
+            {**base, "caa_multiplier": 1.0 + 1e-12},
+            {**base, "caa_layer": 3},
+            {**base, "caa_positions": "all"},
+            {**base, "caa_behavior": "agree", "caa_layer": 2},
+        )
+    }
+    assert len(salts) == 5
+
+
+def test_tables_steer_each_token_by_its_requests_rule(bank: VectorBank) -> None:
+    """Three requests in one batch: a prompt chunk (positions 4..7 of a 6-token prompt, prompt-end),
+    an unsteered decode token, and a decode token of an answer-steered request; padding after."""
+    tables = Tables(bank, max_tokens=16, dtype=torch.float32, device="cpu")
+    assert tables.layers == [0, 1, 2, 3]
+    steers = [
+        bank.parse(
+            {"caa_behavior": "mood", "caa_layer": 3, "caa_multiplier": 2.0, "caa_positions": "prompt-end"}
+        ),
+        None,
+        bank.parse({"caa_behavior": "agree", "caa_multiplier": -0.5}),
+    ]
+    positions = torch.tensor([4, 5, 6, 7, 9, 12, 0, 0])  # 2 padding tokens
+    tables.scale.fill_(7.0)  # stale values from an earlier batch are cleared
+    tables.fill(steers, [6, 3, 12], [0, 4, 5, 6], positions)
+    want = torch.zeros(4, 16)
+    want[3, [1, 2, 3]] = 2.0  # prompt-end: positions >= 5
+    want[2, 5] = -0.5  # answer: position 12 >= prompt length 12
+    assert torch.equal(tables.scale, want)
+    assert tables.rows[[1, 2, 3]].tolist() == [1, 1, 1] and int(tables.rows[5]) == 2
+    assert tables.steered_tokens == 4
+    # what a steered block adds is exactly caa's steering of that token: multiplier * vector
+    residual = torch.zeros(8, 6)
+    for layer, slot in tables.slot.items():
+        added = residual + tables.scale[slot, :8, None] * tables.bank[tables.rows[:8]]
+        for token, (r, at) in enumerate(
+            [(0, 4), (0, 5), (0, 6), (0, 7), (1, 9), (2, 12), (None, 0), (None, 0)]
+        ):
+            steer = steers[r] if r is not None else None
+            first = None if steer is None else steer_start(steer.positions, [6, 3, 12][r])  # type: ignore[index]
+            on = steer is not None and steer.layer == layer and (first is None or at >= int(first[0]))
+            expect = steer.multiplier * torch.from_numpy(bank.values[steer.row]) if on else torch.zeros(6)  # type: ignore[union-attr]
+            assert torch.equal(added[token], expect), (layer, token)
+
+
+def test_tables_of_an_unsteered_batch_are_zero_and_a_batch_too_large_is_an_error(bank: VectorBank) -> None:
+    tables = Tables(bank, max_tokens=4, dtype=torch.float32, device="cpu")
+    tables.scale.fill_(1.0)
+    tables.fill([None, None], [3, 3], [0, 3, 6], torch.arange(6))
+    assert not tables.scale.any() and tables.steered_tokens == 0
+    steer = bank.parse({"caa_behavior": "agree", "caa_multiplier": 1.0, "caa_positions": "all"})
+    with pytest.raises(Exception, match="hold 4 tokens; the batch has 6"):
+        tables.fill([steer, None], [3, 3], [0, 3, 6], torch.arange(6))
+    tables.fill([steer], [3], [0, 3], torch.arange(3))
+    assert tables.scale[2, :3].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_the_plugin_refuses_vectors_of_another_model(tmp_path: Path) -> None:
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    for directory, weights in ((mine, b"mine"), (other, b"other")):
+        directory.mkdir()
+        (directory / "config.json").write_text("{}")
+        (directory / "model.safetensors").write_bytes(weights)
+    frame = pd.DataFrame({"behavior": ["mood", "mood"], "layer": [0, 3]})
+    made = {"model": {"weights_hash": directory_hash(mine), "hidden_size": 6}}
+    bank = VectorBank(VectorSet(frame, np.ones((2, 6), np.float32), made, Path("v.parquet")))
+    check_model(bank, str(mine), 6, 4)
+    check_model(bank, "org/a-hub-id", 6, 4)  # no directory to hash: width and layers only
+    with pytest.raises(
+        MismatchError, match=r"^v\.parquet: field 'model\.weights_hash' is 'dir:.*another model"
+    ):
+        check_model(bank, str(other), 6, 4)
+    with pytest.raises(MismatchError, match=r"field 'vector' has width 6 but the model's hidden_size is 8"):
+        check_model(bank, str(mine), 8, 4)
+    with pytest.raises(
+        MismatchError, match=r"field 'layer': layer 3 is out of range; the model has 3 blocks"
+    ):
+        check_model(bank, str(mine), 6, 3)

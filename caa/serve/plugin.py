@@ -34,6 +34,7 @@ from caa.models.loading import directory_hash
 from caa.serve.steering import SteeringRequestError, Tables, VectorBank
 
 ENV = "CAA_SERVE_VECTORS"
+TRACE = "CAA_SERVE_TRACE"  # a file: each forward pass's batch, one line (for tests and debugging)
 
 
 class SteeredLayer(nn.Module):
@@ -141,6 +142,11 @@ def fill(runner: Any, positions: torch.Tensor | None) -> None:
         steers.append(_bank().parse(params.extra_args if params is not None else None, dtype))
         lengths.append(int(state.num_prompt_tokens))
     tables.fill(steers, lengths, query_start, positions)
+    trace = os.environ.get(TRACE)
+    if trace:  # one line per forward pass: requests, distinct steerings (unsteered counts), steered tokens
+        kinds = {None if x is None else x.salt() for x in steers}
+        with open(trace, "a") as f:
+            f.write(f"{len(steers)} {len(kinds)} {tables.steered_tokens}\n")
 
 
 def _patch_worker() -> None:

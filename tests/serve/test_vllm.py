@@ -11,6 +11,7 @@ and recomputed). Run by ``make test-serve`` (its own environment); skipped witho
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import subprocess
@@ -82,8 +83,8 @@ REQUESTS: list[tuple[str, str, dict[str, Any] | None]] = [
 
 
 class Server:
-    def __init__(self, url: str, startup_s: float, mode: str):
-        self.url, self.startup_s, self.mode = url, startup_s, mode
+    def __init__(self, url: str, startup_s: float, mode: str, trace: Path):
+        self.url, self.startup_s, self.mode, self.trace = url, startup_s, mode, trace
         self.new_tokens = LONGER.get(mode, NEW_TOKENS)
         self.client = openai.OpenAI(base_url=url, api_key="unused", timeout=120, max_retries=0)
 
@@ -103,6 +104,7 @@ def server(
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",
         "VLLM_CACHE_ROOT": str(root / "cache"),  # a fresh compile cache: the graph is traced here
         "HF_HUB_OFFLINE": "1",
+        "CAA_SERVE_TRACE": str(root / "trace.txt"),
     }
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -129,14 +131,16 @@ def server(
                 time.sleep(1)
         startup = time.monotonic() - began
         print(f"\n[serve] {mode}: engine up in {startup:.1f} s")
-        yield Server(f"http://127.0.0.1:{port}/v1", startup, mode)
+        yield Server(f"http://127.0.0.1:{port}/v1", startup, mode, root / "trace.txt")
     finally:
         stop(proc)
 
 
-def _ids(prompt: str) -> list[int]:
+@functools.cache
+def _ids(prompt: str) -> tuple[int, ...]:
+    """A prompt's token ids (BOS first), sent as ids so the reference reads exactly the same."""
     tokenizer = make_tokenizer()
-    return [tokenizer.bos_token_id, *tokenizer(PROMPTS[prompt], add_special_tokens=False).input_ids]
+    return (tokenizer.bos_token_id, *tokenizer(PROMPTS[prompt], add_special_tokens=False).input_ids)
 
 
 def _complete(
@@ -151,7 +155,7 @@ def _complete(
         extra["vllm_xargs"] = steer
     response = server.client.completions.create(
         model="tiny",
-        prompt=_ids(prompt),
+        prompt=list(_ids(prompt)),
         max_tokens=server.new_tokens,
         temperature=0.0,
         logprobs=0,
@@ -200,6 +204,8 @@ def reference(tiny: tuple[Path, Path]) -> Any:
 
 def _batch(server: Server) -> dict[str, dict[str, Any]]:
     """Every request of REQUESTS sent at once, so that the engine batches them together."""
+    for prompt in PROMPTS:  # tokenized here, before the threads
+        _ids(prompt)
     with ThreadPoolExecutor(len(REQUESTS)) as pool:
         futures = {name: pool.submit(_complete, server, prompt, steer) for name, prompt, steer in REQUESTS}
         return {name: f.result(timeout=180) for name, f in futures.items()}
@@ -230,13 +236,24 @@ def _preemptions(server: Server) -> float:
     return sum(float(x.rsplit(" ", 1)[1]) for x in lines if x.startswith("vllm:num_preemptions_total"))
 
 
+def _mixed_passes(server: Server) -> int:
+    """How many forward passes so far held 2 steered and 1 unsteered requests, or more (the plugin's
+    trace: requests, distinct steerings, steered tokens per pass)."""
+    text = server.trace.read_text() if server.trace.exists() else ""
+    rows = [tuple(map(int, line.split())) for line in text.splitlines()]
+    return sum(1 for requests, kinds, steered in rows if kinds >= 3 and steered >= 2)
+
+
 def test_a_mixed_batch_matches_caas_transformers_steering(server: Server, reference: Any) -> None:
+    before = _mixed_passes(server)
     got = _batch(server)
+    mixed = _mixed_passes(server) - before
+    assert mixed > 0, "the requests were never batched together"
     worst = max(_gap(server, reference, name, got[name], steer) for name, _, steer in REQUESTS)
     preempted = _preemptions(server)
     print(
         f"\n[serve] {server.mode}: max |logprob - transformers| = {worst:.3g} over {len(REQUESTS)} requests,"
-        f" {preempted:.0f} preemptions"
+        f" {preempted:.0f} preemptions, {mixed} forward passes mixing steerings"
     )
     assert (preempted > 0) == (server.mode == "eager-preempted"), preempted
 

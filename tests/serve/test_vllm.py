@@ -248,7 +248,8 @@ def test_a_mixed_batch_matches_caas_transformers_steering(server: Server, refere
     before = _mixed_passes(server)
     got = _batch(server)
     mixed = _mixed_passes(server) - before
-    assert mixed > 0, "the requests were never batched together"
+    if server.mode != "eager-preempted":  # a 4-block KV cache holds few requests at once: there, whether
+        assert mixed > 0, "the requests were never batched together"  # 3 of them share a pass is timing
     worst = max(_gap(server, reference, name, got[name], steer) for name, _, steer in REQUESTS)
     preempted = _preemptions(server)
     print(

@@ -151,24 +151,48 @@ def test_killed_extract_leaves_no_output_and_resumes(tiny_models: dict[str, Path
     assert not partial_dir(out).exists()
 
 
+# The child pauses (in Python, where a signal is handled at once) after its fifth finished piece, so
+# that Ctrl-C lands mid-run whatever the machine's load: with a free-running child the signal raced the
+# run's end (a busy CI machine let 200 pairs finish first) or landed in a library call that lost it.
+CTRL_C_CHILD = """
+import sys, time
+from pathlib import Path
+import caa.store.checkpoint as checkpoint
+
+ready = Path(sys.argv[1])
+add = checkpoint.Checkpoint.add
+def paused_add(self, items, table):
+    add(self, items, table)
+    if self.cursor >= 5 and not ready.exists():
+        ready.write_text("paused")
+        time.sleep(300)
+checkpoint.Checkpoint.add = paused_add
+sys.argv = ["caa", *sys.argv[2:]]
+from caa.cli import main
+main()
+"""
+
+
 def test_ctrl_c_says_how_to_resume(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    # enough pairs that the run cannot end between the fifth piece and the signal on a loaded machine
-    # (200 pairs take about a second: a busy CI machine once let the run finish first)
-    pairs_path = many_pairs(tmp_path / "pairs.parquet", 3000)
+    pairs_path = many_pairs(tmp_path / "pairs.parquet", 200)
     out = tmp_path / "out.parquet"
+    ready = tmp_path / "ready"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "caa", "extract", str(pairs_path), "-m", str(tiny_models["llama"])]
+    args = ["extract", str(pairs_path), "-m", str(tiny_models["llama"]), "--batch-size", "1", "-o", str(out)]
     proc = subprocess.Popen(
-        [*cmd, "--batch-size", "1", "-o", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, "-c", CTRL_C_CHILD, str(ready), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
-    pieces = partial_dir(out) / "rank0"
     deadline = time.monotonic() + 300
     try:
-        while len(list(pieces.glob("items-*.parquet"))) < 5:
-            assert proc.poll() is None and time.monotonic() < deadline
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
+        assert len(list((partial_dir(out) / "rank0").glob("items-*.parquet"))) == 5
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
+        _, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 130, stderr

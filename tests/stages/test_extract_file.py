@@ -154,10 +154,14 @@ def test_killed_extract_leaves_no_output_and_resumes(tiny_models: dict[str, Path
 # The child pauses (in Python, where a signal is handled at once) after its fifth finished piece, so
 # that Ctrl-C lands mid-run whatever the machine's load: with a free-running child the signal raced the
 # run's end (a busy CI machine let 200 pairs finish first) or landed in a library call that lost it.
+# SIGINT gets Python's own handler, as under a terminal: a test run started in the background of a
+# non-interactive shell inherits SIGINT ignored, and a process that ignores it rightly keeps running.
 CTRL_C_CHILD = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
 import caa.store.checkpoint as checkpoint
+
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ready = Path(sys.argv[1])
 add = checkpoint.Checkpoint.add

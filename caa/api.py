@@ -129,17 +129,13 @@ def _model(model: LoadedModel | str) -> LoadedModel:
     return model if isinstance(model, LoadedModel) else load_model(model)
 
 
-def _options(given: Any, kind: type, name: str = "options") -> Any:
-    """The options given, or the defaults; anything else is refused (not silently ignored)."""
-    if given is None:
+def _options(given: Any, kind: type, defaults: bool = True) -> Any:
+    """The options given, or (with ``defaults``) the defaults; anything else is refused, not ignored."""
+    if given is None and defaults:
         return kind()
     if not isinstance(given, kind):
-        raise OptionError(name, given, f"must be a {kind.__name__}")
+        raise OptionError("options", given, f"must be a {kind.__name__}")
     return given
-
-
-def _required() -> Any:
-    raise OptionError("options", None, "give a GenerateOptions: its layer has no default")
 
 
 def ingest(source: Source, options: IngestOptions | None = None) -> PairSet:
@@ -300,7 +296,7 @@ def generate(
         _model(model),
         vectors,
         list(prompts),
-        _options(options, GenerateOptions, "options") if options is not None else _required(),
+        _options(options, GenerateOptions, defaults=False),  # its layer has no default
         labels=labels,
         provenance=dict(provenance or {}),
         inputs=dict(inputs or {}),

@@ -26,11 +26,13 @@ from caa.stages.vectors import VectorSet
 from caa.store.checkpoint import check_fresh
 
 
-def check_model_layers(model: str, layers: Sequence[int] | None) -> None:
-    """``layers`` against the model's config, where it gives the layer count without loading it."""
+def check_model_layers(model: str, layers: Sequence[int] | None) -> bool:
+    """``layers`` against the model's config, where it gives the layer count without loading it;
+    whether it did (else the layers wait for the model)."""
     count = config_num_layers(model)
     if layers is not None and count is not None:
         model_layers(layers, count)
+    return count is not None
 
 
 def check_vectors(
@@ -77,8 +79,7 @@ def plan_sweep(
     neutral texts)."""
     vecs, pair_set = VectorSet.read(vectors), PairSet.read(pairs)
     names, test = held_out(vecs, pair_set.frame, pairs, options.behaviors, options.max_pairs)
-    check_model_layers(model, options.layers)
-    known = options.layers if config_num_layers(model) is not None else None
+    known = options.layers if check_model_layers(model, options.layers) else None
     warnings = check_vectors(vecs, names, known, options.scale)
     neutral = neutral or default_neutral(options.steer_positions)
     texts = read_neutral(neutral, options.neutral_count, options.steer_positions)

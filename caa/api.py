@@ -39,6 +39,7 @@ from caa.models.loading import LoadedModel, decoder_blocks, load_model
 from caa.models.specs import config_num_layers
 from caa.report.page import build_report, find_artifacts, write_report
 from caa.report.summary import inspect_artifact, layer_spans
+from caa.serve.launch import ServeOptions, ServePlan, plan_serve, run_serve
 from caa.stages.checks import check_model
 from caa.stages.extract import Activations, extract_in_memory, read_activations
 from caa.stages.extract_file import run_extract, text_share
@@ -81,6 +82,8 @@ __all__ = [
     "LoadedModel",
     "OptionError",
     "PairSet",
+    "ServeOptions",
+    "ServePlan",
     "SweepOptions",
     "SweepPlan",
     "SweepResult",
@@ -113,10 +116,13 @@ __all__ = [
     "partial_dir",
     "plan_extract",
     "plan_generate",
+    "plan_serve",
     "plan_sweep",
     "read_activations",
     "read_foreign",
     "resolve_dataset",
+    "run_serve",
+    "serve",
     "steer",
     "sweep",
     "sweep_paths",
@@ -303,6 +309,26 @@ def generate(
         shard=Shard.of(accelerator),
         notice=notice,
     )
+
+
+def serve(
+    vectors: Path | str,
+    model: str = "smollm2-135m",
+    options: ServeOptions | None = None,
+    *,
+    on_ready: Callable[[ServePlan], None] = lambda plan: None,
+    on_output: Callable[[str], None] = lambda line: None,
+    progress: Callable[[str], None] | None = None,
+) -> int:
+    """Serve ``model`` on vLLM's OpenAI-compatible server, each request steered by the vectors of
+    ``vectors`` as it asks (``extra_body={"steering": {"behavior", "layer", "multiplier", ...}}``).
+
+    Everything that can be refused is refused before an engine starts (the vectors' model, the port,
+    vLLM missing: a :class:`CaaError`); then this blocks until the server exits (its exit code) or
+    the caller is interrupted (the server and its engine processes are stopped first).
+    ``on_ready`` is called once the server answers; ``on_output`` gets each line vLLM prints."""
+    plan = plan_serve(vectors, model, _options(options, ServeOptions), progress)
+    return run_serve(plan, on_ready, on_output)
 
 
 @contextmanager

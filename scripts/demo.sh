@@ -57,3 +57,8 @@ echo "Read the plot: $OUT/sweep.png (score vs multiplier per layer, the KL cost 
 echo "held-out pair's slope per layer: the ones below 0 steer backwards)."
 echo "Left column: steered towards negative sentiment; right column: towards positive."
 echo "The whole run on one page (works offline): $OUT/report.html"
+echo
+echo "Serve the steered model (OpenAI-compatible, steering chosen per request; the first time builds"
+echo ".venv-serve with vLLM: about 2 minutes, 2.6 GB):"
+echo "  make serve VECTORS=$OUT/vectors.parquet        # or: .venv-serve/bin/caa serve $OUT/vectors.parquet"
+echo "then, from another shell, the curl line it prints (\"steering\": {\"behavior\": \"sentiment\", \"layer\": $LAYER, ...})."

@@ -20,6 +20,7 @@ from caa.cli import stages  # noqa: F401  extract, compute-vectors
 from caa.cli import sweep  # noqa: F401
 from caa.cli import generate  # noqa: F401
 from caa.cli import files  # noqa: F401  report, export, import, inspect
+from caa.cli import serve  # noqa: F401
 
 # isort: on
 

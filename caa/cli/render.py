@@ -299,3 +299,49 @@ def datasets(found: Sequence[Any], where: Path) -> None:
     out.print(table)
     if len(sources) == 1:
         out.print(f"source of every file: {escape(sources[0])}")
+
+
+def serving(plan: Any) -> None:
+    """What ``caa serve`` prints once the server answers: where, what is loaded, and a request to copy."""
+    behavior, layers = next(iter(plan.behaviors.items()))
+    layer = layers[-1]
+    key_header = " -H 'Authorization: Bearer $CAA_API_KEY'" if plan.api_key else ""
+    key_arg = 'os.environ["CAA_API_KEY"]' if plan.api_key else '"unused"'
+    body = {
+        "model": plan.model_name,
+        "messages": [{"role": "user", "content": "Describe your morning."}],
+        "max_tokens": 48,
+        "steering": {"behavior": behavior, "layer": layer, "multiplier": 2.0},
+    }
+    table = Table(
+        Column("behavior"), Column("layers"), box=box.SIMPLE, title=f"steering vectors ({plan.vectors})"
+    )
+    for name, at in plan.behaviors.items():
+        table.add_row(escape(name), ", ".join(map(str, at)))
+    out.print(
+        f"\n[bold green]caa serve[/] is up: [bold]{escape(plan.url)}[/] (model '{escape(plan.model_name)}')"
+    )
+    out.print(table)
+    out.print(
+        f"steerable layers {', '.join(map(str, plan.steerable))}; "
+        f"GET/POST {escape(plan.url)}/steering/vectors"
+        + ("; every /v1 route needs the API key" if plan.api_key else "")
+    )
+    out.print("\n[bold]curl[/]", highlight=False)
+    out.out(
+        f"curl {plan.url}/chat/completions -H 'Content-Type: application/json'{key_header} \\\n"
+        f"  -d '{json.dumps(body)}'",
+        highlight=False,
+    )
+    out.print("\n[bold]python (openai)[/]", highlight=False)
+    out.out(
+        "import os\nfrom openai import OpenAI\n"
+        f'client = OpenAI(base_url="{plan.url}", api_key={key_arg})\n'
+        "reply = client.chat.completions.create(\n"
+        f'    model="{plan.model_name}",\n'
+        '    messages=[{"role": "user", "content": "Describe your morning."}],\n'
+        f'    extra_body={{"steering": {{"behavior": "{behavior}", "layer": {layer}, "multiplier": 2.0}}}})\n'
+        "print(reply.choices[0].message.content)",
+        highlight=False,
+    )
+    out.print("\nCtrl-C stops the server and its engine processes.")

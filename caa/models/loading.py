@@ -211,6 +211,14 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     raise ModelError(f"architecture '{model_type}': no decoder blocks at {' or '.join(paths)}")
 
 
+def resolve_model(spec: str, progress: Progress | None = None) -> tuple[str, str, str | None]:
+    """Where ``spec``'s transformers files are, without loading them (an embedded alias or a .gguf
+    is converted once, into the cache), its display name, and its weights hash (None for a hub id):
+    what a fingerprint check needs, for a process other than this one to load the model."""
+    directory, name, _, weights_hash = _resolve(spec, progress)
+    return directory, name, weights_hash
+
+
 def _resolve(spec: str, progress: Progress | None) -> tuple[str, str, str, str | None]:
     """(directory to load, display name, source, weights hash or None for hub ids)."""
     if spec in EMBEDDED:

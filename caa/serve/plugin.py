@@ -26,15 +26,19 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from caa.errors import CaaError, MismatchError
 from caa.models.loading import directory_hash
-from caa.serve.steering import SteeringRequestError, Tables, VectorBank
+from caa.serve.steering import PREFIX, NewVector, SteeringRequestError, Tables, VectorBank, flat_keys
 
 ENV = "CAA_SERVE_VECTORS"
+MAX_VECTORS = "CAA_SERVE_MAX_VECTORS"  # how many vectors the bank holds, those added while serving included
+LAYERS = "CAA_SERVE_LAYERS"  # the blocks steerable besides the file's (comma-separated), for added vectors
 TRACE = "CAA_SERVE_TRACE"  # a file: each forward pass's batch, one line (for tests and debugging)
+_dtype: list[torch.dtype] = [torch.float32]  # the served model's dtype, as the front end learns it
 
 
 class SteeredLayer(nn.Module):
@@ -63,20 +67,30 @@ class SteeredLayer(nn.Module):
 
 @functools.cache
 def _bank() -> VectorBank:
-    return VectorBank.read(os.environ[ENV])
+    return VectorBank.read(os.environ[ENV], int(os.environ.get(MAX_VECTORS) or 0))
+
+
+def steerable_layers() -> list[int]:
+    """The blocks this server steers: the vectors file's, and those ``CAA_SERVE_LAYERS`` adds."""
+    extra = [int(x) for x in os.environ.get(LAYERS, "").split(",") if x.strip()]
+    return sorted(set(_bank().layers()) | set(extra))
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's decoder blocks, each of which must return ``(hidden, residual)``."""
+    family = "models of the Llama family (llama, mistral, qwen2, SmolLM2) can"
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if not isinstance(layers, nn.ModuleList) or not len(layers):
-        raise CaaError(f"caa serve: {type(model).__name__} has no model.layers to steer")
+        raise CaaError(
+            f"caa serve: {type(model).__name__} has no model.layers of decoder blocks, so it cannot be "
+            f"steered yet; {family}"
+        )
     params = inspect.signature(layers[0].forward).parameters
     if "residual" not in params:
         raise CaaError(
             f"caa serve: {type(layers[0]).__name__} does not return (hidden, residual), so it cannot be "
-            "steered yet; models of the Llama family (llama, mistral, qwen2, SmolLM2) can"
+            f"steered yet; {family}"
         )
     return layers
 
@@ -113,7 +127,11 @@ def install(runner: Any) -> Tables:
     config = runner.model_config
     check_model(bank, str(config.model), int(config.get_hidden_size()), len(layers))
     device = next(model.parameters()).device
-    tables = Tables(bank, int(runner.max_num_tokens), runner.model_config.dtype, device)
+    layers_wanted = steerable_layers()
+    bad = [layer for layer in layers_wanted if not 0 <= layer < len(layers)]
+    if bad:
+        raise CaaError(f"{LAYERS}: layer {bad[0]} is out of range; the model has {len(layers)} blocks")
+    tables = Tables(bank, int(runner.max_num_tokens), runner.model_config.dtype, device, layers_wanted)
     for layer in tables.layers:
         layers[layer] = SteeredLayer(layers[layer], tables, tables.slot[layer])
     runner._caa_tables = tables
@@ -138,8 +156,10 @@ def fill(runner: Any, positions: torch.Tensor | None) -> None:
     steers, lengths = [], []
     for req_id in ids:
         state = runner.requests[req_id]
-        params = state.sampling_params
-        steers.append(_bank().parse(params.extra_args if params is not None else None, dtype))
+        if not hasattr(state, "caa_steer"):  # parsed once per request (checked at admission already)
+            params = state.sampling_params
+            state.caa_steer = _bank().parse(params.extra_args if params is not None else None, dtype)
+        steers.append(state.caa_steer)
         lengths.append(int(state.num_prompt_tokens))
     tables.fill(steers, lengths, query_start, positions)
     trace = os.environ.get(TRACE)
@@ -149,8 +169,21 @@ def fill(runner: Any, positions: torch.Tensor | None) -> None:
             f.write(f"{len(steers)} {len(kinds)} {tables.steered_tokens}\n")
 
 
+def add_vectors(worker: Any, payload: list[tuple[str, int, list[float], float | None]]) -> list[int]:
+    """The worker's side of ``POST /v1/steering/vectors`` (a ``collective_rpc`` method): put checked
+    vectors into this process's bank and into the steering tables, in the rows the bank gives them."""
+    new = [NewVector(b, int(layer), np.asarray(v, dtype=np.float32), r) for b, layer, v, r in payload]
+    rows = _bank().add(new)
+    tables: Tables = worker.model_runner._caa_tables
+    tables.put(rows, np.stack([v.values for v in new]))
+    return rows
+
+
 def _patch_worker() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    setattr(WorkerBase, "caa_add_vectors", add_vectors)  # noqa: B010
 
     classes: list[type] = [GPUModelRunner]
     try:
@@ -189,6 +222,45 @@ def _after_load(load: Any) -> Any:
     return load_model
 
 
+def request_keys(extra: dict[str, Any] | None, nested: Any) -> tuple[dict[str, Any], str]:
+    """A request's flat keys (``vllm_xargs``) with its nested ``steering`` object merged in, and the
+    prefix its errors name fields with."""
+    extra = dict(extra or {})
+    if nested is None:
+        return extra, "vllm_xargs.caa_"
+    if any(isinstance(k, str) and k.startswith(PREFIX) for k in extra):
+        raise SteeringRequestError("steering", "give the steering either nested or as vllm_xargs caa_* keys")
+    extra.update(flat_keys(nested))
+    return extra, "steering."
+
+
+def _patch_requests() -> None:
+    """Nested ``"steering": {...}`` in a chat or completion request (an extra field to vLLM) becomes
+    the flat ``caa_*`` keys of its sampling parameters, checked here, before any response starts (a
+    streamed request gets its 400 too)."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.exceptions import VLLMValidationError
+
+    for cls in (ChatCompletionRequest, CompletionRequest):
+        original = cls.to_sampling_params
+        if getattr(original, "_caa", False):
+            continue
+
+        def to_sampling_params(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            params = _original(self, *args, **kwargs)
+            try:
+                extra, field = request_keys(params.extra_args, (self.model_extra or {}).get("steering"))
+                _bank().parse(extra, _dtype[0], field)
+            except SteeringRequestError as e:
+                raise VLLMValidationError(str(e), parameter=e.field) from None
+            params.extra_args = extra or None
+            return params
+
+        to_sampling_params._caa = True  # type: ignore[attr-defined]
+        setattr(cls, "to_sampling_params", to_sampling_params)  # noqa: B010
+
+
 def _patch_front_end() -> None:
     from vllm.exceptions import VLLMValidationError
     from vllm.v1.engine.input_processor import InputProcessor
@@ -196,6 +268,14 @@ def _patch_front_end() -> None:
     process = InputProcessor.process_inputs
     if getattr(process, "_caa", False):
         return
+    init = InputProcessor.__init__
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        _dtype[0] = self.model_config.dtype  # for the checks made before a request reaches it
+
+    setattr(InputProcessor, "__init__", __init__)  # noqa: B010
 
     @functools.wraps(process)
     def process_inputs(
@@ -207,7 +287,7 @@ def _patch_front_end() -> None:
             try:
                 steer = _bank().parse(extra, self.model_config.dtype)
             except SteeringRequestError as e:
-                raise VLLMValidationError(str(e), parameter=f"vllm_xargs.{e.field}") from None
+                raise VLLMValidationError(str(e), parameter=e.field) from None
         request = process(self, request_id, prompt, params, *args, **kwargs)
         if steer is not None:
             request.cache_salt = f"{request.cache_salt or ''}|{steer.salt()}"
@@ -226,5 +306,6 @@ def register() -> None:
     # wrap: a graph saved by a server with other vectors (other layers), or none, would be loaded as is.
     os.environ["VLLM_DISABLE_COMPILE_CACHE"] = "1"
     _bank()  # a vectors file that cannot be read stops the server here, in every process
+    _patch_requests()
     _patch_front_end()
     _patch_worker()

@@ -10,10 +10,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+from caa.core.hooks import deltas, steer_start, steering
+from caa.stages.vectors import VectorSet
 from tests.helpers import make_vectors
 from tests.tiny_models import make_tokenizer
 
@@ -30,6 +33,17 @@ def vllm_problem() -> str | None:
         return "import vllm took over 180 s"
     lines = done.stderr.strip().splitlines()
     return None if done.returncode == 0 else (lines[-1] if lines else f"exit {done.returncode}")
+
+
+def skip_without_vllm() -> None:
+    """Skip the calling test module where vLLM cannot be imported, or fail it where vLLM is required
+    (``CAA_REQUIRE_VLLM``: `make test` runs the serve tests so, and they must not skip there)."""
+    problem = vllm_problem()
+    if problem is None:
+        return
+    if os.environ.get("CAA_REQUIRE_VLLM"):
+        pytest.fail(f"vLLM is required here (CAA_REQUIRE_VLLM) but not usable: {problem}", pytrace=False)
+    pytest.skip(f"vLLM is not usable here ({problem}): make test-serve", allow_module_level=True)
 
 
 def free_port() -> int:
@@ -101,3 +115,36 @@ def other_vectors(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CAA_CACHE", str(root / "caa-cache"))
         return make_vectors(_tiny_llama(root / "model", seed=1), root)[1]
+
+
+@pytest.fixture(scope="session")
+def reference(tiny: tuple[Path, Path]) -> Any:
+    """``reference(ids, prompt_length, steer)``: the logprob of each token 1..end of ``ids`` under
+    caa's steering hook on the transformers model (float32), as ``caa generate`` steers; ``steer`` has
+    the flat keys (``caa_scale`` as ``--scale``), or a ``vector`` of its own besides them."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir, vectors_path = tiny
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    vectors = VectorSet.read(vectors_path)
+
+    def run(ids: list[int], prompt_length: int, steer: dict[str, Any] | None) -> list[float]:
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            if steer is None:
+                logits = model(x).logits
+            else:
+                vector = steer.get("vector")
+                if vector is None:
+                    scale = steer.get("caa_scale", "raw")
+                    vector = torch.from_numpy(
+                        vectors.vector(steer["caa_behavior"], steer["caa_layer"], scale).copy()
+                    )
+                start = steer_start(steer.get("caa_positions", "answer"), prompt_length)
+                delta = {steer["caa_layer"]: deltas(vector, [steer["caa_multiplier"]])}
+                with steering(model.model.layers, delta, start=start):
+                    logits = model(x).logits
+        lp = torch.log_softmax(logits[0, :-1].double(), -1)
+        return lp.gather(1, x[0, 1:, None]).squeeze(1).tolist()
+
+    return run

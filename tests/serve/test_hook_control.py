@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.serve.conftest import vllm_problem
+from tests.serve.conftest import skip_without_vllm
 
-if vllm_problem() is not None:
-    pytest.skip(f"vLLM is not usable here ({vllm_problem()}): make test-serve", allow_module_level=True)
+skip_without_vllm()
 
 pytestmark = pytest.mark.serve
 

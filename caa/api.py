@@ -34,6 +34,7 @@ from caa.core.hooks import deltas, steer_start, steering
 from caa.core.options import model_layers
 from caa.errors import CaaError, OptionError
 from caa.evaluation.fluency import default_neutral, read_neutral
+from caa.evaluation.judge import JudgeError
 from caa.evaluation.scoring import fluency_label
 from caa.models.loading import LoadedModel, decoder_blocks, load_model
 from caa.models.specs import config_num_layers
@@ -79,6 +80,7 @@ __all__ = [
     "GeneratePlan",
     "Generations",
     "IngestOptions",
+    "JudgeError",
     "LoadedModel",
     "OptionError",
     "PairSet",
@@ -290,12 +292,21 @@ def generate(
     inputs: Mapping[str, Path] | None = None,
     notice: Callable[[str], None] | None = None,
     accelerator: Any = None,
+    on_rows: Callable[[int], None] | None = None,
+    on_judged: Callable[[int], None] | None = None,
 ) -> Generations:
     """Every prompt under every multiplier, ``options.batch_size`` prompts per batch (greedy unless
     ``options.temperature`` > 0). ``labels`` name the prompts in errors; ``provenance`` and
     ``inputs`` (files, hashed) go into the result's metadata; ``notice`` receives one-line notes (a
     batch retried in halves after running out of CUDA memory). Under ``accelerate launch``, pass the
-    ``Accelerator``: the batches are shared out, and every process returns all the rows."""
+    ``Accelerator``: the batches are shared out, and every process returns all the rows.
+
+    ``options.score="probe"`` adds each text's ``probe_score`` (the unsteered model's mean
+    projection on the unit vector over the generated tokens); ``options.judge`` has an
+    OpenAI-compatible endpoint rate each text 1-10 (``judge_rating``; on the main process only). A
+    judge that fails raises :class:`JudgeError`, whose ``partial`` holds the unrated generations.
+    ``on_rows`` and ``on_judged`` get the texts made (batch by batch) and rated (one by one).
+    ``Generations.scores()`` gives both per multiplier with their 95% intervals."""
     if isinstance(prompts, str):
         prompts = [prompts]
     return run_generate(
@@ -308,6 +319,8 @@ def generate(
         inputs=dict(inputs or {}),
         shard=Shard.of(accelerator),
         notice=notice,
+        on_rows=on_rows,
+        on_judged=on_judged,
     )
 
 

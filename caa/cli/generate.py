@@ -24,9 +24,9 @@ from caa.cli.common import (
     _device,
     _load,
     _model_input,
+    _progress,
     _provenance,
     app,
-    err,
     escape,
     fail,
     out,
@@ -69,18 +69,60 @@ def generate(
     batch_size: Annotated[
         int, typer.Option(help="Prompts per batch (each under every multiplier), shortest first.")
     ] = 32,
+    score: Annotated[
+        str | None,
+        typer.Option(
+            "--score",
+            metavar="probe",
+            help="probe: score each text by the vector as a detector: the UNSTEERED model reads prompt + "
+            "text, and its residual stream at --layer (output of block l), at the generated tokens only "
+            "(not the prompt; end-of-sequence excluded), is projected on the unit vector v/|v| and "
+            "averaged (column probe_score; per multiplier, the mean and its 95% interval).",
+        ),
+    ] = None,
+    judge: Annotated[
+        str | None,
+        typer.Option(
+            "--judge",
+            metavar="URL",
+            help="An OpenAI-compatible API (e.g. http://127.0.0.1:8000/v1): POST URL/chat/completions "
+            "rates each text 1-10 for the behavior (column judge_rating, null if the reply has no rating).",
+        ),
+    ] = None,
+    judge_model: Annotated[
+        str | None, typer.Option("--judge-model", metavar="NAME", help="The judge's model (with --judge).")
+    ] = None,
+    judge_key_env: Annotated[
+        str,
+        typer.Option(
+            "--judge-key-env",
+            metavar="VAR",
+            help="The NAME of the environment variable holding the judge's API key (sent as a Bearer "
+            "token; unset: no key). Never the key itself.",
+        ),
+    ] = "OPENAI_API_KEY",
+    judge_workers: Annotated[int, typer.Option(help="Judge requests at a time.")] = 4,
+    judge_retries: Annotated[
+        int,
+        typer.Option(
+            help="Retries of a judge request after a connection error, a timeout, 429 or 5xx "
+            "(waiting 0.5 s, 1 s, 2 s, ...)."
+        ),
+    ] = 4,
+    judge_timeout: Annotated[float, typer.Option(help="Seconds to wait for each judge answer.")] = 60.0,
     force: ForceOpt = False,
     dtype: DtypeOpt = "auto",
     device_map: DeviceMapOpt = None,
     trust_remote_code: RemoteOpt = False,
 ) -> None:
-    """Generate with steering, every prompt under every multiplier, side by side.
+    """Generate with steering, every prompt under every multiplier, side by side; optionally score
+    each text (--score probe, --judge).
 
     Under `accelerate launch -m caa generate ...` the batches of prompts are shared out over the
-    processes and the main process writes every row, the rows one process writes.
+    processes and the main process writes every row, the rows one process writes (and asks the judge).
 
     Example: [bold]caa generate -v vectors.parquet --behavior sentiment --layer 14 --multipliers -4,0,4
-    -p "Describe your morning."[/]
+    -p "Describe your morning." --score probe[/]
     """
     accelerator = _accelerator()  # under a launcher of several processes, the batches are shared out
     main = accelerator.is_main_process
@@ -94,8 +136,10 @@ def generate(
         loaded = _load(
             model, dtype, device_map, trust_remote_code, _device(accelerator, device_map), chat_template
         )
-        count = len(options.multipliers)
-        with err.status(f"generating {len(plan.prompts)} prompts x {count} multipliers"):
+        rows = len(plan.prompts) * len(options.multipliers)
+        with _progress(disable=not main) as bar:  # type: ignore[attr-defined]
+            made = bar.add_task(f"generating ({len(options.multipliers)} multipliers)", total=rows, rate="")
+            rated = bar.add_task("judging", total=rows, rate="", visible=bool(options.judge))
             gens = api.generate(
                 loaded,
                 plan.vectors,
@@ -106,11 +150,19 @@ def generate(
                 inputs={"vectors": vectors, **({"prompts": prompts_file} if prompts_file else {})},
                 accelerator=accelerator,
                 notice=warn if main else None,
+                on_rows=lambda n: bar.advance(made, n),
+                on_judged=lambda n: bar.advance(rated, n),
             )
         if main:
             gens.save(out_path)
+    except api.JudgeError as e:
+        if main and e.partial is not None:
+            e.partial.save(out_path)
+            fail(CaaError(f"{e}; wrote {out_path} without ratings"))
+        fail(e)
     except CaaError as e:
         fail(e)
     if main:
         render.generations(gens, layer, scale, list(options.multipliers))
+        render.text_scores(gens)
         out.print(f"wrote {escape(str(out_path))}")

@@ -175,6 +175,37 @@ def generations(gens: Any, layer: int, scale: str, mults: list[float]) -> None:
     out.print(table)
 
 
+def text_scores(gens: Any) -> None:
+    """The probe score and the judge's rating per multiplier, each a mean with its 95% interval
+    (nothing when neither was asked for), and how many ratings were unparseable."""
+    scores = gens.scores()
+    names = [n for n in ("probe", "judge") if f"{n}_mean" in scores]
+    if not names:
+        return
+    heads = {"probe": "probe score (mean, 95% CI)", "judge": "judge rating 1-10 (mean, 95% CI)"}
+    table = Table(
+        "multiplier", *(heads[n] for n in names), box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False
+    )
+    for r in scores.to_dict(orient="records"):
+        table.add_row(f"x{r['multiplier']:g}", *(_mean_interval(r, n) for n in names))
+    out.print(table)
+    judge = gens.meta.get("judge")
+    if judge and judge.get("unparseable"):
+        out.print(
+            f"[yellow]{judge['unparseable']} of {judge['rated']} ratings unparseable[/] (stored as null, "
+            "left out of the means)"
+        )
+
+
+def _mean_interval(row: dict[str, Any], name: str) -> str:
+    mean, low, high, n = (row[f"{name}_{s}"] for s in ("mean", "low", "high", "n"))
+    if n == 0:
+        return "-"
+    if n < 2:
+        return f"{mean:.3g} (n=1)"
+    return f"{mean:.3g} [{low:.3g}, {high:.3g}] (n={n})"
+
+
 def inspection(file: Path, report: Any) -> None:
     """An artifact's metadata, inputs, summary and breakdown, as tables."""
 

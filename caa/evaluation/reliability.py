@@ -112,3 +112,16 @@ def bootstrap_interval(
     tail = (1 - CONFIDENCE) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def mean_interval(values: np.ndarray) -> tuple[float, float, float, int]:
+    """The mean of ``values`` (nan ignored: unscored items) and its 95% t-interval: (mean, low, high,
+    n), n the values counted; the bounds nan with fewer than two values, all nan with none."""
+    kept = np.asarray(values, dtype=np.float64)
+    kept = kept[~np.isnan(kept)]
+    n = len(kept)
+    if n == 0:
+        return math.nan, math.nan, math.nan, 0
+    half = t_quantile(0.5 + CONFIDENCE / 2, n - 1) * float(sem(kept[:, None])[0])
+    mean = float(kept.mean())
+    return mean, mean - half, mean + half, n

@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from caa.evaluation.text_scores import SCORES, score_table
 from caa.report.html import esc, figure, new_figure, num, number, table, wrap
 from caa.report.plots import PLAIN, draw_score_and_cost, legend
 from caa.report.summary import layer_spans
@@ -33,7 +34,7 @@ VECTOR_COLUMNS = [
     "test_accuracy",
     "test_auc",
 ]
-GENERATION_COLUMNS = ["prompt_index", "prompt", "behavior", "layer", "multiplier", "text"]
+GENERATION_COLUMNS = ["prompt_index", "prompt", "behavior", "layer", "multiplier", "text", *SCORES]
 
 # --- vectors -------------------------------------------------------------------------------------
 
@@ -261,8 +262,39 @@ def generations_section(path: Path, max_prompts: int) -> str:
             for i in prompts[:max_prompts]
         ]
         headers = ["prompt", *(f"×{m:g}" + (" (unsteered)" if m == 0 else "") for m in multipliers)]
+        parts.append(_scores_table(part))
         parts.append(_generation_table(headers, rows, [m == 0 for m in multipliers]))
     return "\n".join(parts)
+
+
+SCORE_HEADS = {"probe": "probe score", "judge": "judge rating (1-10)"}
+
+
+def _scores_table(part: pd.DataFrame) -> str:
+    """The probe score and the judge's rating per multiplier, over all the prompts (not only those
+    shown), each a mean with its 95% interval; nothing when neither was taken."""
+    scores = score_table(part)
+    names = [n for n in SCORE_HEADS if f"{n}_mean" in scores]
+    if not names:
+        return ""
+    rows = []
+    for r in scores.to_dict(orient="records"):
+        cells = [f"=×{r['multiplier']:g}"]
+        for n in names:
+            cells += [
+                "=" + num(r[f"{n}_mean"], "{:.3g}"),
+                "=" + f"{num(r[f'{n}_low'], '{:.3g}')} .. {num(r[f'{n}_high'], '{:.3g}')}",
+                f"={r[f'{n}_n']}",
+            ]
+        rows.append(cells)
+    headers = ["multiplier", *(h for n in names for h in (SCORE_HEADS[n], "95% CI", "n"))]
+    note = (
+        '<p class="note">Probe score: the unsteered model\'s residual stream at the layer, averaged over '
+        "the generated tokens (not the prompt), projected on the unit vector. Judge rating: the judge "
+        "model's 1-10 rating for the behavior (unparseable replies left out). Means over the prompts, "
+        "with 95% t-intervals.</p>"
+    )
+    return note + table(headers, rows)
 
 
 def _generation_table(headers: list[str], rows: list[list[str]], zero: list[bool]) -> str:

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from caa.errors import InputError
+from caa.evaluation.text_scores import SCORES, score_table
 from caa.store.artifacts import read_artifact, read_meta
 from caa.store.files import SpecialFileError, file_sha256
 from caa.store.schemas import ACTIVATIONS, KINDS
@@ -321,11 +322,12 @@ def _sweep_items(table: pa.Table, schema: pa.Schema, meta: Mapping[str, Any]) ->
 
 
 def _generations(table: pa.Table, schema: pa.Schema, meta: Mapping[str, Any]) -> Summary:
-    frame = _frame(table, ["prompt_index", "behavior", "layer", "multiplier", "n_tokens"])
+    frame = _frame(table, ["prompt_index", "behavior", "layer", "multiplier", "n_tokens", *SCORES])
     per = (
         frame.groupby("multiplier")
         .agg(completions=("n_tokens", "size"), mean_tokens=("n_tokens", "mean"))
         .reset_index()
+        .merge(score_table(frame), on="multiplier")  # the probe and judge means, where scored
     )
     summary = {
         "prompts": int(frame.prompt_index.nunique()),

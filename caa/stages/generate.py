@@ -7,6 +7,7 @@ process gets every row back (:mod:`caa.core.distributed`), the rows one process 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +22,15 @@ from caa.core.distributed import ONE, Shard
 from caa.core.hooks import deltas, steer_start, steering
 from caa.core.prompts import Encoded, collate, prompt_format, read_texts
 from caa.errors import CaaError
+from caa.evaluation.judge import Judge, JudgeError, fill, public_url, rubric
+from caa.evaluation.text_scores import score_table
 from caa.models.loading import LoadedModel
 from caa.stages.checks import check_model, check_strength, check_template
 from caa.stages.options import GenerateOptions
+from caa.stages.probe import READ, probe_scores, unit
 from caa.stages.vectors import VectorSet
 from caa.store.artifacts import make_meta, read_artifact, write_artifact
+from caa.store.datasets import builtin
 from caa.store.schemas import GENERATIONS
 
 
@@ -39,11 +44,16 @@ class Generations:
     """Steered texts, one row per (prompt, multiplier), with their provenance; :meth:`save` writes
     ``generations.parquet`` and :meth:`read` reads it."""
 
-    frame: pd.DataFrame  # prompt_index, prompt, behavior, layer, multiplier, text, n_tokens
+    frame: pd.DataFrame  # prompt_index, prompt, behavior, layer, multiplier, text, n_tokens (+ scores)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: Path | str) -> Path:
-        table = pa.Table.from_pandas(self.frame[[f.name for f in GENERATIONS.fields]], preserve_index=False)
+        frame = self.frame.copy()
+        for f in GENERATIONS.added:  # the scores not asked for: null
+            if f.name not in frame:
+                frame[f.name] = None
+        frame = frame.astype({"probe_score": "float64", "judge_rating": "Int8"})
+        table = pa.Table.from_pandas(frame[GENERATIONS.schema().names], preserve_index=False)
         write_artifact(table, Path(path), GENERATIONS, self.meta)
         return Path(path)
 
@@ -55,6 +65,15 @@ class Generations:
     def side_by_side(self) -> pd.DataFrame:
         """One row per prompt, one column per multiplier."""
         return self.frame.pivot(index="prompt", columns="multiplier", values="text")
+
+    def scores(self) -> pd.DataFrame:
+        """Per multiplier, the mean probe score and judge rating with their 95% intervals (the
+        columns of :func:`caa.evaluation.text_scores.score_table`; none for a score not taken)."""
+        return score_table(self.frame)
+
+    def unparseable(self) -> int:
+        """How many texts the judge rated without a rating 1-10 in its reply (0 if not judged)."""
+        return int(self.meta.get("judge", {}).get("unparseable", 0))
 
 
 def gather_prompts(
@@ -84,9 +103,10 @@ def generate_steered(
     labels: Sequence[str] | None = None,
     shard: Shard = ONE,
     notice: Callable[[str], None] | None = None,
+    on_rows: Callable[[int], None] | None = None,
 ) -> Generations:
     """Generate every prompt under every one of ``options.multipliers``, ``options.batch_size``
-    prompts per batch.
+    prompts per batch; ``on_rows`` gets the number of texts each finished batch made.
 
     Steering adds ``multiplier * vector`` to block ``options.layer``'s output at the positions
     ``options.steer_positions`` names (:func:`caa.core.hooks.steer_start`): by default the paper's,
@@ -96,6 +116,10 @@ def generate_steered(
     (default: ``prompt N``). Under ``shard`` each process generates its batches and all get every row.
     A batch that runs out of CUDA memory is retried in halves, said in ``notice`` (a retried half
     samples from its batch's seed).
+
+    With ``options.score`` ``probe``, each text gets its ``probe_score``
+    (:func:`caa.stages.probe.probe_scores`: the unsteered model's mean projection on ``vector / |vector|``
+    at ``options.layer`` over the generated tokens), one unsteered forward pass per batch.
     """
     if not prompts:
         raise CaaError("no prompts given")
@@ -137,10 +161,13 @@ def generate_steered(
             seed=options.seed + batch_of[index[0]],
         )
         rows = [(i, m) for i in index for m in multipliers]
+        new = [ids[: ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids for ids in new]
+        probe: list[float | None] = [None] * len(rows)
+        if options.score == "probe":
+            prompt_ids = [encoded[i].input_ids for i, _ in rows]
+            probe = [None if v != v else v for v in probe_scores(loaded, prompt_ids, new, vector, layer)]
         made = []
-        for (i, m), ids in zip(rows, new, strict=True):
-            if tok.eos_token_id in ids:
-                ids = ids[: ids.index(tok.eos_token_id)]
+        for (i, m), ids, score in zip(rows, new, probe, strict=True):
             made.append(
                 {
                     "prompt_index": i,
@@ -150,8 +177,12 @@ def generate_steered(
                     "multiplier": float(m),
                     "text": tok.decode(ids, skip_special_tokens=True).strip(),
                     "n_tokens": len(ids),
+                    "probe_score": score,
+                    "judge_rating": None,
                 }
             )
+        if on_rows:
+            on_rows(len(made))
         return made
 
     # a split batch could change a greedy token: the plan's batches, split only on running out of memory
@@ -206,18 +237,82 @@ def run_generate(
     inputs: dict[str, Path] | None = None,
     shard: Shard = ONE,
     notice: Callable[[str], None] | None = None,
+    on_rows: Callable[[int], None] | None = None,
+    on_judged: Callable[[int], None] | None = None,
 ) -> Generations:
-    """Check the vectors against the model, pick the behavior's vector, generate; the options, the
-    ``provenance`` given (what a command was told besides) and ``inputs`` (files, hashed) go into the
-    result's metadata."""
+    """Check the vectors against the model, pick the behavior's vector, generate (``on_rows``: texts
+    made, batch by batch), score with the probe if ``options.score`` says so, and with
+    ``options.judge`` have the judge rate every text (on the main process; ``on_judged``: texts
+    rated); the options, the ``provenance`` given (what a command was told besides) and ``inputs``
+    (files, hashed) go into the result's metadata. A judge that fails raises its
+    :class:`caa.evaluation.judge.JudgeError` with the unrated generations as its ``partial``."""
     check_model(vectors, loaded)
     check_template(vectors, prompt_format(loaded.tokenizer, options.chat_template))
     behavior = vectors.pick(options.behavior)
     vector = vectors.tensor(behavior, options.layer, options.scale)
     check_strength({options.layer: vector}, options.multipliers, loaded)  # as the sweep checks it
+    if options.score == "probe":
+        unit(vector, options.layer)  # a vector without a direction, refused before any work
     gens = generate_steered(
-        loaded, prompts, vector, options, behavior=behavior, labels=labels, shard=shard, notice=notice
+        loaded,
+        prompts,
+        vector,
+        options,
+        behavior=behavior,
+        labels=labels,
+        shard=shard,
+        notice=notice,
+        on_rows=on_rows,
     )
     meta = {**options.provenance(), **(provenance or {})}
-    gens.meta = make_meta(GENERATIONS, meta, inputs=inputs, model=loaded.fingerprint.to_dict())
+    extra: dict[str, Any] = {"model": loaded.fingerprint.to_dict()}
+    if options.score == "probe":
+        extra["probe"] = {"layer": options.layer, "read": READ}
+    gens.meta = make_meta(GENERATIONS, meta, inputs=inputs, **extra)
+    if options.judge and shard.main:
+        judge_generations(gens, judge_of(options), on_judged)
+    return gens
+
+
+def judge_of(options: GenerateOptions) -> Judge:
+    """The judge ``options`` name, its key read from the environment variable
+    ``options.judge_key_env`` (none sent if it is unset or empty)."""
+    assert options.judge is not None and options.judge_model is not None  # GenerateOptions.check
+    return Judge(
+        url=options.judge,
+        model=options.judge_model,
+        key=os.environ.get(options.judge_key_env) or None,
+        retries=options.judge_retries,
+        timeout=options.judge_timeout,
+        workers=options.judge_workers,
+    )
+
+
+def judge_generations(
+    gens: Generations, judge: Judge, on_judged: Callable[[int], None] | None = None
+) -> Generations:
+    """Have ``judge`` rate every text of ``gens`` 1-10 for its behavior, in place: the ratings into
+    ``judge_rating`` (null where the reply held none), the endpoint, the model, the rubric and the
+    count of unparseable replies into the metadata's ``judge`` entry. The rubric
+    (:func:`caa.evaluation.judge.rubric`) gives the behavior's name, and its card's description when
+    it is a built-in dataset's. ``on_judged`` gets 1 per text rated."""
+    behaviors = sorted(set(gens.frame.behavior))
+    if len(behaviors) != 1:
+        raise CaaError(f"the generations hold {len(behaviors)} behaviors ({', '.join(behaviors)}): judge one")
+    card = builtin(behaviors[0])
+    template = rubric(behaviors[0], card.description if card else None)
+    texts = [fill(template, r.prompt, r.text) for r in gens.frame.itertuples()]
+    try:
+        ratings = judge.rate(texts, on_judged)
+    except JudgeError as e:
+        e.partial = gens
+        raise
+    gens.frame["judge_rating"] = pd.array(ratings, dtype="Int8")
+    gens.meta["judge"] = {
+        "url": public_url(judge.url),
+        "model": judge.model,
+        "rubric": template,
+        "rated": len(ratings),
+        "unparseable": sum(r is None for r in ratings),
+    }
     return gens

@@ -11,13 +11,16 @@ Values are typed (layers as ints, multipliers as floats, memory in bytes): text 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, TypeAlias
+from urllib.parse import urlsplit
 
 from caa.core.hooks import STEER_POSITIONS
 from caa.core.prompts import POSITIONS, TEMPLATES
-from caa.errors import OptionError
+from caa.errors import CaaError, OptionError
+from caa.evaluation.judge import public_url
 from caa.store.text import NAME_PROBLEM, behavior_name, text_problem
 
 Template: TypeAlias = Literal["auto", "on", "off"]
@@ -26,6 +29,8 @@ Scale: TypeAlias = Literal["raw", "residual"]
 ENGINES = ("fast", "naive")
 SPLITS = ("all", "train", "test")
 SCALES = ("raw", "residual")
+SCORES = ("probe",)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MIN_TEMPERATURE = 1e-3  # logits / 1e-300 overflow to inf and the sampling probabilities to NaN
 
 
@@ -102,6 +107,15 @@ def check_multipliers(option: str, values: Sequence[float], *, with_zero: bool) 
         _require(math.isfinite(value), option, list(values), f"{value!r} is not finite")
         floats.append(float(value))
     return tuple(sorted(set(floats) | ({0.0} if with_zero else set())))
+
+
+def _web_url(text: str) -> bool:
+    """Whether ``text`` is an http(s) URL with a host (and, if any, a valid port)."""
+    try:
+        url = urlsplit(text)
+        return url.scheme in ("http", "https") and bool(url.hostname) and (url.port or 0) >= 0
+    except ValueError:  # "http://[::1", "http://host:port"
+        return False
 
 
 class _Options:
@@ -215,7 +229,13 @@ class SweepOptions(_Options):
 class GenerateOptions(_Options):
     """``caa generate``: steer ``layer`` with ``behavior``'s vector (needed when the file holds
     several) at each of ``multipliers`` (a column each), ``max_new_tokens`` per completion, greedy
-    unless ``temperature`` > 0 (then ``top_p`` and ``seed``), ``batch_size`` prompts per batch."""
+    unless ``temperature`` > 0 (then ``top_p`` and ``seed``), ``batch_size`` prompts per batch.
+
+    ``score`` ``probe`` scores each text by the unsteered model's mean projection on the unit vector
+    over its generated tokens (:mod:`caa.stages.probe`). ``judge`` (an OpenAI-compatible API's base
+    URL, e.g. ``http://127.0.0.1:8000/v1``) has ``judge_model`` rate each text 1-10, with the key
+    held by the environment variable named ``judge_key_env``; ``judge_workers`` requests at a time,
+    each tried ``1 + judge_retries`` times, waiting ``judge_timeout`` seconds per try."""
 
     layer: int
     behavior: str | None = None
@@ -228,6 +248,13 @@ class GenerateOptions(_Options):
     chat_template: Template = "auto"
     scale: Scale = "raw"
     batch_size: int = 32
+    score: Literal["probe"] | None = None
+    judge: str | None = None
+    judge_model: str | None = None
+    judge_key_env: str = "OPENAI_API_KEY"
+    judge_workers: int = 4
+    judge_retries: int = 4
+    judge_timeout: float = 60.0
 
     def check(self) -> None:
         _whole("layer", self.layer)
@@ -249,3 +276,48 @@ class GenerateOptions(_Options):
         _choice("steer_positions", self.steer_positions, STEER_POSITIONS)
         _choice("scale", self.scale, SCALES)
         _choice("chat_template", self.chat_template, TEMPLATES)
+        if self.score is not None:
+            _choice("score", self.score, SCORES)
+        self._check_judge()
+
+    def _check_judge(self) -> None:
+        if self.judge is not None:
+            _require(
+                isinstance(self.judge, str) and _web_url(self.judge),
+                "judge",
+                self.judge,
+                "must be an http:// or https:// URL, e.g. http://127.0.0.1:8000/v1",
+            )
+            url = urlsplit(self.judge)
+            _require(
+                url.username is None,
+                "judge",
+                public_url(self.judge),
+                "no user:password in the URL: put the key in the environment variable judge_key_env names",
+            )
+            _require(self.judge_model is not None, "judge_model", None, "name the judge's model")
+        else:
+            _require(self.judge_model is None, "judge_model", self.judge_model, "only with a judge URL")
+        if self.judge_model is not None:
+            _require(
+                isinstance(self.judge_model, str) and text_problem(self.judge_model) is None,
+                "judge_model",
+                self.judge_model,
+                "must be a model name",
+            )
+        if not isinstance(self.judge_key_env, str) or not _ENV_NAME.fullmatch(self.judge_key_env):
+            # not an OptionError: its value may be a key given by mistake, and is not repeated
+            raise CaaError(
+                "judge_key_env: must be the name of an environment variable (letters, digits and _, "
+                "e.g. OPENAI_API_KEY) that holds the key, never the key itself"
+            )
+        _whole("judge_workers", self.judge_workers, 1, 65, "must be from 1 to 64")
+        _whole("judge_retries", self.judge_retries, 0, 11, "must be from 0 to 10")
+        _require(
+            isinstance(self.judge_timeout, (int, float))
+            and not isinstance(self.judge_timeout, bool)
+            and 0 < self.judge_timeout < float("inf"),
+            "judge_timeout",
+            self.judge_timeout,
+            "must be a number of seconds above 0",
+        )

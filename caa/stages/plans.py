@@ -9,6 +9,7 @@ file.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,4 +111,6 @@ def plan_generate(
     vecs = VectorSet.read(vectors)
     picked = vecs.pick(options.behavior)
     warnings = check_vectors(vecs, [picked], [options.layer], options.scale)
+    if options.judge and not os.environ.get(options.judge_key_env):
+        warnings.append(f"{options.judge_key_env} is not set: the judge's requests carry no API key")
     return GeneratePlan(vecs, picked, texts, labels, warnings)

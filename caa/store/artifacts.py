@@ -73,9 +73,14 @@ def _jsonable(v: Any) -> Any:
 
 def write_parquet(table: pa.Table, file: Path, kind: Kind, meta: Mapping[str, Any]) -> None:
     """Write ``table`` as a ``kind`` artifact into ``file`` as it is, not atomically: ``file`` is a
-    temporary of :func:`atomic_paths`, committed with the other outputs of its run."""
+    temporary of :func:`atomic_paths`, committed with the other outputs of its run. A column the
+    kind ``added`` that ``table`` lacks is written null."""
     d_model = _vector_size(table.schema, kind)
-    table = table.cast(kind.schema(d_model)).replace_schema_metadata({META_KEY: json.dumps(meta)})
+    schema = kind.schema(d_model)
+    for f in kind.added:
+        if f.name not in table.column_names:
+            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+    table = table.select(schema.names).cast(schema).replace_schema_metadata({META_KEY: json.dumps(meta)})
     pq.write_table(table, file)
 
 
@@ -257,7 +262,7 @@ def _describe(spec: Any) -> str:
 def read_artifact(path: Path, kind: Kind, columns: Sequence[str] | None = None) -> Artifact:
     """Read and validate a ``kind`` artifact: its kind, schema version and every column's type
     (from the file's footer), then the values of ``columns`` (default: all), which must not be null
-    where the schema says so."""
+    where the schema says so. A column the kind ``added`` after a file was written reads as nulls."""
     path = Path(path)
     meta = read_meta(path)
     actual = meta.get("kind")
@@ -282,14 +287,21 @@ def read_artifact(path: Path, kind: Kind, columns: Sequence[str] | None = None) 
         if _vector_size(schema, kind) is None:
             raise InputError(path, "column is not a fixed-size float32 list", field=kind.vector)
     expected = kind.schema(_vector_size(schema, kind))
+    absent = {f.name for f in kind.added if f.name not in schema.names}  # a file from before them
     for f in expected:
+        if f.name in absent:
+            continue
         if f.name not in schema.names:
             raise InputError(path, "column missing", field=f.name)
         got = schema.field(f.name).type
         if got != f.type:
             raise InputError(path, f"column has type {got}, expected {f.type}", field=f.name)
     names = list(columns) if columns is not None else expected.names
-    table = read_table(path, columns=names)
+    table = read_table(path, columns=[n for n in names if n not in absent])
+    for name in names:
+        if name in absent:
+            f = expected.field(name)
+            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
     for name in names:
         if not expected.field(name).nullable and table.column(name).null_count:
             raise InputError(path, "column has null values", field=name)

@@ -22,16 +22,19 @@ class Kind:
     """One artifact kind: its name, the command that makes it, and its columns.
 
     ``vector`` names the column holding a fixed-size float32 list of length d_model, if any; its
-    size is fixed per file, so the schema is completed with ``schema(d)``.
+    size is fixed per file, so the schema is completed with ``schema(d)``. ``added`` are nullable
+    columns added within the schema version: a file written before them lacks them, and reads as if
+    they were there and null (no version bump, so older files stay readable).
     """
 
     name: str
     command: str
     fields: tuple[pa.Field, ...]
     vector: str | None = None
+    added: tuple[pa.Field, ...] = ()
 
     def schema(self, d_model: int | None = None) -> pa.Schema:
-        fields = list(self.fields)
+        fields = [*self.fields, *self.added]
         if self.vector is not None:
             if d_model is None:
                 raise ValueError(f"the {self.name} schema needs d_model")
@@ -144,7 +147,13 @@ GENERATIONS = Kind(
         _f("layer", pa.int16()),
         _f("multiplier", pa.float64()),
         _f("text", pa.string()),
-        _f("n_tokens", pa.int32()),
+        _f("n_tokens", pa.int32()),  # generated tokens (up to the end-of-sequence token, excluded)
+    ),
+    added=(
+        # `--score probe`: mean over the generated tokens of the unsteered residual stream at `layer`
+        # projected on the unit vector; null without it, or with no token generated
+        _f("probe_score", pa.float64(), nullable=True),
+        _f("judge_rating", pa.int8(), nullable=True),  # `--judge`: 1-10, null if unparseable or unjudged
     ),
 )
 
@@ -184,6 +193,23 @@ class SourceMeta(TypedDict, total=False):
     format: str  # gguf, safetensors, npy, npz or sae
     feature: int | None  # the SAE feature (row of W_dec)
     hook: str | None  # the SAE's hook, e.g. blocks.12.hook_resid_post
+
+
+class JudgeMeta(TypedDict, total=False):
+    """The generations' ``judge`` entry (`caa generate --judge`): who rated the texts, and how."""
+
+    url: str  # the endpoint (without any user:password part)
+    model: str
+    rubric: str  # the rubric sent, with {prompt} and {answer} where each text's went
+    rated: int
+    unparseable: int  # replies without a rating 1-10: their rows' judge_rating is null
+
+
+class ProbeMeta(TypedDict, total=False):
+    """The generations' ``probe`` entry (`caa generate --score probe`): what probe_score reads."""
+
+    layer: int
+    read: str  # which positions are averaged, in words
 
 
 class FluencyMeta(TypedDict, total=False):
@@ -226,7 +252,7 @@ META_FIELDS_OF_KIND: dict[str, dict[str, Any]] = {
         "best_unreliable": dict[str, tuple[int, float] | None],  # the best gain, reliable or not
         "fluency": FluencyMeta,
     },
-    "generations": {"model": Fingerprint},
+    "generations": {"model": Fingerprint, "judge": JudgeMeta, "probe": ProbeMeta},
 }
 META_FIELDS_OF_KIND["sweep_items"] = META_FIELDS_OF_KIND["sweep"]  # written by the same run
 

@@ -8,7 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from caa.evaluation.reliability import bootstrap_interval, paired_interval, slopes, steerability, t_quantile
+from caa.evaluation.reliability import (
+    bootstrap_interval,
+    mean_interval,
+    paired_interval,
+    slopes,
+    steerability,
+    t_quantile,
+)
 from caa.evaluation.scoring import recommend, summarise
 
 MULTIPLIERS = [-2.0, -1.0, 0.0, 1.0, 2.0]
@@ -113,3 +120,18 @@ def test_one_item_gives_null_statistics_not_an_error() -> None:
         assert math.isnan(summary[1][key])
     assert summary[1]["anti_fraction"] == 0.0
     assert list(items.slope) == [pytest.approx(0.3)] * 2
+
+
+def test_mean_interval_ignores_nan_and_uses_the_t_interval() -> None:
+    mean, low, high, n = mean_interval(np.array([1.0, np.nan, 2.0, 3.0, 4.0]))
+    # by hand: mean 2.5, sd sqrt(5/3), sem sd / 2, t(0.975, df 3) = 3.182446 (t-table)
+    half = 3.182446 * math.sqrt(5 / 3) / 2
+    assert (mean, n) == (2.5, 4)
+    assert low == pytest.approx(2.5 - half, abs=1e-5) and high == pytest.approx(2.5 + half, abs=1e-5)
+
+
+def test_mean_interval_of_too_few_values_is_nan_not_an_error() -> None:
+    mean, low, high, n = mean_interval(np.array([7.0]))
+    assert (mean, n) == (7.0, 1) and math.isnan(low) and math.isnan(high)
+    assert all(math.isnan(x) for x in mean_interval(np.array([np.nan]))[:3])
+    assert mean_interval(np.array([]))[3] == 0

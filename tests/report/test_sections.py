@@ -162,6 +162,25 @@ def test_generations_section_puts_multipliers_side_by_side(tmp_path: Path) -> No
         ["prompt 1 &lt;p&gt;", "said 1 x-1 &amp;", "said 1 x0 &amp;"],
     ]
     assert html.count('class="gen zero"') == 2
+    assert "probe score" not in html  # no scores taken: no score table
+
+
+def test_generations_section_shows_the_scores_per_multiplier_over_all_prompts(tmp_path: Path) -> None:
+    path = _generations(tmp_path / "g.parquet", "mood", prompts=3)
+    frame = pd.read_parquet(path)
+    frame["probe_score"] = [1.0, -2.0, 3.0, -4.0, 5.0, np.nan]  # rows: prompt-major, x0 then x-1
+    frame["judge_rating"] = pd.array([7, 2, None, 3, 9, 4], dtype="Int8")
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    write_artifact(table, path, GENERATIONS, make_meta(GENERATIONS, {}, model=MODEL))
+    html = generations_section(path, max_prompts=1)
+    head = "<th>multiplier</th><th>probe score</th><th>95% CI</th><th>n</th><th>judge rating (1-10)</th>"
+    assert head in html
+    rows = [r for r in _cells(html) if r and r[0].startswith("×")]
+    # x-1: probe -2, -4 (the third has none): mean -3, sd sqrt(2), t(0.975, 1) 12.706: -3 +- 12.7;
+    # judge 2, 3, 4: mean 3; x0: probe 1, 3, 5: mean 3; judge 7, 9 (one unparseable): mean 8
+    assert rows[0][:2] == ["×-1", "-3"] and rows[0][2] == "-15.7 .. 9.71" and rows[0][3] == "2"
+    assert rows[0][4:] == ["3", f"{3 - 2.4841:.3g} .. {3 + 2.4841:.3g}", "3"]
+    assert rows[1][:2] == ["×0", "3"] and rows[1][3] == "3" and rows[1][4] == "8" and rows[1][6] == "2"
 
 
 def test_a_section_given_another_kind_names_the_file(tmp_path: Path) -> None:

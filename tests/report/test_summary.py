@@ -319,3 +319,28 @@ def test_bad_files_exit_2_naming_the_file(
     result = runner.invoke(app, ["inspect", str(path)])
     assert result.exit_code == 2, result.output
     assert f"error: {path}: " in result.output and message in result.output
+
+
+def test_generations_with_scores_break_them_down_per_multiplier(tmp_path: Path) -> None:
+    path = tmp_path / "generations.parquet"
+    frame = pd.DataFrame(
+        {
+            "prompt_index": np.repeat([0, 1], 2).astype(np.int32),
+            "prompt": np.repeat(["Hi.", "Describe your day."], 2),
+            "behavior": "mood",
+            "layer": np.int16(2),
+            "multiplier": np.tile([-4.0, 4.0], 2),
+            "text": ["a", "b", "c", "d"],
+            "n_tokens": np.array([4, 6, 8, 2], dtype=np.int32),
+            "probe_score": [-3.0, 1.0, -5.0, 2.0],
+        }
+    )
+    write_artifact(
+        pa.Table.from_pandas(frame, preserve_index=False), path, GENERATIONS, make_meta(GENERATIONS, {})
+    )
+    breakdown = inspect_artifact(path).breakdown
+    assert [(b["multiplier"], b["probe_mean"], b["probe_n"]) for b in breakdown] == [
+        (-4.0, -4.0, 2),
+        (4.0, 1.5, 2),
+    ]
+    assert "judge_mean" not in breakdown[0]  # not judged: no judge columns

@@ -23,7 +23,7 @@ from caa.store.artifacts import (
     write_artifact,
 )
 from caa.store.files import file_sha256
-from caa.store.schemas import ACTIVATIONS, META_KEY, PAIRS, SCHEMA_VERSION, VECTORS
+from caa.store.schemas import ACTIVATIONS, GENERATIONS, META_KEY, PAIRS, SCHEMA_VERSION, VECTORS
 
 
 def _vectors_columns(rows: int, d: int) -> dict[str, object]:
@@ -147,3 +147,42 @@ def test_read_artifact_refuses_nulls_in_a_non_nullable_column(tmp_path: Path) ->
     with pytest.raises(InputError) as e:
         read_artifact(path, VECTORS)
     assert (e.value.field, e.value.problem) == ("behavior", "column has null values")
+
+
+def _generations_table(**extra: pa.Array) -> pa.Table:
+    columns = {
+        "prompt_index": pa.array([0, 0], pa.int32()),
+        "prompt": ["hi", "hi"],
+        "behavior": ["mood", "mood"],
+        "layer": pa.array([2, 2], pa.int16()),
+        "multiplier": [-1.0, 1.0],
+        "text": ["sad", "glad"],
+        "n_tokens": pa.array([1, 1], pa.int32()),
+    }
+    return pa.table({**columns, **extra})
+
+
+def test_columns_added_within_the_version_are_written_null_and_read_null_from_older_files(
+    tmp_path: Path,
+) -> None:
+    written = tmp_path / "new.parquet"
+    write_artifact(_generations_table(), written, GENERATIONS, make_meta(GENERATIONS, {}))
+    assert pq.read_schema(written).names[-2:] == ["probe_score", "judge_rating"]  # written, null
+    older = tmp_path / "old.parquet"  # as caa wrote it before the columns were added
+    meta = json.dumps(make_meta(GENERATIONS, {}))
+    pq.write_table(_generations_table().replace_schema_metadata({META_KEY: meta}), older)
+    for path in (written, older):
+        table = read_artifact(path, GENERATIONS).table
+        assert table.column("probe_score").null_count == 2 and table.column("judge_rating").type == pa.int8()
+        assert read_artifact(path, GENERATIONS, columns=["text", "judge_rating"]).table.column_names == [
+            "text",
+            "judge_rating",
+        ]
+
+
+def test_an_added_column_of_the_wrong_type_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "bad.parquet"
+    table = _generations_table(probe_score=pa.array(["high", "low"]))
+    pq.write_table(table.replace_schema_metadata({META_KEY: json.dumps(make_meta(GENERATIONS, {}))}), path)
+    with pytest.raises(InputError, match="field 'probe_score': column has type string, expected double"):
+        read_artifact(path, GENERATIONS)

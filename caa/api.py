@@ -58,11 +58,18 @@ from caa.stages.options import (
     check_behavior,
 )
 from caa.stages.plans import GeneratePlan, SweepPlan, plan_extract, plan_generate, plan_sweep
+from caa.stages.side_effects import (
+    Probe,
+    chosen_cells,
+    probe_work,
+    read_probes,
+    run_side_effects,
+)
 from caa.stages.sweep import SweepResult, held_out, run_sweep
 from caa.stages.vectors import VectorSet, vector_rows, vector_set
 from caa.store.checkpoint import partial_dir
 from caa.store.datasets import cards, data_dir, resolve_dataset
-from caa.store.outputs import check_outputs, sweep_paths
+from caa.store.outputs import check_outputs, side_effects_path, sweep_paths
 from caa.store.schemas import EXPORT, KINDS, PLOT, REPORT
 from caa.store.text import clean, text_problem
 
@@ -84,6 +91,7 @@ __all__ = [
     "LoadedModel",
     "OptionError",
     "PairSet",
+    "Probe",
     "ServeOptions",
     "ServePlan",
     "SweepOptions",
@@ -120,11 +128,15 @@ __all__ = [
     "plan_generate",
     "plan_serve",
     "plan_sweep",
+    "probe_work",
     "read_activations",
     "read_foreign",
+    "read_probes",
     "resolve_dataset",
     "run_serve",
     "serve",
+    "side_effects",
+    "side_effects_path",
     "steer",
     "sweep",
     "sweep_paths",
@@ -246,6 +258,7 @@ def sweep(
     tick: Callable[[int], None] | None = None,
     notice: Callable[[str], None] | None = None,
     accelerator: Any = None,
+    probes: Sequence[Probe] | None = None,
 ) -> SweepResult:
     """Score the held-out pairs at every (layer, multiplier), with the fluency cost, the per-item
     reliability and the recommendation. ``neutral``: texts for the fluency cost (default: the
@@ -253,7 +266,9 @@ def sweep(
     names given ones in messages). ``provenance`` (what a caller was told besides the options) and
     ``inputs`` (files, hashed) go into the result's metadata; ``tick`` counts texts scored;
     ``notice`` receives one-line notes. Under ``accelerate launch``, pass the ``Accelerator``: each
-    process runs its share of the batches and every process returns the whole result."""
+    process runs its share of the batches and every process returns the whole result. With
+    ``options.side_effects`` (or ``probes``, from :func:`read_probes`) the result also holds
+    :func:`side_effects`."""
     options = _options(options, SweepOptions)
     loaded = _model(model)
     path = pairs.path or Path("pairs")
@@ -264,7 +279,7 @@ def sweep(
         neutral_source = str(default)
     elif isinstance(neutral, str):
         raise OptionError("neutral", neutral, "must be a list of texts, not one string")
-    return run_sweep(
+    result = run_sweep(
         loaded,
         vectors,
         test,
@@ -278,6 +293,37 @@ def sweep(
         tick=tick,
         notice=notice,
         shard=Shard.of(accelerator),
+    )
+    if options.side_effects or probes:
+        result.side_effects = side_effects(
+            loaded, vectors, result, options, probes=probes, tick=tick, notice=notice, accelerator=accelerator
+        )
+    return result
+
+
+def side_effects(
+    model: LoadedModel | str,
+    vectors: VectorSet,
+    result: SweepResult,
+    options: SweepOptions | None = None,
+    *,
+    probes: Sequence[Probe] | None = None,
+    tick: Callable[[int], None] | None = None,
+    notice: Callable[[str], None] | None = None,
+    accelerator: Any = None,
+) -> pd.DataFrame:
+    """What steering does off target: each swept behavior's cell (its recommended one, else its best
+    gain, said in ``notice``) evaluated on the held-out items of the other sets ``options.side_effects``
+    names (or ``probes``, from :func:`read_probes`; ``capability`` is the built-in probe of general
+    knowledge). One row per behavior and set: the mean score unsteered and steered, their difference
+    and its paired 95% interval. Pass the sweep's ``options``: the texts are put to the model as they
+    say (template, steered positions, scale, engine)."""
+    options = _options(options, SweepOptions)
+    if probes is None:
+        probes = read_probes(options.side_effects, options.side_effects_max_items)
+    cells = chosen_cells(result.recommended, result.best, notice)
+    return run_side_effects(
+        _model(model), vectors, cells, probes, options, tick=tick, notice=notice, shard=Shard.of(accelerator)
     )
 
 

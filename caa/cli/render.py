@@ -376,3 +376,44 @@ def serving(plan: Any) -> None:
         highlight=False,
     )
     out.print("\nCtrl-C stops the server and its engine processes.")
+
+
+def side_effects(frame: Any) -> None:
+    """What each behavior's chosen cell does off target: one row per (behavior, other set)."""
+    table = Table(
+        Column("behavior", no_wrap=True),
+        "cell",
+        Column("on", no_wrap=True),
+        "n",
+        "x0",
+        "steered",
+        "change",
+        Column("95% CI", no_wrap=True),
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, 1, 0, 0),
+        title="side effects: each behavior's cell on the held-out items of the other sets",
+        caption="score: p(match) on A/B sets (capability: p(correct answer)), log p(pos) - log p(neg) on "
+        "free-form ones; x0: unsteered; change: steered minus unsteered on the same items, with its "
+        "paired 95% CI",
+    )
+    for r in frame.itertuples():
+        digits = 3 if r.score_kind == "p_match" else 2
+        ci = "-" if r.delta_low != r.delta_low else f"{r.delta_low:+.{digits}f}..{r.delta_high:+.{digits}f}"
+        moved = "" if r.delta_low != r.delta_low or r.delta_low <= 0 <= r.delta_high else " *"
+        table.add_row(
+            escape(r.behavior),
+            f"{r.layer} x{r.multiplier:g}" + ("" if r.cell == "recommended" else " (best)"),
+            escape(r.target),
+            str(r.n),
+            f"{r.unsteered:.{digits}f}",
+            f"{r.steered:.{digits}f}",
+            f"{r.delta:+.{digits}f}{moved}",
+            ci,
+        )
+    out.print(table)
+    if len(frame):
+        out.print("* the interval excludes 0: steering changed this set; (best): no cell was recommended")
+    else:
+        out.print("side effects: no behavior had a cell to evaluate (no positive gain within the budget)")

@@ -112,6 +112,21 @@ def sweep(
     batch_size: Annotated[
         int | None, typer.Option(help="At most this many rows (text x multiplier) per forward pass.")
     ] = None,
+    side_effects: Annotated[
+        str | None,
+        typer.Option(
+            "--side-effects",
+            help="Comma-separated sets of pairs, e.g. capability,sycophancy: built-in dataset names "
+            "(capability: general-knowledge questions, the built-in probe) or files of pairs in any "
+            "format caa ingest reads, pairs.parquet included (ingested in memory). After the sweep, "
+            "each behavior's recommended cell (else its best gain, said so) is scored on the test "
+            "split of every other set, unsteered and steered: the change with its paired 95% interval, "
+            "written to STEM.side_effects.parquet.",
+        ),
+    ] = None,
+    side_effects_max_items: Annotated[
+        int, typer.Option(help="Score at most this many held-out items of each --side-effects set.")
+    ] = 50,
     force: ForceOpt = False,
     dtype: DtypeOpt = "auto",
     device_map: DeviceMapOpt = None,
@@ -140,7 +155,10 @@ def sweep(
     neutral = neutral or api.default_neutral(steer_positions)
     kinds = api.OUTPUTS
     outputs = [(table_path, kinds["sweep"]), (items_path, kinds["sweep_items"]), (plot, kinds["plot"])]
-    _check_outputs([vectors, pairs, neutral, _model_input(model)], outputs, force, main)
+    sets = tuple(side_effects.split(",")) if side_effects is not None else ()
+    if sets:
+        outputs.append((api.side_effects_path(table_path), kinds["sweep_side_effects"]))
+    _check_outputs([vectors, pairs, neutral, _model_input(model), *map(Path, sets)], outputs, force, main)
     try:
         options = stage_options(
             api.SweepOptions,
@@ -148,15 +166,18 @@ def sweep(
             layers=parse_layers(layers) if layers else None,
             multipliers=parse_multipliers(multipliers),
             max_memory=parse_size(max_memory) if max_memory else None,
+            side_effects=sets,
         )
         plan = api.plan_sweep(vectors, pairs, model, options, neutral)
+        probes = api.read_probes(options.side_effects, options.side_effects_max_items) if sets else None
         for line in plan.warnings if main else []:
             warn(line)
         loaded = _load(
             model, dtype, device_map, trust_remote_code, _device(accelerator, device_map), chat_template
         )
         with _progress(disable=not main) as bar:  # type: ignore[attr-defined]
-            task = bar.add_task("sweeping", total=plan.work(options.layers), rate="")
+            side_work = api.probe_work(probes, plan.behaviors) if probes else 0
+            task = bar.add_task("sweeping", total=plan.work(options.layers) + side_work, rate="")
             result = api.sweep(
                 loaded,
                 plan.vectors,
@@ -169,6 +190,7 @@ def sweep(
                 tick=lambda n: bar.advance(task, n),
                 notice=warn if main else None,
                 accelerator=accelerator,
+                probes=probes,
             )
         if main:
             with _gc_paused():  # matplotlib's import and the figure
@@ -178,3 +200,6 @@ def sweep(
     if main:
         render.sweep(result, max_kl, max_anti)
         out.print(f"wrote {escape(str(table_path))}, {escape(str(items_path))} and {escape(str(plot))}")
+        if result.side_effects is not None:
+            render.side_effects(result.side_effects)
+            out.print(f"wrote {escape(str(api.side_effects_path(table_path)))}")

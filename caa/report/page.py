@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from caa.errors import CaaError, InputError
 from caa.report.html import esc, page, table
 from caa.report.sections import generations_section, sweep_section, vectors_section
+from caa.report.side_effects import side_effects_section
 from caa.report.summary import Inspection, inspect_artifact, layer_spans
 from caa.store.artifacts import read_meta
 from caa.store.files import write_atomic
@@ -125,6 +126,9 @@ def build_report(run: Run, check_inputs: bool = True, max_prompts: int = 12, tit
     body = [f"<h1>{esc(title or 'caa run report')}</h1>", _overview(run, inspections, warnings)]
     body.append(_section("vectors", run.of("vectors"), vectors_section))
     body.append(_section("sweep", run.of("sweep"), sweep_section))
+    if run.of("sweep_side_effects"):  # only where a sweep measured them (--side-effects)
+        body.append('<h2 id="side-effects">Side effects</h2>')
+        body.extend(side_effects_section(p) for p in run.of("sweep_side_effects"))
     body.append(_section("generations", run.of("generations"), lambda p: generations_section(p, max_prompts)))
     body.append(_provenance(inspections))
     return Report(page(title or "caa run report", "\n".join(body)), warnings)

@@ -321,6 +321,18 @@ def _sweep_items(table: pa.Table, schema: pa.Schema, meta: Mapping[str, Any]) ->
     return summary, _records(per)
 
 
+def _side_effects(table: pa.Table, schema: pa.Schema, meta: Mapping[str, Any]) -> Summary:
+    columns = ["behavior", "layer", "multiplier", "cell", "target", "n", "delta", "delta_low", "delta_high"]
+    frame = _frame(table, columns)
+    summary = {
+        "behaviors": _sorted(frame.behavior),
+        "targets": _sorted(frame.target),
+        "rows": len(frame),
+        "excluding_zero": int(((frame.delta_low > 0) | (frame.delta_high < 0)).sum()),
+    }
+    return summary, _records(frame)
+
+
 def _generations(table: pa.Table, schema: pa.Schema, meta: Mapping[str, Any]) -> Summary:
     frame = _frame(table, ["prompt_index", "behavior", "layer", "multiplier", "n_tokens", *SCORES])
     per = (
@@ -346,6 +358,7 @@ _SUMMARIES: dict[str, Callable[[pa.Table, pa.Schema, Mapping[str, Any]], Summary
     "vectors": _vectors,
     "sweep": _sweep,
     "sweep_items": _sweep_items,
+    "sweep_side_effects": _side_effects,
     "generations": _generations,
 }
 

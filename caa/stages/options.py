@@ -76,6 +76,16 @@ def _names(option: str, values: Sequence[str] | None) -> tuple[str, ...] | None:
     return tuple(check_behavior(option, v) for v in values)
 
 
+def _sets(option: str, values: Sequence[str]) -> tuple[str, ...]:
+    """Names of datasets or files, each non-blank text, refusing a lone string."""
+    _require(not isinstance(values, str), option, values, "must be a list of names, not one string")
+    for value in values:
+        _require(
+            isinstance(value, str) and bool(value.strip()), option, list(values), f"{value!r} names nothing"
+        )
+    return tuple(v.strip() for v in values)
+
+
 def check_layers(option: str, layers: Sequence[int] | None) -> tuple[int, ...] | None:
     """Layers as whole numbers (the model's range is checked where the model is known)."""
     if layers is None:
@@ -181,7 +191,10 @@ class SweepOptions(_Options):
     among the multipliers. The fluency cost reads ``neutral_count`` neutral texts; the recommendation
     keeps the mean KL under ``max_kl`` and, with ``max_anti``, at most that share of items steering
     backwards. ``engine`` ``fast`` reuses each prompt's KV cache, ``naive`` is the reference;
-    ``max_memory`` (bytes) and ``batch_size`` size the batches; ``seed`` seeds the bootstrap."""
+    ``max_memory`` (bytes) and ``batch_size`` size the batches; ``seed`` seeds the bootstrap.
+    ``side_effects`` names sets of pairs (built-in names, ``capability`` among them, or files) on
+    whose held-out items, at most ``side_effects_max_items`` each, every behavior's chosen cell is
+    evaluated afterwards (:mod:`caa.stages.side_effects`)."""
 
     behaviors: tuple[str, ...] | None = None
     layers: tuple[int, ...] | None = None
@@ -198,9 +211,13 @@ class SweepOptions(_Options):
     truncate: bool = False
     max_memory: int | None = None
     batch_size: int | None = None
+    side_effects: tuple[str, ...] = ()
+    side_effects_max_items: int = 50
 
     def check(self) -> None:
         object.__setattr__(self, "behaviors", _names("behaviors", self.behaviors))
+        object.__setattr__(self, "side_effects", _sets("side_effects", self.side_effects))
+        _whole("side_effects_max_items", self.side_effects_max_items, 1)
         object.__setattr__(self, "layers", check_layers("layers", self.layers))
         mults = check_multipliers("multipliers", self.multipliers, with_zero=True)
         object.__setattr__(self, "multipliers", mults)

@@ -46,8 +46,8 @@ from caa.stages.options import SweepOptions
 from caa.stages.vectors import VectorSet
 from caa.store.artifacts import make_meta, read_artifact, write_parquet
 from caa.store.files import atomic_paths
-from caa.store.outputs import sweep_paths
-from caa.store.schemas import SWEEP, SWEEP_ITEMS, Kind
+from caa.store.outputs import side_effects_path, sweep_paths
+from caa.store.schemas import SIDE_EFFECTS, SWEEP, SWEEP_ITEMS, Kind
 from caa.store.text import same_name
 
 
@@ -157,16 +157,22 @@ class SweepResult:
     best: dict[str, tuple[int, float] | None] = field(default_factory=dict)  # within budget, reliable or not
     fluency: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)  # the provenance the files carry
+    side_effects: pd.DataFrame | None = None  # off-target changes (caa.stages.side_effects)
 
     def save(self, out: Path | str) -> tuple[Path, Path, Path]:
         """Write the table (``out``), the per-item table (``STEM.items.parquet``) and the plot
-        (``STEM.png``) together: all three are replaced, or none. Returns their paths."""
+        (``STEM.png``) together, and the side effects if measured (``STEM.side_effects.parquet``):
+        all are replaced, or none. Returns the first three's paths."""
         paths = sweep_paths(Path(out))
         options = self.meta.get("options") or {}
-        with atomic_paths(list(paths)) as (table_tmp, items_tmp, plot_tmp):
+        side = [side_effects_path(paths[0])] if self.side_effects is not None else []
+        with atomic_paths([*paths, *side]) as (table_tmp, items_tmp, plot_tmp, *side_tmp):
             write_parquet(pa_table(self.table, SWEEP), table_tmp, SWEEP, self.meta)
             items_meta = {**self.meta, "kind": SWEEP_ITEMS.name}  # the same run
             write_parquet(pa_table(self.items, SWEEP_ITEMS), items_tmp, SWEEP_ITEMS, items_meta)
+            for tmp in side_tmp:
+                side_meta = {**self.meta, "kind": SIDE_EFFECTS.name}
+                write_parquet(pa_table(self.side_effects, SIDE_EFFECTS), tmp, SIDE_EFFECTS, side_meta)
             plot_sweep(
                 self.table,
                 self.items,
@@ -189,8 +195,21 @@ class SweepResult:
             return {b: (int(r[0]), float(r[1])) if r else None for b, r in (meta.get(key) or {}).items()}
 
         table = art.table.to_pandas()
+        side = side_effects_path(Path(path))
+        side_effects = None  # beside it, if written by the same run (an older run's is not this one's)
+        if (
+            side.exists()
+            and {**(found := read_artifact(side, SIDE_EFFECTS)).meta, "kind": SWEEP.name} == meta
+        ):
+            side_effects = found.table.to_pandas()
         return cls(
-            table, items, cells("recommended"), cells("best_unreliable"), meta.get("fluency") or {}, meta
+            table,
+            items,
+            cells("recommended"),
+            cells("best_unreliable"),
+            meta.get("fluency") or {},
+            meta,
+            side_effects,
         )
 
 

@@ -36,6 +36,13 @@ def sweep_paths(out: Path) -> tuple[Path, Path, Path]:
     return table, table.with_name(table.stem + ".items.parquet"), table.with_name(table.stem + plot_suffix)
 
 
+def side_effects_path(out: Path) -> Path:
+    """Where ``caa sweep -o OUT --side-effects ...`` writes its side effects: ``STEM.side_effects.parquet``
+    beside OUT (with the sweep's other files, all or none)."""
+    table = sweep_paths(out)[0]
+    return table.with_name(table.stem + ".side_effects.parquet")
+
+
 def check_outputs(
     inputs: Iterable[Path | None],
     outputs: Sequence[tuple[Path, Kind]],

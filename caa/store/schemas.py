@@ -1,8 +1,9 @@
 """Every artifact kind of the pipeline, declared once: its columns and the fields of its metadata.
 
-The Parquet artifacts (pairs, activations, vectors, sweep, sweep items, generations) are :data:`KINDS`;
-the files that are not Parquet (the sweep's plot, exports, the report) are declared too, with the mark
-by which a rerun knows its own file, so that every output is checked alike (:mod:`caa.store.outputs`).
+The Parquet artifacts (pairs, activations, vectors, sweep, sweep items, sweep side effects,
+generations) are :data:`KINDS`; the files that are not Parquet (the sweep's plot, exports, the
+report) are declared too, with the mark by which a rerun knows its own file, so that every output is
+checked alike (:mod:`caa.store.outputs`).
 """
 
 from __future__ import annotations
@@ -137,6 +138,26 @@ SWEEP_ITEMS = Kind(
     ),
 )
 
+SIDE_EFFECTS = Kind(
+    "sweep_side_effects",
+    "caa sweep",
+    (
+        _f("behavior", pa.string()),  # the swept behavior whose cell is evaluated
+        _f("layer", pa.int16()),
+        _f("multiplier", pa.float64()),
+        _f("cell", pa.string()),  # "recommended", or "best" (the best gain: none was recommended)
+        _f("target", pa.string()),  # the behavior of the off-target pairs (e.g. "capability")
+        _f("source", pa.string()),  # "built-in" or the file they came from
+        _f("score_kind", pa.string()),  # "p_match" (A/B) or "logp_diff" (free-form)
+        _f("n", pa.int32()),  # held-out items scored
+        _f("unsteered", pa.float64()),  # mean score on them, unsteered
+        _f("steered", pa.float64()),  # and steered at the cell
+        _f("delta", pa.float64()),  # steered minus unsteered: the off-target change
+        _f("delta_low", pa.float64(), nullable=True),  # its paired 95% interval; null with one item
+        _f("delta_high", pa.float64(), nullable=True),
+    ),
+)
+
 GENERATIONS = Kind(
     "generations",
     "caa generate",
@@ -157,7 +178,7 @@ GENERATIONS = Kind(
     ),
 )
 
-KINDS = {k.name: k for k in (PAIRS, ACTIVATIONS, VECTORS, SWEEP, SWEEP_ITEMS, GENERATIONS)}
+KINDS = {k.name: k for k in (PAIRS, ACTIVATIONS, VECTORS, SWEEP, SWEEP_ITEMS, SIDE_EFFECTS, GENERATIONS)}
 
 
 @dataclass(frozen=True)
@@ -255,6 +276,7 @@ META_FIELDS_OF_KIND: dict[str, dict[str, Any]] = {
     "generations": {"model": Fingerprint, "judge": JudgeMeta, "probe": ProbeMeta},
 }
 META_FIELDS_OF_KIND["sweep_items"] = META_FIELDS_OF_KIND["sweep"]  # written by the same run
+META_FIELDS_OF_KIND["sweep_side_effects"] = META_FIELDS_OF_KIND["sweep"]  # the same run, with --side-effects
 
 # --- outputs that are not Parquet -------------------------------------------------------------------
 

@@ -3,6 +3,7 @@ cards (data/README.md) true to the files, `caa datasets`, `caa ingest NAME` and 
 
 from __future__ import annotations
 
+import itertools
 import json
 from importlib.resources import files
 from pathlib import Path
@@ -20,7 +21,7 @@ from caa.store.schemas import SWEEP
 from tests.helpers import DATA, make_vectors
 
 runner = CliRunner()
-BUILTINS = ["sycophancy", "corrigibility", "myopic_reward", "sentiment", "formality"]
+BUILTINS = ["sycophancy", "corrigibility", "myopic_reward", "sentiment", "formality", "capability"]
 
 
 def _shipped(path: Path) -> bool:
@@ -161,3 +162,22 @@ def test_sweep_defaults_to_the_packaged_neutral_texts_from_any_directory(
     assert result.exit_code == 0, result.output
     meta = read_artifact(elsewhere / "sweep.parquet", SWEEP).meta
     assert meta["options"]["neutral"] == str(datasets.default_neutral(positions))
+
+
+def test_capability_is_a_balanced_set_of_single_answer_questions() -> None:
+    rows = json.loads((DATA / "capability.json").read_text(encoding="utf-8"))
+    assert len(rows) >= 200
+    stems = [r["question"].split("\n\nChoices:")[0] for r in rows]
+    assert len(set(stems)) == len(stems), "a question is asked twice"
+    at_a = 0
+    for r in rows:
+        head, choices = r["question"].split("\n\nChoices:\n")
+        first, second = choices.split("\n")
+        assert first.startswith(" (A) ") and second.startswith(" (B) ") and head.strip()
+        assert first[5:].strip() and second[5:].strip() and first[5:] != second[5:]
+        assert {r["answer_matching_behavior"], r["answer_not_matching_behavior"]} == {"(A)", "(B)"}
+        at_a += r["answer_matching_behavior"] == "(A)"
+    assert at_a * 2 == len(rows)
+    letters = [r["answer_matching_behavior"] for r in rows]
+    longest = max(len(list(run)) for _, run in itertools.groupby(letters))
+    assert longest < 12, "the correct letters are not shuffled"

@@ -9,8 +9,16 @@ from caa.store import schemas
 from caa.store.schemas import ACTIVATIONS, KINDS, META_FIELDS_OF_KIND, PAIRS, SWEEP, VECTORS
 
 
-def test_kinds_are_the_six_parquet_artifacts_by_name() -> None:
-    assert list(KINDS) == ["pairs", "activations", "vectors", "sweep", "sweep_items", "generations"]
+def test_kinds_are_the_seven_parquet_artifacts_by_name() -> None:
+    assert list(KINDS) == [
+        "pairs",
+        "activations",
+        "vectors",
+        "sweep",
+        "sweep_items",
+        "sweep_side_effects",
+        "generations",
+    ]
     assert all(KINDS[name].name == name for name in KINDS)
     assert all(k.command.startswith("caa ") for k in KINDS.values())
     assert set(META_FIELDS_OF_KIND) <= set(KINDS)

@@ -19,29 +19,23 @@ run before its model loads, the file checks, interchange and the report).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
 
-import numpy as np
 import pandas as pd
-import torch
-from torch import Tensor
 
 from caa.core.distributed import Shard
-from caa.core.hooks import deltas, steer_start, steering
 from caa.core.options import model_layers
 from caa.errors import CaaError, OptionError
 from caa.evaluation.fluency import default_neutral, read_neutral
 from caa.evaluation.judge import JudgeError
 from caa.evaluation.scoring import fluency_label
-from caa.models.loading import LoadedModel, decoder_blocks, load_model
+from caa.models.loading import LoadedModel, load_model
 from caa.models.specs import config_num_layers
 from caa.report.page import build_report, find_artifacts, write_report
 from caa.report.summary import inspect_artifact, layer_spans
 from caa.serve.launch import ServeOptions, ServePlan, plan_serve, run_serve
-from caa.stages.checks import check_model
 from caa.stages.extract import Activations, extract_in_memory, read_activations
 from caa.stages.extract_file import run_extract, text_share
 from caa.stages.foreign import read_foreign
@@ -65,6 +59,7 @@ from caa.stages.side_effects import (
     read_probes,
     run_side_effects,
 )
+from caa.stages.steer import steer
 from caa.stages.sweep import SweepResult, held_out, run_sweep
 from caa.stages.vectors import VectorSet, vector_rows, vector_set
 from caa.store.checkpoint import partial_dir
@@ -388,76 +383,3 @@ def serve(
     ``on_ready`` is called once the server answers; ``on_output`` gets each line vLLM prints."""
     plan = plan_serve(vectors, model, _options(options, ServeOptions), progress)
     return run_serve(plan, on_ready, on_output)
-
-
-@contextmanager
-def steer(
-    model: Any,
-    vector: Any,
-    layer: int,
-    multiplier: float | Sequence[float] = 1.0,
-    *,
-    behavior: str | None = None,
-    positions: str = "answer",
-    prompt_length: Tensor | Sequence[int] | int | None = None,
-    start: Tensor | int | None = None,
-    scale: str = "raw",
-) -> Iterator[None]:
-    """Steer ``model`` while the context is open: add ``multiplier * vector`` to block ``layer``'s output.
-
-    ``model`` is a :class:`caa.LoadedModel` or a transformers model; ``vector`` is a [d_model] array or
-    tensor, or a :class:`caa.VectorSet` (then ``behavior`` picks its vector, and may be left out when
-    the file holds one behavior; ``scale="residual"`` makes the multiplier one of the layer's mean
-    residual norm; a VectorSet of another model is refused, as :func:`generate` refuses it).
-    ``multiplier`` is one number, or one per batch row.
-
-    Which positions: give ``prompt_length`` (the prompt's token count, per row or for all) and
-    ``positions`` = ``answer`` (the paper's: every position after the prompt), ``prompt-end`` (the
-    prompt's last token too) or ``all``; or give ``start``, the first steered position (an int or a
-    [batch] tensor); with neither, every position is steered. Positions are the model's own
-    ``position_ids``, so two ``generate`` calls in one context are steered alike. Example::
-
-        inputs = loaded.tokenizer(["Tell me about your day."], return_tensors="pt")
-        with caa.steer(loaded, caa.VectorSet.read("vectors.parquet"), layer=12, multiplier=1.5,
-                       prompt_length=inputs["attention_mask"].sum(-1)):
-            out = loaded.model.generate(**inputs)
-    """
-    blocks = getattr(model, "blocks", None)
-    if blocks is None:
-        blocks = decoder_blocks(model)
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(blocks):
-        raise OptionError("layer", layer, f"must be a layer from 0 to {len(blocks) - 1}")
-    if scale != "raw" and not isinstance(vector, VectorSet):
-        raise CaaError(f"scale='{scale}' needs a VectorSet: it holds each layer's mean residual norm")
-    if isinstance(vector, VectorSet):
-        if isinstance(model, LoadedModel):
-            check_model(vector, model)
-        names = vector.behaviors()
-        if behavior is None and len(names) != 1:
-            raise CaaError(f"{vector.path} holds several behaviors ({', '.join(names)}): pass behavior=")
-        vector = vector.vector(behavior or names[0], layer, scale)
-    if isinstance(vector, Tensor):
-        v = vector.detach().float().flatten()  # [d_model]
-    else:  # a copy: numpy arrays read from Parquet are read-only
-        v = torch.tensor(np.array(vector, dtype=np.float32)).flatten()
-    config = getattr(getattr(model, "model", model), "config", None)
-    width = getattr(config.get_text_config(), "hidden_size", None) if config is not None else None
-    if width is not None and v.numel() != width:
-        raise OptionError("vector", f"[{v.numel()} values]", f"must have the model's width, {width} values")
-    if not bool(torch.isfinite(v).all()):
-        raise OptionError("vector", f"[{v.numel()} values]", "holds values that are not finite")
-    coefficients = [multiplier] if isinstance(multiplier, (int, float)) else list(multiplier)
-    for m in coefficients:
-        if isinstance(m, bool) or not isinstance(m, (int, float)) or not np.isfinite(m):
-            raise OptionError("multiplier", multiplier, f"{m!r} is not a finite number")
-    delta = deltas(v, coefficients)  # [1 or batch, d_model]
-    if isinstance(multiplier, (int, float)):
-        delta = delta[0]  # [d_model]: the same for every row
-    if prompt_length is not None:
-        if start is not None:
-            raise CaaError("give prompt_length= (with positions=) or start=, not both")
-        first = steer_start(positions, torch.as_tensor(prompt_length))
-    else:
-        first = None if start is None else torch.as_tensor(start, dtype=torch.long).reshape(-1)
-    with steering(blocks, {layer: delta}, first):
-        yield

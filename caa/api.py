@@ -31,6 +31,7 @@ from caa.errors import CaaError, OptionError
 from caa.evaluation.fluency import default_neutral, read_neutral
 from caa.evaluation.judge import JudgeError
 from caa.evaluation.scoring import fluency_label
+from caa.models.cache import transformers_path
 from caa.models.loading import LoadedModel, load_model
 from caa.models.specs import config_num_layers
 from caa.report.page import build_report, find_artifacts, write_report
@@ -136,6 +137,7 @@ __all__ = [
     "sweep",
     "sweep_paths",
     "text_problem",
+    "transformers_path",
     "write_report",
 ]
 

@@ -145,3 +145,21 @@ NEUTRAL = [
 
 # Multipliers of the tiny models' sweeps: negative, zero and a non-integer positive.
 MULTIPLIERS = [-2.0, 0.0, 1.5]
+
+
+LM_EVAL = "lm-eval[hf]==0.4.13"  # the release whose steered model caa's lm-eval export was checked against
+
+
+def require_lm_eval() -> Any:
+    """The ``lm_eval`` package: a test that needs it is skipped where it is not installed, except in
+    CI (``CI`` set, as CI services set it), where that is a failure: ``make install`` installs it
+    (the dev extra), so a CI run without it would pass the comparison by skipping it."""
+    try:
+        import lm_eval
+        import lm_eval.models.hf_steered  # the model the export is for
+    except ImportError as e:
+        message = f"lm-eval is not importable ({e}): pip install '{LM_EVAL}', or make install"
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+            pytest.fail(f"{message}; CI must run the lm-eval tests, not skip them")
+        pytest.skip(message)
+    return lm_eval

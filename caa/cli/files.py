@@ -83,14 +83,15 @@ def export_cmd(
         Path, typer.Argument(help="vectors.parquet from `caa compute-vectors` or `caa import`.")
     ],
     out_path: Annotated[
-        Path, typer.Option("--out", "-o", help="Output file: .gguf, .safetensors, .npy or .npz.")
+        Path,
+        typer.Option("--out", "-o", help="Output file: .gguf, .safetensors, .npy, .npz, or .pt (lm-eval)."),
     ],
     format_: Annotated[
         str | None,
         typer.Option(
             "--format",
-            help="gguf (a llama.cpp control vector), safetensors, npy (one layer) or npz "
-            "(default: the output's suffix).",
+            help="gguf (a llama.cpp control vector), safetensors, npy (one layer), npz, or lm-eval "
+            "(lm-evaluation-harness's steered model, a .pt file) (default: the output's suffix).",
         ),
     ] = None,
     behavior: Annotated[
@@ -103,11 +104,16 @@ def export_cmd(
             "of decoder block l (0-based); gguf cannot hold layer 0."
         ),
     ] = None,
-    multiplier: Annotated[float, typer.Option(help="Bake this strength into the exported vectors.")] = 1.0,
+    multiplier: Annotated[
+        float,
+        typer.Option(
+            help="Bake this strength into the exported vectors (lm-eval: its steering_coefficient)."
+        ),
+    ] = 1.0,
     scale: ScaleOpt = "raw",
     force: ForceOpt = False,
 ) -> None:
-    """Write one behavior's vectors for other tools: a llama.cpp control vector, safetensors, .npy or .npz.
+    """Write one behavior's vectors for other tools: llama.cpp, lm-eval, safetensors, .npy or .npz.
 
     gguf: one F32 tensor direction.N per layer N. llama.cpp adds direction.N to the output of decoder
     block N at every position, prompt included: caa's layer N under --steer-positions all, no shift.
@@ -115,6 +121,12 @@ def export_cmd(
     llama-cli -m model.gguf --control-vector-scaled happy.gguf:2.0 --control-vector-layer-range 8 20.
     safetensors: tensors layer.N, with the model fingerprint and the layer convention in the metadata;
     npz: arrays layer_N; npy: one layer's vector (d_model values).
+    lm-eval: what lm-evaluation-harness's steered model loads (lm-eval 0.4.13), a .pt dict keyed by
+    hookpoint (layers.N for Llama: block N's output), with steering_vector (the vector, or with --scale
+    residual its direction at the residual norm), steering_coefficient (--multiplier), action add.
+    lm-eval adds coefficient x vector at every position, prompt included: caa's --steer-positions all
+    (compare with caa sweep --steer-positions all). Run it with
+    lm_eval --model steered --model_args pretrained=MODEL_DIR,steer_path=happy.pt --tasks ...
 
     Example: [bold]caa export vectors.parquet --format gguf --layers 8-20 -o happy.gguf[/]
     """
@@ -133,6 +145,15 @@ def export_cmd(
         f"wrote {escape(str(out_path))}: {done.format}, '{escape(done.behavior)}' at layers "
         f"{api.layer_spans(done.layers)}, x{done.multiplier:g}"
     )
+    if done.hookpoints is not None:
+        pretrained = api.transformers_path(vecs.meta.get("model") or {}) or "MODEL_DIR"
+        out.print(
+            f"hookpoints {', '.join(done.hookpoints)}. lm-eval's steered model adds the vector at every "
+            "position, prompt included: caa's --steer-positions all. Run it with\n"
+            f"lm_eval --model steered --model_args pretrained={escape(pretrained)},"
+            f"steer_path={escape(str(out_path))} --tasks ...",
+            soft_wrap=True,
+        )
 
 
 @app.command("import")

@@ -13,10 +13,11 @@ import hashlib
 import importlib.metadata
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -205,3 +206,16 @@ def gguf_directory(path: Path, digest: str, progress: Progress | None) -> str:
         tokenizer.save_pretrained(tmp)
         (tmp / "caa_source.json").write_text(json.dumps({"gguf": str(path), "sha256": digest}))
     return str(target)
+
+
+def transformers_path(model: Mapping[str, Any]) -> str | None:
+    """Where transformers loads the model a fingerprint (an artifact's ``model``) describes from, as
+    other tools take it: the converted directory of a GGUF file (once converted here), the directory,
+    or the hub id; None when it is not on this machine or not known (a model object)."""
+    source, digest = str(model.get("source") or ""), str(model.get("weights_hash") or "")
+    if source.startswith("hub:"):
+        return source.removeprefix("hub:")
+    if source.lower().endswith(".gguf"):
+        directory = cache_dir() / "models" / digest[:32]
+        return str(directory) if digest and (directory / "config.json").is_file() else None
+    return source if source and Path(source).is_dir() else None

@@ -219,6 +219,20 @@ def resolve_model(spec: str, progress: Progress | None = None) -> tuple[str, str
     return directory, name, weights_hash
 
 
+def block_hookpoint(architecture: str, layer: int) -> str:
+    """The module name of decoder block ``layer`` below the model's ``base_model`` (``layers.13`` for
+    Llama, ``h.13`` for GPT-2): the names lm-evaluation-harness's steered model hooks. Every block path
+    starts at the ``base_model_prefix`` of the class AutoModelForCausalLM builds (for ``gemma3``,
+    Gemma3ForConditionalGeneration: its first path), so the name is that path without its first step."""
+    paths = _BLOCK_PATHS.get(architecture)
+    if paths is None:
+        raise ModelError(
+            f"unsupported architecture '{architecture}': caa knows the decoder blocks of "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return f"{paths[0].partition('.')[2]}.{layer}"
+
+
 def _resolve(spec: str, progress: Progress | None) -> tuple[str, str, str, str | None]:
     """(directory to load, display name, source, weights hash or None for hub ids)."""
     if spec in EMBEDDED:

@@ -115,6 +115,12 @@ def sniff(path: Path) -> str:
         head = f.read(16)
     found = _magic(head, path.stat().st_size)
     suffix = path.suffix.lower().removeprefix(".")
+    if suffix in ("pt", "pth"):  # lm-eval's steering file among them: torch.save, a pickle
+        raise InputError(
+            path,
+            "a PyTorch file holds a pickle, which caa never loads (an lm-eval export is not read back): "
+            "import the same vectors as .safetensors, .npz or .gguf",
+        )
     if suffix in EXPORT_FORMATS and found != suffix:
         what = f"it is {FORMAT_NAMES[found]}" if found else f"it is not {FORMAT_NAMES[suffix]}"
         raise InputError(path, f"named .{suffix}, but {what} (by its first bytes, {head[:8]!r})")

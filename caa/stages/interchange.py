@@ -11,6 +11,15 @@ Layer l is always the output of decoder block l (0-based), caa's convention. The
   fingerprint (JSON) and the layer convention.
 - ``npy``: one [d_model] array (one layer); ``npz``: arrays named ``layer_N``; the provenance rides in
   the .npy header's comment and the .npz zip comment (:mod:`caa.store.arrays`), unseen by numpy.
+- ``lm-eval`` (export only: the file is a pickle, which caa never loads): what lm-evaluation-harness's
+  ``steered`` model loads (``lm_eval/models/hf_steered.py``, lm-eval 0.4.13), a ``torch.save``'d dict
+  keyed by hookpoint, the name of decoder block N below ``model.base_model`` (``layers.N`` for Llama,
+  :func:`caa.models.loading.block_hookpoint`), each entry ``steering_vector`` (F32 [d_model]: the
+  vector, or its direction at the residual norm), ``steering_coefficient`` (the multiplier), ``action``
+  ``add``, ``bias`` None, ``head_index`` None, and ``caa`` (the provenance; lm-eval ignores it). Its
+  forward hook on block N adds ``steering_coefficient * steering_vector`` to the block's output at
+  every position, prompt included: our layer N under ``--steer-positions all``. The provenance is also
+  the zip archive's comment, where a rerun finds the marker without unpickling anything.
 
 Every export records its model (``caa.model``); an import of a file that records one is refused for
 another model (:func:`check_origin`), and the strengths of both are checked against the model's dtype.
@@ -36,6 +45,7 @@ import numpy as np
 import pandas as pd
 
 from caa.errors import CaaError, InputError, MismatchError
+from caa.models.loading import block_hookpoint
 from caa.stages.checks import strength_problem
 from caa.stages.foreign import EXPORT_FORMATS, GGUF_ARCHITECTURE, Foreign
 from caa.stages.options import check_behavior
@@ -50,20 +60,33 @@ LAYER_CONVENTION = (
     "layer N is the output of decoder block N (0-based): the residual stream after block N, "
     "hidden_states[N + 1] in transformers"
 )
+LM_EVAL = "lm-eval"
+FORMATS = (*EXPORT_FORMATS, LM_EVAL)  # what export writes: lm-eval's file is never read back
+_SUFFIXES = {"pt": LM_EVAL, "pth": LM_EVAL}  # the only suffixes lm-eval's steered model accepts
+LM_EVAL_POSITIONS = (
+    "lm-eval's steered model adds steering_coefficient * steering_vector to the output of the hooked "
+    "decoder block at every position, prompt included: caa's steer positions 'all'"
+)
 
 
 # --- export -----------------------------------------------------------------------------------------
 
 
 def export_format(fmt: str | None, out: Path) -> str:
-    """``fmt``, or the format the output's suffix names, with an error naming the choices."""
-    choices = ", ".join(EXPORT_FORMATS)
+    """``fmt``, or the format the output's suffix names (``.pt``, ``.pth``: lm-eval), with an error
+    naming the choices."""
+    choices = ", ".join(FORMATS)
+    suffix = out.suffix.lower().removeprefix(".")
     if fmt is None:
-        fmt = out.suffix.lower().removeprefix(".")
-        if fmt not in EXPORT_FORMATS:
-            raise CaaError(f"--out '{out}': give --format ({choices}) or an output ending in one of them")
-    if fmt not in EXPORT_FORMATS:
+        fmt = _SUFFIXES.get(suffix, suffix)
+        if fmt not in FORMATS:
+            raise CaaError(
+                f"--out '{out}': give --format ({choices}) or an output ending in one of them (.pt: lm-eval)"
+            )
+    if fmt not in FORMATS:
         raise CaaError(f"--format '{fmt}': use one of {choices}")
+    if fmt == LM_EVAL and suffix not in _SUFFIXES:
+        raise CaaError(f"--out '{out}': lm-eval's steered model loads only a file ending in .pt or .pth")
     return fmt
 
 
@@ -76,6 +99,7 @@ class Export:
     behavior: str
     layers: list[int]
     multiplier: float
+    hookpoints: list[str] | None = None  # lm-eval: the module each layer's entry hooks
 
 
 def export_vectors(
@@ -106,7 +130,9 @@ def export_vectors(
             f"--format npy holds one layer, and {len(chosen)} are chosen "
             f"({', '.join(map(str, chosen))}): pick one with --layers, or use npz"
         )
-    dtype = (vectors.meta.get("model") or {}).get("dtype")  # the activations it will be added to
+    model = vectors.meta.get("model") or {}
+    hookpoints = [_hookpoint(vectors, model, layer) for layer in chosen] if fmt == LM_EVAL else None
+    dtype = model.get("dtype")  # the activations it will be added to
     scaled = {}
     for layer in chosen:
         with np.errstate(over="ignore"):
@@ -132,10 +158,60 @@ def export_vectors(
         "caa.model": json.dumps(vectors.meta.get("model")),
         "caa.source": str(vectors.path),
     }
+    if hookpoints is not None:  # lm-eval multiplies the two itself: the vector goes in unmultiplied
+        provenance["caa.steer_positions"] = LM_EVAL_POSITIONS
+        entries = {
+            name: _lm_eval_entry(vectors.vector(picked, layer, scale), multiplier, provenance)
+            for name, layer in zip(hookpoints, chosen, strict=True)
+        }
+        with atomic_path(Path(out)) as tmp:
+            _write_lm_eval(tmp, entries, provenance)
+        return Export(Path(out), fmt, picked, chosen, float(multiplier), hookpoints)
     writer = {"gguf": _write_gguf, "safetensors": _write_safetensors, "npy": _write_npy, "npz": _write_npz}
     with atomic_path(Path(out)) as tmp:
-        writer[fmt](tmp, scaled, provenance, vectors.meta.get("model") or {})
+        writer[fmt](tmp, scaled, provenance, model)
     return Export(Path(out), fmt, picked, chosen, float(multiplier))
+
+
+def _hookpoint(vectors: VectorSet, model: Mapping[str, Any], layer: int) -> str:
+    """The lm-eval hookpoint of ``layer`` in the model the vectors record."""
+    architecture = model.get("architecture")
+    if not architecture:
+        raise InputError(
+            vectors.path,
+            "records no model architecture, which lm-eval's hookpoint names depend on",
+            field="model.architecture",
+        )
+    return block_hookpoint(str(architecture), layer)
+
+
+def _lm_eval_entry(vector: np.ndarray, multiplier: float, provenance: Mapping[str, str]) -> dict[str, Any]:
+    """One hookpoint's entry of lm-eval's steering file (see the module's notes)."""
+    import torch
+
+    return {
+        "steering_vector": torch.from_numpy(np.array(vector, dtype=np.float32)),  # [d_model]
+        "steering_coefficient": float(multiplier),
+        "action": "add",
+        "bias": None,  # lm-eval refuses a bias with "add"
+        "head_index": None,
+        "caa": dict(provenance),
+    }
+
+
+def _write_lm_eval(path: Path, entries: Mapping[str, Any], provenance: Mapping[str, str]) -> None:
+    """``torch.save`` of ``entries``, a zip archive; ``provenance`` (the marker first) as its comment,
+    which torch.load ignores."""
+    import io
+    import zipfile
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(dict(entries), buffer)
+    with zipfile.ZipFile(buffer, "a") as archive:  # rewrites the central directory only
+        archive.comment = json.dumps(dict(provenance), ensure_ascii=True).encode()[:65535]
+    path.write_bytes(buffer.getvalue())
 
 
 def _write_gguf(

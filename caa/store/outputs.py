@@ -151,12 +151,12 @@ def _identify(path: Path) -> tuple[str | None, str]:
         if EXPORT_MARKER in head:
             return EXPORT.name, "a file from `caa export`"
         return None, "a GGUF file" if head.startswith(b"GGUF") else "a safetensors file"
-    if head.startswith((b"\x93NUMPY", b"PK\x03\x04", b"PK\x05\x06")):  # .npy, .npz (a zip archive)
+    if head.startswith((b"\x93NUMPY", b"PK\x03\x04", b"PK\x05\x06")):  # .npy; .npz, .pt (zip archives)
         npy = head.startswith(b"\x93NUMPY")
         note = npy_note(head) if npy else npz_note(path)  # the header's comment, the zip's comment
         if note is not None and EXPORT_MARKER.decode() in note:
             return EXPORT.name, "a file from `caa export`"
-        return None, "a .npy array not made by caa" if npy else "a zip archive (.npz) not made by caa"
+        return None, "a .npy array not made by caa" if npy else "a zip archive (.npz, .pt) not made by caa"
     if f'<meta name="generator" content="{REPORT_GENERATOR} '.encode() in head:
         return REPORT.name, "a report from `caa report`"
     return None, "an empty file" if not head else "a file that is not a caa artifact"

@@ -284,10 +284,10 @@ PLOT = Kind("plot", "caa sweep", ())
 """The sweep's PNG plot: not Parquet; declared so that it is checked like the other outputs."""
 PNG_SOFTWARE = "caa sweep"  # the plot's PNG `Software` entry, by which a rerun knows its own plot
 EXPORT = Kind("export", "caa export", ())
-"""Vectors written for other tools (GGUF, safetensors, .npy, .npz): not Parquet; declared so that the
-output is checked like the others. Every export carries EXPORT_MARKER, by which a rerun knows its own
-file: in the metadata of a GGUF or safetensors file, in the note of a .npy header or of an .npz
-archive (:mod:`caa.store.arrays`)."""
+"""Vectors written for other tools (GGUF, safetensors, .npy, .npz, lm-eval's .pt): not Parquet; declared
+so that the output is checked like the others. Every export carries EXPORT_MARKER, by which a rerun
+knows its own file: in the metadata of a GGUF or safetensors file, in the note of a .npy header or of
+an .npz archive (:mod:`caa.store.arrays`), in the zip comment of a .pt (a zip archive too)."""
 EXPORT_MARKER = b"caa.export"
 REPORT = Kind("report", "caa report", ())
 """`caa report`'s HTML page: not Parquet; declared so that it is checked like the other outputs."""

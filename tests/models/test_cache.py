@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from caa.errors import ModelError
-from caa.models.cache import EMBEDDED, cache_dir, converted, gguf_hash, known_gguf_hash
+from caa.models.cache import EMBEDDED, cache_dir, converted, gguf_hash, known_gguf_hash, transformers_path
 
 
 def test_cache_dir_follows_caa_cache_then_xdg_then_home(
@@ -83,3 +83,22 @@ def test_embedded_entries_list_their_packages() -> None:
     gemma = EMBEDDED["gemma3-270m"]
     assert gemma.packages[0] == gemma.distribution and len(gemma.packages) == 1 + len(gemma.chunks) == 5
     assert gemma.sha256 is not None and len(gemma.sha256) == 64
+
+
+def test_transformers_path_is_where_other_tools_load_the_model(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The hub id; a GGUF's converted directory while it is cached (keyed by the file's SHA-256, as
+    gguf_directory writes it); a directory itself; None for what is not on this machine."""
+    monkeypatch.setenv("CAA_CACHE", str(tmp_path / "cache"))
+    digest = "ab" * 32
+    gguf = {"source": str(tmp_path / "m.gguf"), "weights_hash": digest}
+    assert transformers_path({"source": "hub:org/name", "weights_hash": "hub:1"}) == "org/name"
+    assert transformers_path(gguf) is None  # not converted here
+    converted_dir = tmp_path / "cache" / "models" / digest[:32]
+    converted_dir.mkdir(parents=True)
+    (converted_dir / "config.json").write_text("{}")
+    assert transformers_path(gguf) == str(converted_dir)
+    assert transformers_path({"source": str(tmp_path), "weights_hash": "dir:1"}) == str(tmp_path)
+    assert transformers_path({"source": str(tmp_path / "gone"), "weights_hash": "dir:1"}) is None
+    assert transformers_path({"source": "in-memory model object"}) is None

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from caa.errors import InputError, ModelError
-from caa.models.loading import SUPPORTED_ARCHITECTURES, decoder_blocks, load_model, resolve_dtype
+from caa.models.loading import (
+    SUPPORTED_ARCHITECTURES,
+    block_hookpoint,
+    decoder_blocks,
+    load_model,
+    resolve_dtype,
+)
 from tests.tiny_models import EXTRA_ARCHITECTURES, make_config, make_tokenizer, save_tiny_model
 
 
@@ -202,3 +208,40 @@ def test_fingerprint_and_its_metadata_schema_are_one_declaration(tiny_models: di
         )
     with pytest.raises(InputError, match=r"field 'model': expected an object in the 'caa' metadata"):
         _check_meta(Path("a.parquet"), {"model": 3}, META_FIELDS_OF_KIND["sweep"], "caa")
+
+
+def _config(arch: str) -> object:
+    """A tiny config of ``arch``, including those the shared fixtures do not build."""
+    import transformers as tf
+
+    vocab = len(make_tokenizer())
+    small = {"vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4}
+    heads = {"num_attention_heads": 4, "num_key_value_heads": 2}
+    if arch == "gemma3":  # what AutoModelForCausalLM builds for it: Gemma3ForConditionalGeneration
+        vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
+        vision |= {"num_attention_heads": 2, "image_size": 28, "patch_size": 14}
+        text = make_config("gemma3", vocab).to_dict()
+        return tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    if arch == "gemma3_text":
+        return make_config("gemma3", vocab)
+    if arch == "mixtral":
+        return tf.MixtralConfig(**small, **heads, num_local_experts=2, num_experts_per_tok=1)
+    if arch == "olmo2":
+        return tf.Olmo2Config(**small, **heads, eos_token_id=3, pad_token_id=1)
+    return make_config(arch, vocab)
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHITECTURES)
+def test_block_hookpoint_names_the_block_lm_eval_hooks(arch: str) -> None:
+    """lm-eval's steered model hooks the modules of ``model.base_model.named_modules()`` by name:
+    the name caa gives layer l must be decoder block l there, in every supported architecture."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(_config(arch))
+    assert model.config.model_type == arch
+    named = dict(model.base_model.named_modules())
+    blocks = decoder_blocks(model)
+    for layer in (0, len(blocks) - 1):
+        assert named[block_hookpoint(arch, layer)] is blocks[layer]
+    with pytest.raises(ModelError, match=r"unsupported architecture 'mamba'"):
+        block_hookpoint("mamba", 1)

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 from typer.testing import Result
@@ -35,8 +36,9 @@ from caa.stages.foreign import sae_layer
 from caa.stages.vectors import VectorSet
 from caa.store.artifacts import read_meta
 from tests import test_bad_inputs as corpus
-from tests.helpers import DATA
+from tests.helpers import DATA, require_lm_eval
 from tests.test_bad_inputs import BAD, Valid, _describe, runner
+from tests.tiny_models import ARCHITECTURES
 
 valid = corpus.valid  # the valid artifacts of the bad-input corpus, a fixture here too
 _one_thread = corpus._one_thread  # autouse: the tiny models run on one thread
@@ -216,6 +218,113 @@ def test_export_knows_its_own_npy_and_npz_but_not_anothers(fmt: str, valid: Vali
     result = runner.invoke(app, [str(a) for a in line[:-1]] + [str(foreign)])
     assert result.exit_code == 2 and "not made by caa" in result.output, result.output
     assert foreign.read_bytes() == before
+
+
+# --- lm-evaluation-harness ----------------------------------------------------------------------------
+
+
+def _lm_eval_file(path: Path) -> dict[str, Any]:
+    """The file as lm-eval reads it (torch.load), here without unpickling anything but plain data."""
+    import torch
+
+    loaded: dict[str, Any] = torch.load(path, weights_only=True)
+    return loaded
+
+
+def test_lm_eval_export_is_the_dict_the_steered_model_loads(valid: Valid, tmp_path: Path) -> None:
+    """What lm_eval/models/hf_steered.py (lm-eval 0.4.13) reads: one entry per hookpoint (layer l of a
+    Llama is ``layers.l`` below model.base_model), steering_vector the vector itself ([d_model], F32),
+    steering_coefficient the multiplier, action add, no bias; the positions said in the file."""
+    out = tmp_path / "mood.pt"
+    result = cli("export", valid.vectors, "--behavior", "mood", "--multiplier", "2.5", "-o", out)
+    text = " ".join(result.output.split())
+    assert "lm-eval, 'mood' at layers 1-2, x2.5" in text
+    assert "hookpoints layers.1, layers.2" in text
+    assert "at every position, prompt included: caa's --steer-positions all" in text
+    assert f"lm_eval --model steered --model_args pretrained={valid.model.resolve()},steer_path={out}" in text
+    entries = _lm_eval_file(out)
+    assert list(entries) == ["layers.1", "layers.2"]
+    for layer, name in ((1, "layers.1"), (2, "layers.2")):
+        entry = entries[name]
+        assert set(entry) == {
+            "steering_vector",
+            "steering_coefficient",
+            "action",
+            "bias",
+            "head_index",
+            "caa",
+        }
+        assert entry["steering_vector"].dtype == torch.float32 and entry["steering_vector"].shape == (32,)
+        assert np.array_equal(entry["steering_vector"].numpy(), vector(valid.vectors, "mood", layer))
+        assert entry["steering_coefficient"] == 2.5 and entry["action"] == "add"
+        assert entry["bias"] is None and entry["head_index"] is None
+        assert entry["caa"]["caa.behavior"] == "mood" and entry["caa"]["caa.multiplier"] == "2.5"
+        assert "at every position, prompt included" in entry["caa"]["caa.steer_positions"]
+    note = json.loads(zipfile.ZipFile(out).comment)  # what a rerun reads, without unpickling
+    assert next(iter(note)) == "caa.export" and note == entries["layers.1"]["caa"]
+    residual = tmp_path / "residual.pth"
+    cli(
+        "export",
+        valid.vectors,
+        "--behavior",
+        "mood",
+        "--format",
+        "lm-eval",
+        "--scale",
+        "residual",
+        "-o",
+        residual,
+    )
+    expected = VectorSet.read(valid.vectors).vector("mood", 2, "residual")
+    assert np.array_equal(_lm_eval_file(residual)["layers.2"]["steering_vector"].numpy(), expected)
+    assert not np.allclose(expected, vector(valid.vectors, "mood", 2))
+
+
+def test_lm_eval_export_knows_its_own_pt_but_not_anothers(valid: Valid, tmp_path: Path) -> None:
+    """A rerun replaces its own .pt (marked in the zip comment, which torch.load ignores); a .pt from
+    elsewhere is kept (caa import refuses any .pt: the bad-input case import-pytorch-file)."""
+    out = tmp_path / "mood.pt"
+    line = ["export", valid.vectors, "--behavior", "mood", "--layers", "2", "-o", out]
+    cli(*line)
+    result = cli(*line[:-2], "--multiplier", "-3", "-o", out)
+    assert "a file from `caa export`): replacing it" in " ".join(result.output.split())
+    assert _lm_eval_file(out)["layers.2"]["steering_coefficient"] == -3.0
+    theirs = tmp_path / "theirs.pt"
+    torch.save({"layers.2": {"steering_vector": torch.ones(32), "action": "add"}}, theirs)
+    before = theirs.read_bytes()
+    result = runner.invoke(app, [str(a) for a in line[:-1]] + [str(theirs)])
+    assert result.exit_code == 2 and "not made by caa" in result.output, result.output
+    assert theirs.read_bytes() == before
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_lm_eval_steered_model_adds_what_caa_adds_at_every_position(
+    arch: str, pipelines: Callable[[str], tuple[Path, Path]], tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Real lm-eval: its steered model, loading the export, gives the logits of caa's steering at
+    every position with the same vectors and multiplier (here two layers at once), on each fixture
+    architecture (its hookpoints differ: h.N for GPT-2); unsteered logits do not match them."""
+    require_lm_eval()
+    from lm_eval.models.hf_steered import SteeredModel
+
+    import caa
+    from caa.core.hooks import steering
+
+    _, vectors = pipelines(arch)
+    out = tmp_path / "mood.pt"
+    cli("export", vectors, "--behavior", "mood", "--layers", "1-2", "--multiplier", "3", "-o", out)
+    harness = SteeredModel(pretrained=str(tiny_models[arch]), steer_path=str(out), device="cpu", batch_size=1)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    with torch.inference_mode():
+        theirs = harness._model_call(ids)  # what lm-eval's loglikelihood reads
+    loaded, vecs = caa.load_model(str(tiny_models[arch]), device="cpu"), VectorSet.read(vectors)
+    deltas = {layer: 3 * torch.tensor(vecs.vector("mood", layer)) for layer in (1, 2)}
+    with steering(loaded.blocks, deltas, start=None), torch.inference_mode():
+        ours = loaded.model(ids).logits
+    with torch.inference_mode():
+        plain = loaded.model(ids).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    assert (theirs - plain).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("fmt", ["gguf", "safetensors", "npz", "npy"])
@@ -422,6 +531,10 @@ MAKERS: dict[str, Callable[[Path], Path]] = {
     "npy_2d": _npy(np.ones((2, 32), np.float32)),
     "npy_pickled": _npy(np.array([{"a": 1}], dtype=object)),
     "npy_3e38": _npy(np.array([3e38] + [1.0] * 31, np.float32)),
+    "pt_steering": lambda tmp: (
+        torch.save({"layers.1": {"steering_vector": torch.ones(32), "action": "add"}}, tmp / "steer.pt")
+        or tmp / "steer.pt"
+    ),
     "gguf_arabic_digit": lambda tmp: _gguf(
         tmp / "arabic.gguf", "controlvector", {"direction.\u0663": _ones()}
     ),
@@ -524,6 +637,7 @@ CASES = [
     Case("import-npy-no-layer", "import {bad}", "npy_zeros", "does not say its layer: give --layer L"),
     Case("import-npz-mixed-names", "import {bad}", "npz_mixed_names", "field 'bias': does not name a layer"),
     Case("import-unknown-file", "import {bad}", "text_file", "unknown vector file"),
+    Case("import-pytorch-file", "import {bad}", "pt_steering", "holds a pickle, which caa never loads"),
     Case(
         "import-sae-feature-out-of-range",
         "import {bad} --feature 12",
@@ -641,6 +755,13 @@ CASES = [
         None,
         "--format 'pt': use one of",
         "--format",
+    ),
+    Case(
+        "export-lm-eval-suffix",
+        "export {vectors} --format lm-eval --behavior mood",
+        None,
+        "lm-eval's steered model loads only a file ending in .pt or .pth",
+        "out.npz",
     ),
     Case(
         "export-multiplier-0",

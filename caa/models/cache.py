@@ -223,7 +223,7 @@ def gguf_directory(path: Path, digest: str, progress: Progress | None, dtype: st
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=CACHE_DTYPES[dtype]
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
         )
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"could not read GGUF file {path}: {first_line(e)}") from None
@@ -232,6 +232,9 @@ def gguf_directory(path: Path, digest: str, progress: Progress | None, dtype: st
     model.config.__dict__.pop("quantization_config", None)
     model.hf_quantizer = None  # type: ignore[assignment]
     model.is_quantized = False  # type: ignore[assignment]
+    # De-quantised in float32 (transformers' fast path for GGUF), then rounded once to the cache's dtype,
+    # parameter by parameter: the same weights as a float32 copy loaded with --dtype bfloat16.
+    model.to(CACHE_DTYPES[dtype])
     with _writing_cache(), atomic_directory(target) as tmp:  # another process may convert it first
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

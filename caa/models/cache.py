@@ -234,7 +234,7 @@ def gguf_directory(path: Path, digest: str, progress: Progress | None, dtype: st
     model.is_quantized = False  # type: ignore[assignment]
     # De-quantised in float32 (transformers' fast path for GGUF), then rounded once to the cache's dtype,
     # parameter by parameter: the same weights as a float32 copy loaded with --dtype bfloat16.
-    model.to(CACHE_DTYPES[dtype])
+    model.to(CACHE_DTYPES[dtype])  # type: ignore[arg-type]  # transformers types .to by device only
     with _writing_cache(), atomic_directory(target) as tmp:  # another process may convert it first
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

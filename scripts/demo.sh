@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # The whole pipeline on an embedded model and the sentiment data (run by `make demo`, or
-# `make demo MODEL=gemma3-270m`): bash scripts/demo.sh [OUT] [MODEL]; MODEL may also come from the
-# environment. Default: SmolLM2-135M-Instruct. Layers and multipliers are the ones a wider sweep
-# showed to work on each model (see README).
+# `make demo MODEL=gemma3-270m`, `make demo MODEL=qwen2.5-coder-1.5b`): bash scripts/demo.sh [OUT] [MODEL];
+# MODEL may also come from the environment. Default: SmolLM2-135M-Instruct. Layers and multipliers are
+# the ones a wider sweep showed to work on each model (see README); Qwen's are SmolLM2's relative
+# depths, not yet measured, and it runs in bfloat16 (twice as fast as float32 on a CPU with AMX).
 set -euo pipefail
 OUT=${1:-demo-out}
 MODEL=${2:-${MODEL:-smollm2-135m}}
 CAA=".venv/bin/caa"
 PY=".venv/bin/python"
+DTYPE=auto
 case "$MODEL" in
   smollm2-135m) EXTRACT="4-20"; LAYERS="12,18" ;;  # 30 blocks; keep in step with tests/test_smollm2.py
   gemma3-270m) EXTRACT="all"; LAYERS="6,12" ;;     # 18 blocks: the same depths (1/3, 2/3); see README
-  *) echo "demo.sh: no demo layers for model '$MODEL' (smollm2-135m or gemma3-270m)" >&2; exit 2 ;;
+  qwen2.5-coder-1.5b) EXTRACT="4-17"; LAYERS="11,17"; DTYPE=bfloat16 ;;  # 28 blocks: SmolLM2's depths
+  *) echo "demo.sh: no demo layers for model '$MODEL' (smollm2-135m, gemma3-270m or qwen2.5-coder-1.5b)" >&2
+     exit 2 ;;
 esac
 MULTIPLIERS="-4,-2,0,2,4"
 mkdir -p "$OUT"
@@ -24,14 +28,14 @@ $CAA ingest data/sycophancy.json data/corrigibility.json data/myopic_reward.json
   data/sentiment.jsonl data/formality.jsonl -o "$OUT/pairs.parquet"
 
 step "2/5 extract: sentiment pairs, layers $EXTRACT of $MODEL -> $OUT/activations.parquet"
-$CAA extract "$OUT/pairs.parquet" --model "$MODEL" --behavior sentiment --layers "$EXTRACT" \
+$CAA extract "$OUT/pairs.parquet" --model "$MODEL" --dtype "$DTYPE" --behavior sentiment --layers "$EXTRACT" \
   -o "$OUT/activations.parquet"
 
 step "3/5 compute-vectors -> $OUT/vectors.parquet"
 $CAA compute-vectors "$OUT/activations.parquet" -o "$OUT/vectors.parquet"
 
 step "4/5 sweep: layers $LAYERS x multipliers $MULTIPLIERS on 16 held-out pairs -> $OUT/sweep.parquet, sweep.items.parquet, sweep.png"
-$CAA sweep "$OUT/vectors.parquet" "$OUT/pairs.parquet" --model "$MODEL" --behavior sentiment --layers "$LAYERS" \
+$CAA sweep "$OUT/vectors.parquet" "$OUT/pairs.parquet" --model "$MODEL" --dtype "$DTYPE" --behavior sentiment --layers "$LAYERS" \
   --multipliers "$MULTIPLIERS" --max-pairs 16 --neutral-count 8 --max-kl 0.5 -o "$OUT/sweep.parquet"
 
 # The recommendation is in the sweep file's metadata: any Parquet reader gets it.
@@ -43,7 +47,7 @@ layer, mult = meta['recommended']['sentiment'] or meta['best_unreliable']['senti
 print(layer, f'{mult:g}')")
 
 step "5/5 generate: layer $LAYER, multipliers -$MULT, 0, +$MULT on three neutral prompts -> $OUT/generations.parquet"
-$CAA generate --vectors "$OUT/vectors.parquet" --model "$MODEL" --behavior sentiment --layer "$LAYER" \
+$CAA generate --vectors "$OUT/vectors.parquet" --model "$MODEL" --dtype "$DTYPE" --behavior sentiment --layer "$LAYER" \
   --multipliers="-$MULT,0,$MULT" --prompts data/neutral_prompts.txt --limit 3 --max-new-tokens 40 \
   -o "$OUT/generations.parquet"
 

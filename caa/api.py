@@ -33,6 +33,7 @@ from caa.core.distributed import Shard
 from caa.core.hooks import deltas, steer_start, steering
 from caa.core.options import model_layers
 from caa.errors import CaaError, OptionError
+from caa.evaluation.comparison import read_comparison, sentence
 from caa.evaluation.fluency import default_neutral, read_neutral
 from caa.evaluation.scoring import fluency_label
 from caa.models.loading import LoadedModel, decoder_blocks, load_model
@@ -56,7 +57,7 @@ from caa.stages.options import (
     check_behavior,
 )
 from caa.stages.plans import GeneratePlan, SweepPlan, plan_extract, plan_generate, plan_sweep
-from caa.stages.sweep import SweepResult, held_out, run_sweep
+from caa.stages.sweep import SweepResult, held_out, run_sweep, unprompted
 from caa.stages.vectors import VectorSet, vector_rows, vector_set
 from caa.store.checkpoint import partial_dir
 from caa.store.datasets import cards, data_dir, resolve_dataset
@@ -115,12 +116,15 @@ __all__ = [
     "plan_generate",
     "plan_sweep",
     "read_activations",
+    "read_comparison",
     "read_foreign",
     "resolve_dataset",
+    "sentence",
     "steer",
     "sweep",
     "sweep_paths",
     "text_problem",
+    "unprompted",
     "write_report",
 ]
 

@@ -68,7 +68,8 @@ def sweep(result: Any, max_kl: float, max_anti: float | None) -> None:
 
     residual = (result.meta.get("options") or {}).get("scale") == "residual"
     unit = "the layer's mean residual norm" if residual else "the vector"
-    for name, part in result.table.groupby("behavior", sort=False):
+    prompting = result.meta.get("prompting")
+    for name, part in api.unprompted(result.table).groupby("behavior", sort=False):
         kind = "p(match)" if part.score_kind.iloc[0] == "p_match" else "log p(pos) - log p(neg)"
         table = Table(
             "layer",
@@ -109,6 +110,63 @@ def sweep(result: Any, max_kl: float, max_anti: float | None) -> None:
         out.print(table)
         steerability(part)
         recommendation(result, name, part, max_kl, max_anti)
+        if prompting and name in (prompting.get("comparison") or {}):
+            against_prompting(result.table, str(name), prompting)
+    if prompting and prompting.get("skipped"):
+        names = ", ".join(escape(str(b)) for b in prompting["skipped"])
+        out.print(f"[yellow]not compared with prompting[/] (no system prompts): {names}")
+
+
+def against_prompting(table: Any, name: str, prompting: dict[str, Any]) -> None:
+    """One behavior under each system prompt per multiplier (the paper's Table 3), and steering
+    against prompting: each gain over the unsteered, unprompted score with its paired 95% interval."""
+    entry = prompting["comparison"][name]
+    cell = entry.get("cell")
+    if cell is None:
+        out.print(f"{escape(name)}: not compared with prompting: {escape(entry['cell_kind'])}")
+        return
+    layer, mult = int(cell[0]), float(cell[1])
+    rows = table[(table.behavior == name) & (table.layer == layer)]
+    digits = 3 if rows.score_kind.iloc[0] == "p_match" else 2
+    multipliers = sorted(set(rows.multiplier))
+    arms = Table(
+        "system prompt",
+        *[f"x{m:g}" for m in multipliers],
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        title=f"{escape(name)} at layer {layer}: mean score per system prompt and multiplier",
+    )
+    for arm, part in rows.groupby("system", sort=False):
+        means = dict(zip(part.multiplier, part.score_mean, strict=True))
+        arms.add_row(escape(str(arm)), *[f"{means[m]:.{digits}f}" if m in means else "" for m in multipliers])
+    out.print(arms)
+    comparison = api.read_comparison(entry)
+    gains = Table(
+        "",
+        "cell",
+        "gain",
+        "95% CI",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        title=f"{escape(name)}: gains over the unsteered score without a system prompt "
+        f"({comparison.baseline:.{digits}f}), paired over the same {comparison.n} items; steering cell: "
+        f"{escape(entry['cell_kind'])}",
+    )
+    steered = f"L{layer} x{mult:g}"
+    shown = [
+        ("steering", steered, comparison.steering),
+        ("positive prompt", "x0", comparison.prompt),
+        ("prompt + steering", steered, comparison.both),
+    ]
+    if comparison.negative_prompt is not None:
+        shown.append(("negative prompt", "x0", comparison.negative_prompt))
+    for label, where, gain in shown:
+        ci = "-" if gain.low != gain.low else f"{gain.low:+.{digits}f}..{gain.high:+.{digits}f}"
+        gains.add_row(label, where, f"{gain.mean:+.{digits}f}", ci)
+    out.print(gains)
+    out.print(f"[bold]{escape(api.sentence(name, comparison, f'{{:+.{digits}f}}'))}[/]")
 
 
 def steerability(part: Any) -> None:

@@ -167,7 +167,10 @@ class SweepOptions(_Options):
     among the multipliers. The fluency cost reads ``neutral_count`` neutral texts; the recommendation
     keeps the mean KL under ``max_kl`` and, with ``max_anti``, at most that share of items steering
     backwards. ``engine`` ``fast`` reuses each prompt's KV cache, ``naive`` is the reference;
-    ``max_memory`` (bytes) and ``batch_size`` size the batches; ``seed`` seeds the bootstrap."""
+    ``max_memory`` (bytes) and ``batch_size`` size the batches; ``seed`` seeds the bootstrap.
+    ``prompting`` adds the system-prompt arms (positive, negative) at every swept layer, or at
+    ``prompting_layer`` only; ``system_positive`` / ``system_negative`` give their prompts (default:
+    the built-in datasets' cards) (:mod:`caa.stages.prompting`)."""
 
     behaviors: tuple[str, ...] | None = None
     layers: tuple[int, ...] | None = None
@@ -184,6 +187,10 @@ class SweepOptions(_Options):
     truncate: bool = False
     max_memory: int | None = None
     batch_size: int | None = None
+    prompting: bool = False
+    prompting_layer: int | None = None
+    system_positive: str | None = None
+    system_negative: str | None = None
 
     def check(self) -> None:
         object.__setattr__(self, "behaviors", _names("behaviors", self.behaviors))
@@ -209,6 +216,30 @@ class SweepOptions(_Options):
             _whole("max_memory", self.max_memory, 1)
         if self.batch_size is not None:
             _whole("batch_size", self.batch_size, 1)
+        self._check_prompting()
+
+    def _check_prompting(self) -> None:
+        _require(isinstance(self.prompting, bool), "prompting", self.prompting, "must be True or False")
+        if self.prompting_layer is not None:
+            _require(
+                self.prompting, "prompting_layer", self.prompting_layer, "needs prompting on (--prompting)"
+            )
+            _whole("prompting_layer", self.prompting_layer)
+            swept = self.layers
+            _require(
+                swept is None or self.prompting_layer in swept,
+                "prompting_layer",
+                self.prompting_layer,
+                f"is not among the swept layers ({', '.join(map(str, swept or ()))})",
+            )
+        for option in ("system_positive", "system_negative"):
+            value = getattr(self, option)
+            if value is None:
+                continue
+            _require(isinstance(value, str), option, value, "must be text")
+            _require(self.prompting, option, value, "needs prompting on (--prompting)")
+            _require(text_problem(value) is None, option, value, text_problem(value) or "")
+            _require(bool(value.strip()), option, value, "must not be empty")
 
 
 @dataclass(frozen=True)

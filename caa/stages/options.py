@@ -220,10 +220,9 @@ class SweepOptions(_Options):
 
     def _check_prompting(self) -> None:
         _require(isinstance(self.prompting, bool), "prompting", self.prompting, "must be True or False")
+        needs = "needs prompting on (--prompting)"
         if self.prompting_layer is not None:
-            _require(
-                self.prompting, "prompting_layer", self.prompting_layer, "needs prompting on (--prompting)"
-            )
+            _require(self.prompting, "prompting_layer", self.prompting_layer, needs)
             _whole("prompting_layer", self.prompting_layer)
             swept = self.layers
             _require(
@@ -237,7 +236,7 @@ class SweepOptions(_Options):
             if value is None:
                 continue
             _require(isinstance(value, str), option, value, "must be text")
-            _require(self.prompting, option, value, "needs prompting on (--prompting)")
+            _require(self.prompting, option, value, needs)
             _require(text_problem(value) is None, option, value, text_problem(value) or "")
             _require(bool(value.strip()), option, value, "must not be empty")
 

@@ -4,25 +4,44 @@ a steering hook of its own; the prompts' sources; the comparison read from the p
 
 from __future__ import annotations
 
+import html
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import torch
+from typer.testing import CliRunner
 
-from caa.errors import CaaError, OptionError
+from caa import api, cli
+from caa.cli import app
+from caa.errors import CaaError, InputError, OptionError
 from caa.evaluation.comparison import compare, read_comparison
+from caa.evaluation.scoring import recommend
 from caa.models.loading import load_model
 from caa.stages.options import SweepOptions
 from caa.stages.prompting import system_prompts
-from caa.stages.sweep import run_sweep
+from caa.stages.sweep import SweepResult, run_sweep
 from caa.stages.vectors import VectorSet
-from tests.helpers import MULTIPLIERS, NEUTRAL, held_out, make_vectors
+from caa.store.artifacts import read_artifact
+from caa.store.schemas import META_KEY, SWEEP, SWEEP_ITEMS
+from tests.helpers import (
+    AB_ROWS,
+    FREEFORM_ROWS,
+    MULTIPLIERS,
+    NEUTRAL,
+    held_out,
+    make_vectors,
+    write_pairs_file,
+)
 from tests.stages.test_sweep import steered_logits
 from tests.tiny_models import save_tiny_model
 
+runner = CliRunner()
 POSITIVE = "Be happy and agree with me."
 NEGATIVE = "Be sad and gloomy."
 
@@ -198,3 +217,113 @@ def test_system_prompts_come_from_the_card_of_the_file_or_the_options() -> None:
     assert warnings == ["'mood' has no negative system prompt: its negative arm is not run"]
     with pytest.raises(CaaError, match="no behavior swept has system prompts"):
         system_prompts(pairs, ["mood"], SweepOptions(prompting=True))
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--prompting", "--system-positive", ""], "--system-positive '': must not be empty"),
+        (["--prompting", "--system-negative", "  "], "--system-negative '  ': must not be empty"),
+        (
+            ["--prompting", "--layers", "1,2", "--prompting-layer", "3"],
+            "--prompting-layer 3: is not among the swept layers (1, 2)",
+        ),
+        (
+            ["--prompting", "--prompting-layer", "9", "--system-positive", "x"],
+            "--prompting-layer 9: layer 9 is out of range; valid layers are 0-3",
+        ),
+        (["--prompting-layer", "1"], "--prompting-layer 1: needs prompting on (--prompting)"),
+        (["--system-negative", "x"], "--system-negative 'x': needs prompting on (--prompting)"),
+        (["--prompting"], "--prompting: no behavior swept has system prompts"),
+    ],
+)
+def test_bad_prompting_options_are_one_line_and_exit_2(
+    pipelines: Callable[[str], tuple[Path, Path]],
+    tiny_models: dict[str, Path],
+    tmp_path: Path,
+    args: list[str],
+    message: str,
+) -> None:
+    pairs, vectors = pipelines("llama")
+    out = tmp_path / "sweep.parquet"
+    model = ["--model", str(tiny_models["llama"])]
+    result = runner.invoke(app, ["sweep", str(vectors), str(pairs), "-o", str(out), *model, *args])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [f"error: {result.output.strip()[7:]}"]
+    assert message in result.output
+    assert not out.exists()
+
+
+def test_sweep_prompting_cli_warns_compares_reports_and_old_files_still_read(
+    tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pairs file whose 'sentiment' comes from a file named like the built-in one (its card's
+    prompts) and whose 'agree' has none: agree is named and skipped, sentiment is compared, in the
+    terminal, the metadata, the per-item table and the report; a sweep file of schema version 1
+    (before the arms) still reads, as arm none."""
+    monkeypatch.setattr(cli.out, "width", 200)
+    model = str(tiny_models["llama"])
+    pairs = write_pairs_file(tmp_path / "pairs.parquet", {"sentiment": FREEFORM_ROWS, "agree": AB_ROWS}, 0.5)
+    acts, vectors = tmp_path / "acts.parquet", tmp_path / "vectors.parquet"
+    extract = ["extract", str(pairs), "-m", model, "-o", str(acts), "--split", "train", "--layers", "1,2"]
+    assert runner.invoke(app, extract).exit_code == 0
+    assert runner.invoke(app, ["compute-vectors", str(acts), "-o", str(vectors)]).exit_code == 0
+    out = tmp_path / "sweep.parquet"
+    args = ["sweep", str(vectors), str(pairs), "-m", model, "--multipliers", "-1,1", "--max-kl", "100"]
+    result = runner.invoke(app, [*args, "--neutral-count", "2", "--prompting", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (
+        "'agree' has no system prompts" in result.output and "skipped for the prompting arms" in result.output
+    )
+    assert "not compared with prompting (no system prompts): agree" in result.output
+    art = read_artifact(out, SWEEP)
+    table, meta = art.table.to_pandas(), art.meta
+    assert meta["schema_version"] == 2
+    assert set(table[table.behavior == "sentiment"].system) == {"none", "positive", "negative"}
+    assert set(table[table.behavior == "agree"].system) == {"none"}
+    prompting = meta["prompting"]
+    assert prompting["skipped"] == ["agree"] and prompting["layer"] is None
+    assert prompting["prompts"]["sentiment"]["positive"] == "Reply in a warm, upbeat, positive tone."
+    c = read_comparison(prompting["comparison"]["sentiment"])
+    assert api.sentence("sentiment", c, "{:+.2f}") in result.output  # the plain line, as printed
+    assert "mean score per system prompt and multiplier" in result.output
+    items = read_artifact(tmp_path / "sweep.items.parquet", SWEEP_ITEMS).table.to_pandas()
+    assert len(items[items.system == "positive"]) == c.n * 2 * 3  # items x layers x multipliers
+    # the recommendation reads arm none only
+    none = table[table.system == "none"]
+    assert meta["recommended"] == {
+        b: list(p[0]) if p[0] else None for b in ("sentiment", "agree") for p in [recommend(none, b, 100.0)]
+    }
+    report = tmp_path / "report.html"
+    made = runner.invoke(app, ["report", str(out), "-o", str(report), "--no-check-inputs"])
+    assert made.exit_code == 0, made.output
+    page = report.read_text()
+    assert (
+        "Steering against prompting" in page and html.escape(api.sentence("sentiment", c, "{:+.2f}")) in page
+    )
+    assert "Reply in a warm, upbeat, positive tone." in page and "<script src" not in page
+    # schema version 1: no column system, no prompting metadata; it reads as arm none
+    old = tmp_path / "old"
+    old.mkdir()
+    for name, kind in (("sweep.parquet", SWEEP), ("sweep.items.parquet", SWEEP_ITEMS)):
+        t = pq.read_table(tmp_path / name)
+        m = json.loads(t.schema.metadata[META_KEY])
+        m.update(schema_version=1)
+        m.pop("prompting")
+        t = t.filter(pc.equal(t["system"], "none")).drop_columns(["system"])
+        pq.write_table(t.replace_schema_metadata({META_KEY: json.dumps(m)}), old / name)
+        assert read_artifact(old / name, kind).table.column("system").to_pylist() == ["none"] * len(t)
+    back = SweepResult.read(old / "sweep.parquet")
+    assert set(back.table.system) == set(back.items.system) == {"none"} and len(back.table) == len(none)
+    assert runner.invoke(app, ["inspect", str(old / "sweep.parquet"), "--no-check-inputs"]).exit_code == 0
+    made = runner.invoke(app, ["report", str(old / "sweep.parquet"), "-o", str(old / "r.html")])
+    assert made.exit_code == 0, made.output
+    assert "Steering against prompting" not in (old / "r.html").read_text()
+    t = pq.read_table(tmp_path / "sweep.parquet")
+    m = {**json.loads(t.schema.metadata[META_KEY]), "schema_version": 3}
+    pq.write_table(t.replace_schema_metadata({META_KEY: json.dumps(m)}), old / "v3.parquet")
+    with pytest.raises(InputError, match="schema version 3, this caa reads versions 1, 2"):
+        read_artifact(old / "v3.parquet", SWEEP)

@@ -43,7 +43,7 @@ from caa.report.plots import plot_sweep
 from caa.stages.checks import check_held_out, check_model, check_strength, check_template
 from caa.stages.ingest import SIDES, describe_pair, select_pairs
 from caa.stages.options import SweepOptions
-from caa.stages.prompting import comparisons, prompting_meta, run_arms, system_prompts
+from caa.stages.prompting import comparisons, prompting_layers, prompting_meta, run_arms, system_prompts
 from caa.stages.vectors import VectorSet
 from caa.store.artifacts import make_meta, read_artifact, write_parquet
 from caa.store.files import atomic_paths
@@ -240,6 +240,8 @@ def run_sweep(
         chosen = vectors.require(behavior, layers)
         grids[behavior] = {layer: vectors.tensor(behavior, layer, options.scale) for layer in chosen}
         check_strength(grids[behavior], multipliers, loaded)
+        if behavior in prompts:
+            prompting_layers(grids[behavior], behavior, options)  # refused before any work
     said: set[str] = set()
 
     def once(message: str) -> None:  # the engine speaks per text set; say each thing once

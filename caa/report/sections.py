@@ -133,7 +133,7 @@ def _against_prompting(
     prompts = (prompting.get("prompts") or {}).get(behavior) or {}
     said = [f"{arm}: <q>{esc(prompts[arm])}</q>" for arm in ("positive", "negative") if prompts.get(arm)]
     source = f" (from {esc(prompts['source'])})" if prompts.get("source") else ""
-    parts.append(f'<p class="note">System prompts{source}: {"; ".join(said)}.</p>')
+    parts.append(f'<p class="note">System prompts{source}: {"; ".join(said)}</p>')
     if entry.get("cell") is None:
         return "\n".join([*parts, f"<p>Not compared: {esc(entry.get('cell_kind'))}.</p>"])
     layer, mult = int(entry["cell"][0]), float(entry["cell"][1])

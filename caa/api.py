@@ -28,6 +28,7 @@ import pandas as pd
 from caa.core.distributed import Shard
 from caa.core.options import model_layers
 from caa.errors import CaaError, OptionError
+from caa.evaluation.comparison import read_comparison, sentence
 from caa.evaluation.fluency import default_neutral, read_neutral
 from caa.evaluation.judge import JudgeError
 from caa.evaluation.scoring import fluency_label
@@ -61,7 +62,7 @@ from caa.stages.side_effects import (
     run_side_effects,
 )
 from caa.stages.steer import steer
-from caa.stages.sweep import SweepResult, held_out, run_sweep
+from caa.stages.sweep import SweepResult, held_out, run_sweep, unprompted
 from caa.stages.vectors import VectorSet, vector_rows, vector_set
 from caa.store.checkpoint import partial_dir
 from caa.store.datasets import cards, data_dir, resolve_dataset
@@ -126,10 +127,12 @@ __all__ = [
     "plan_sweep",
     "probe_work",
     "read_activations",
+    "read_comparison",
     "read_foreign",
     "read_probes",
     "resolve_dataset",
     "run_serve",
+    "sentence",
     "serve",
     "side_effects",
     "side_effects_path",
@@ -138,6 +141,7 @@ __all__ = [
     "sweep_paths",
     "text_problem",
     "transformers_path",
+    "unprompted",
     "write_report",
 ]
 

@@ -11,9 +11,10 @@ CAA=".venv/bin/caa"
 PY=".venv/bin/python"
 DTYPE=auto
 case "$MODEL" in
-  smollm2-135m) EXTRACT="4-20"; LAYERS="12,18" ;;  # 30 blocks; keep in step with tests/test_smollm2.py
-  gemma3-270m) EXTRACT="all"; LAYERS="6,12" ;;     # 18 blocks: the same depths (1/3, 2/3); see README
-  qwen2.5-coder-1.5b) EXTRACT="4-17"; LAYERS="11,17"; DTYPE=bfloat16 ;;  # 28 blocks: SmolLM2's depths
+  # PROMPTING: the layer where steering meets the system prompts (the sweep's best layer; see README)
+  smollm2-135m) EXTRACT="4-20"; LAYERS="12,18"; PROMPTING=18 ;;  # 30 blocks; keep in step with tests/test_smollm2.py
+  gemma3-270m) EXTRACT="all"; LAYERS="6,12"; PROMPTING=12 ;;     # 18 blocks: the same depths (1/3, 2/3); see README
+  qwen2.5-coder-1.5b) EXTRACT="4-17"; LAYERS="11,17"; PROMPTING=17; DTYPE=bfloat16 ;;  # 28 blocks: SmolLM2's depths
   *) echo "demo.sh: no demo layers for model '$MODEL' (smollm2-135m, gemma3-270m or qwen2.5-coder-1.5b)" >&2
      exit 2 ;;
 esac
@@ -34,9 +35,12 @@ $CAA extract "$OUT/pairs.parquet" --model "$MODEL" --dtype "$DTYPE" --behavior s
 step "3/5 compute-vectors -> $OUT/vectors.parquet"
 $CAA compute-vectors "$OUT/activations.parquet" -o "$OUT/vectors.parquet"
 
-step "4/5 sweep: layers $LAYERS x multipliers $MULTIPLIERS on 16 held-out pairs -> $OUT/sweep.parquet, sweep.items.parquet, sweep.png"
+step "4/5 sweep: layers $LAYERS x multipliers $MULTIPLIERS on 16 held-out pairs, and against prompting at layer $PROMPTING -> $OUT/sweep.parquet, sweep.items.parquet, sweep.png"
+# --prompting: the same pairs under the card's system prompts (warm / gloomy tone), crossed with the
+# multipliers at layer $PROMPTING, and steering's gain against the prompt's, each with its 95% interval
 $CAA sweep "$OUT/vectors.parquet" "$OUT/pairs.parquet" --model "$MODEL" --dtype "$DTYPE" --behavior sentiment --layers "$LAYERS" \
-  --multipliers "$MULTIPLIERS" --max-pairs 16 --neutral-count 8 --max-kl 0.5 -o "$OUT/sweep.parquet"
+  --multipliers "$MULTIPLIERS" --max-pairs 16 --neutral-count 8 --max-kl 0.5 \
+  --prompting --prompting-layer "$PROMPTING" -o "$OUT/sweep.parquet"
 
 # The recommendation is in the sweep file's metadata: any Parquet reader gets it.
 # (When no cell steers reliably, the demo still shows the best one, as the sweep said.)

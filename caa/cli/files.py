@@ -14,7 +14,7 @@ from caa.cli.parse import parse_layers
 if TYPE_CHECKING:
     pass
 
-from caa.cli import render
+from caa.cli import render_files
 from caa.cli.common import (
     DtypeOpt,
     ForceOpt,
@@ -257,4 +257,4 @@ def inspect_cmd(
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
         return
-    render.inspection(file, report)
+    render_files.inspection(file, report)

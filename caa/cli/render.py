@@ -68,7 +68,8 @@ def sweep(result: Any, max_kl: float, max_anti: float | None) -> None:
 
     residual = (result.meta.get("options") or {}).get("scale") == "residual"
     unit = "the layer's mean residual norm" if residual else "the vector"
-    for name, part in result.table.groupby("behavior", sort=False):
+    prompting = result.meta.get("prompting")
+    for name, part in api.unprompted(result.table).groupby("behavior", sort=False):
         kind = "p(match)" if part.score_kind.iloc[0] == "p_match" else "log p(pos) - log p(neg)"
         table = Table(
             "layer",
@@ -109,6 +110,63 @@ def sweep(result: Any, max_kl: float, max_anti: float | None) -> None:
         out.print(table)
         steerability(part)
         recommendation(result, name, part, max_kl, max_anti)
+        if prompting and name in (prompting.get("comparison") or {}):
+            against_prompting(result.table, str(name), prompting)
+    if prompting and prompting.get("skipped"):
+        names = ", ".join(escape(str(b)) for b in prompting["skipped"])
+        out.print(f"[yellow]not compared with prompting[/] (no system prompts): {names}")
+
+
+def against_prompting(table: Any, name: str, prompting: dict[str, Any]) -> None:
+    """One behavior under each system prompt per multiplier (the paper's Table 3), and steering
+    against prompting: each gain over the unsteered, unprompted score with its paired 95% interval."""
+    entry = prompting["comparison"][name]
+    cell = entry.get("cell")
+    if cell is None:
+        out.print(f"{escape(name)}: not compared with prompting: {escape(entry['cell_kind'])}")
+        return
+    layer, mult = int(cell[0]), float(cell[1])
+    rows = table[(table.behavior == name) & (table.layer == layer)]
+    digits = 3 if rows.score_kind.iloc[0] == "p_match" else 2
+    multipliers = sorted(set(rows.multiplier))
+    arms = Table(
+        "system prompt",
+        *[f"x{m:g}" for m in multipliers],
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        title=f"{escape(name)} at layer {layer}: mean score per system prompt and multiplier",
+    )
+    for arm, part in rows.groupby("system", sort=False):
+        means = dict(zip(part.multiplier, part.score_mean, strict=True))
+        arms.add_row(escape(str(arm)), *[f"{means[m]:.{digits}f}" if m in means else "" for m in multipliers])
+    out.print(arms)
+    comparison = api.read_comparison(entry)
+    gains = Table(
+        "",
+        "cell",
+        "gain",
+        "95% CI",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        title=f"{escape(name)}: gains over the unsteered score without a system prompt "
+        f"({comparison.baseline:.{digits}f}), paired over the same {comparison.n} items; steering cell: "
+        f"{escape(entry['cell_kind'])}",
+    )
+    steered = f"L{layer} x{mult:g}"
+    shown = [
+        ("steering", steered, comparison.steering),
+        ("positive prompt", "x0", comparison.prompt),
+        ("prompt + steering", steered, comparison.both),
+    ]
+    if comparison.negative_prompt is not None:
+        shown.append(("negative prompt", "x0", comparison.negative_prompt))
+    for label, where, gain in shown:
+        ci = "-" if gain.low != gain.low else f"{gain.low:+.{digits}f}..{gain.high:+.{digits}f}"
+        gains.add_row(label, where, f"{gain.mean:+.{digits}f}", ci)
+    out.print(gains)
+    out.print(f"[bold]{escape(api.sentence(name, comparison, f'{{:+.{digits}f}}'))}[/]")
 
 
 def steerability(part: Any) -> None:
@@ -204,94 +262,6 @@ def _mean_interval(row: dict[str, Any], name: str) -> str:
     if n < 2:
         return f"{mean:.3g} (n=1)"
     return f"{mean:.3g} [{low:.3g}, {high:.3g}] (n={n})"
-
-
-def inspection(file: Path, report: Any) -> None:
-    """An artifact's metadata, inputs, summary and breakdown, as tables."""
-
-    out.print(
-        f"[bold]{escape(str(file))}[/]: {report.kind}, {_size(report.size_bytes)}, "
-        f"{report.rows} rows in {report.row_groups} row group(s)"
-    )
-    meta = report.meta
-    shown = ("kind", "command", "schema_version", "caa_version", "created", "options", "model", "prompt")
-    info = _key_value_table("metadata")
-    for key in shown:
-        if meta.get(key) is not None:
-            info.add_row(key, _shown(key, meta[key]))
-    for key, value in meta.items():
-        if key not in (*shown, "inputs"):
-            brief = (
-                f"{len(value)} items: {', '.join(map(str, value[:4]))}, ..."
-                if isinstance(value, list) and len(value) > 8
-                else json.dumps(value)
-            )  # e.g. the thousands of train_pair_ids of a vectors file
-            info.add_row(escape(key), escape(brief))
-    out.print(info)
-    if report.inputs:
-        inputs = Table(
-            "input", "sha256", "status", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title="inputs"
-        )
-        colour = {"unchanged": "green", "changed": "yellow", "missing": "yellow", "unchecked": "dim"}
-        for i in report.inputs:
-            shade = colour.get(i.status, "yellow")  # special files and unreadable ones: not hashed
-            inputs.add_row(escape(i.path), escape(str(i.sha256)[:12]), f"[{shade}]{i.message}[/]")
-        out.print(inputs)
-    summary = _key_value_table(f"{report.kind} summary")
-    for key, value in report.summary.items():
-        summary.add_row(key, _shown(key, value))
-    out.print(summary)
-    if report.breakdown:
-        names = list(report.breakdown[0])
-        headers = [n.replace("_", " ") for n in names]  # lets a narrow terminal wrap the headers
-        rows = Table(
-            Column(headers[0], no_wrap=True),
-            *headers[1:],
-            box=box.SIMPLE_HEAD,
-            show_edge=False,
-            pad_edge=False,
-        )
-        for row in report.breakdown:
-            rows.add_row(*[_shown(k, row[k]) for k in names])
-        out.print(rows)
-    for i in report.inputs:
-        if i.status not in ("unchanged", "unchecked"):
-            out.print(f"[yellow]note:[/] input {escape(i.path)} {i.message}")
-
-
-def _key_value_table(title: str) -> Table:
-    table = Table(box=box.SIMPLE_HEAD, show_header=False, show_edge=False, pad_edge=False, title=title)
-    table.add_column(style="bold", no_wrap=True)
-    table.add_column()
-    return table
-
-
-def _shown(key: str, value: Any, inline: bool = False) -> str:
-    """One metadata or summary value as table text: layers as spans, ranges as a..b, dicts as lines."""
-    layer_spans = api.layer_spans
-    if value is None or value == [] or value == {}:
-        return "-"
-    if isinstance(value, dict):
-        sep, join = ("=", ", ") if inline else (": ", "\n")
-        return join.join(f"{escape(str(k))}{sep}{_shown(str(k), v, True)}" for k, v in value.items())
-    if isinstance(value, list) and key.endswith("layers") and all(isinstance(v, int) for v in value):
-        return layer_spans(value)
-    if isinstance(value, list) and key.endswith("_range") and len(value) == 2:
-        return f"{_shown(key, value[0])} .. {_shown(key, value[1])}"
-    if isinstance(value, list):
-        return ", ".join(_shown(key, v) for v in value)
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return escape(str(value))
-
-
-def _size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB"):
-        if size < 1024:
-            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GiB"
 
 
 def pairs(result: Any) -> None:

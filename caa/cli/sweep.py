@@ -127,6 +127,28 @@ def sweep(
     side_effects_max_items: Annotated[
         int, typer.Option(help="Score at most this many held-out items of each --side-effects set.")
     ] = 50,
+    prompting: Annotated[
+        bool,
+        typer.Option(
+            "--prompting",
+            help="Also score each behavior under a system prompt asking for it (positive) and one asking "
+            "for the opposite (negative), crossed with the multipliers, and compare steering with "
+            "prompting. The prompts come from the built-in datasets' cards, or --system-positive / "
+            "--system-negative. A model without a chat template gets the prompt as a first paragraph.",
+        ),
+    ] = False,
+    prompting_layer: Annotated[
+        int | None,
+        typer.Option(help="With --prompting: run the prompt arms at this swept layer only (default: all)."),
+    ] = None,
+    system_positive: Annotated[
+        str | None,
+        typer.Option(help="With --prompting: a system prompt asking for the behavior (overrides a card's)."),
+    ] = None,
+    system_negative: Annotated[
+        str | None,
+        typer.Option(help="With --prompting: a system prompt asking for the opposite (overrides a card's)."),
+    ] = None,
     force: ForceOpt = False,
     dtype: DtypeOpt = "auto",
     device_map: DeviceMapOpt = None,
@@ -142,7 +164,9 @@ def sweep(
     layer the items' slopes of score against multiplier, with the share that steers backwards.
     The recommended (layer, multiplier) is the largest gain whose interval lies above 0 and whose KL
     stays under --max-kl. Writes the table, the per-item table (STEM.items.parquet) and the plot
-    together: all of them or none are replaced.
+    together: all of them or none are replaced. With --prompting the tables gain the system-prompt
+    arms (column system), and each behavior's steering gain is compared with its prompt's, each with
+    its paired 95% interval over the same items.
 
     Example: [bold]caa sweep vectors.parquet pairs.parquet --layers 10,14,18 --multipliers -4,-2,0,2,4[/]
     """

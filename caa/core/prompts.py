@@ -22,15 +22,32 @@ TEMPLATES = ("auto", "on", "off")
 
 @dataclass(frozen=True)
 class PromptFormat:
-    """How prompts are rendered for one model: through its chat template, or as plain text."""
+    """How prompts are rendered for one model: through its chat template, or as plain text; with
+    ``system``, a system prompt of ours goes first (a system message in the chat template, in place of
+    any default the template has; in plain text, its own paragraph before the prompt)."""
 
     chat: bool
+    system: str | None = None
 
     def prefix(self, tokenizer: Any, prompt: str) -> str:
         """The text before the completion: the user turn and the assistant header, or the prompt."""
         if self.chat:
             messages = [{"role": "user", "content": prompt}]
-            return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+            if self.system is not None:
+                messages.insert(0, {"role": "system", "content": self.system})
+            try:
+                text = str(
+                    tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                )
+            except Exception as e:  # jinja's TemplateError: e.g. "System role not supported"
+                if self.system is None:
+                    raise
+                raise CaaError(f"this model's chat template refuses a system message ({e})") from None
+            if self.system is not None and self.system.strip() not in text:
+                raise CaaError("this model's chat template drops the system message: it cannot be prompted")
+            return text
+        if self.system is not None:
+            return f"{self.system.strip()}\n\n{prompt.rstrip()}\n"
         return prompt.rstrip() + "\n"
 
     def describe(self) -> dict[str, Any]:

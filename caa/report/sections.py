@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from caa.evaluation.comparison import read_comparison, sentence
 from caa.evaluation.text_scores import SCORES, score_table
 from caa.report.html import esc, figure, new_figure, num, number, table, wrap
 from caa.report.plots import PLAIN, draw_score_and_cost, legend
@@ -104,6 +105,8 @@ def sweep_section(path: Path) -> str:
     frame, meta = art.table.to_pandas(), art.meta
     options = meta.get("options") or {}
     parts = [f"<p>Fluency cost: {_fluency(meta.get('fluency') or {})}.</p>"]
+    prompting = meta.get("prompting") or {}
+    arms, frame = frame, frame[frame.system == "none"]
     for behavior, part in frame.groupby("behavior", sort=False):
         part = part.sort_values(["layer", "multiplier"])
         pick = _cell((meta.get("recommended") or {}).get(behavior))
@@ -113,6 +116,57 @@ def sweep_section(path: Path) -> str:
         parts.append(_sweep_table(part, pick))
         parts.append("<h4>Reliability per layer</h4>")
         parts.append(_reliability_table(part))
+        entry = (prompting.get("comparison") or {}).get(behavior)
+        if entry is not None:
+            parts.append(_against_prompting(arms[arms.behavior == behavior], str(behavior), entry, prompting))
+    if prompting.get("skipped"):
+        names = ", ".join(str(b) for b in prompting["skipped"])
+        parts.append(f'<p class="note">Not compared with prompting (no system prompts): {esc(names)}.</p>')
+    return "\n".join(parts)
+
+
+def _against_prompting(
+    rows: pd.DataFrame, behavior: str, entry: Mapping[str, Any], prompting: Mapping[str, Any]
+) -> str:
+    """Steering against prompting: the score per system prompt and multiplier at the steering
+    cell's layer (the paper's Table 3), each gain with its paired interval, and the verdict."""
+    parts = ["<h4>Steering against prompting</h4>"]
+    prompts = (prompting.get("prompts") or {}).get(behavior) or {}
+    said = [f"{arm}: <q>{esc(prompts[arm])}</q>" for arm in ("positive", "negative") if prompts.get(arm)]
+    source = f" (from {esc(prompts['source'])})" if prompts.get("source") else ""
+    parts.append(f'<p class="note">System prompts{source}: {"; ".join(said)}</p>')
+    if entry.get("cell") is None:
+        return "\n".join([*parts, f"<p>Not compared: {esc(entry.get('cell_kind'))}.</p>"])
+    layer, mult = int(entry["cell"][0]), float(entry["cell"][1])
+    rows = rows[rows.layer == layer]
+    digits = 3 if rows.score_kind.iloc[0] == "p_match" else 2
+    fmt = f"{{:+.{digits}f}}"
+    multipliers = sorted(set(rows.multiplier))
+    arms = [
+        [esc(arm), *(f"={num(means.get(m), f'{{:.{digits}f}}')}" for m in multipliers)]
+        for arm, part in rows.groupby("system", sort=False)
+        for means in [dict(zip(part.multiplier, part.score_mean, strict=True))]
+    ]
+    parts.append(f"<p>Mean score per system prompt and multiplier at layer {layer}:</p>")
+    parts.append(table(["system prompt", *(f"×{m:g}" for m in multipliers)], arms))
+    c = read_comparison(dict(entry))
+    shown = [
+        ("steering", f"layer {layer} ×{mult:g}", c.steering),
+        ("positive prompt", "×0", c.prompt),
+        ("prompt + steering", f"layer {layer} ×{mult:g}", c.both),
+    ]
+    if c.negative_prompt is not None:
+        shown.append(("negative prompt", "×0", c.negative_prompt))
+    gains = [
+        [label, esc(cell), "=" + fmt.format(g.mean), f"={num(g.low, fmt)} .. {num(g.high, fmt)}"]
+        for label, cell, g in shown
+    ]
+    parts.append(
+        f"<p>Gains over the unsteered score without a system prompt ({c.baseline:.{digits}f}), paired over "
+        f"the same {c.n} held-out items; the steering cell is the {esc(entry.get('cell_kind'))} one.</p>"
+    )
+    parts.append(table(["", "cell", "gain", "95% CI"], gains))
+    parts.append(f'<p class="recommend"><strong>{esc(sentence(behavior, c, fmt))}</strong></p>')
     return "\n".join(parts)
 
 

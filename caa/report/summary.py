@@ -258,7 +258,8 @@ def _vectors(table: pa.Table, schema: pa.Schema, meta: Mapping[str, Any]) -> Sum
 
 def _sweep(table: pa.Table, schema: pa.Schema, meta: Mapping[str, Any]) -> Summary:
     columns = ["behavior", "layer", "multiplier", "score_kind", "n", "delta", "kl_mean", "delta_low"]
-    frame = _frame(table, [*columns, "anti_fraction"])
+    every = _frame(table, [*columns, "anti_fraction", "system"])
+    frame = every[every.system == "none"]  # the prompting arms' rows are summarised in the metadata
     per = (
         frame.groupby("behavior")
         .agg(
@@ -295,6 +296,7 @@ def _sweep(table: pa.Table, schema: pa.Schema, meta: Mapping[str, Any]) -> Summa
         "max_kl": (meta.get("options") or {}).get("max_kl"),
         "steer_positions": (meta.get("options") or {}).get("steer_positions"),
         "fluency": (meta.get("fluency") or {}).get("kind"),
+        "system_prompts": _sorted(every.system),
     }
     return summary, _records(per)
 

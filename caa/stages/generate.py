@@ -49,9 +49,9 @@ class Generations:
 
     def save(self, path: Path | str) -> Path:
         frame = self.frame.copy()
-        for f in GENERATIONS.added:  # the scores not asked for: null
-            if f.name not in frame:
-                frame[f.name] = None
+        for name, _, _ in GENERATIONS.added:  # the scores not asked for: null
+            if name not in frame:
+                frame[name] = None
         frame = frame.astype({"probe_score": "float64", "judge_rating": "Int8"})
         table = pa.Table.from_pandas(frame[GENERATIONS.schema().names], preserve_index=False)
         write_artifact(table, Path(path), GENERATIONS, self.meta)

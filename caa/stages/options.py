@@ -194,7 +194,10 @@ class SweepOptions(_Options):
     ``max_memory`` (bytes) and ``batch_size`` size the batches; ``seed`` seeds the bootstrap.
     ``side_effects`` names sets of pairs (built-in names, ``capability`` among them, or files) on
     whose held-out items, at most ``side_effects_max_items`` each, every behavior's chosen cell is
-    evaluated afterwards (:mod:`caa.stages.side_effects`)."""
+    evaluated afterwards (:mod:`caa.stages.side_effects`).
+    ``prompting`` adds the system-prompt arms (positive, negative) at every swept layer, or at
+    ``prompting_layer`` only; ``system_positive`` / ``system_negative`` give their prompts (default:
+    the built-in datasets' cards) (:mod:`caa.stages.prompting`)."""
 
     behaviors: tuple[str, ...] | None = None
     layers: tuple[int, ...] | None = None
@@ -213,6 +216,10 @@ class SweepOptions(_Options):
     batch_size: int | None = None
     side_effects: tuple[str, ...] = ()
     side_effects_max_items: int = 50
+    prompting: bool = False
+    prompting_layer: int | None = None
+    system_positive: str | None = None
+    system_negative: str | None = None
 
     def check(self) -> None:
         object.__setattr__(self, "behaviors", _names("behaviors", self.behaviors))
@@ -240,6 +247,29 @@ class SweepOptions(_Options):
             _whole("max_memory", self.max_memory, 1)
         if self.batch_size is not None:
             _whole("batch_size", self.batch_size, 1)
+        self._check_prompting()
+
+    def _check_prompting(self) -> None:
+        _require(isinstance(self.prompting, bool), "prompting", self.prompting, "must be True or False")
+        needs = "needs prompting on (--prompting)"
+        if self.prompting_layer is not None:
+            _require(self.prompting, "prompting_layer", self.prompting_layer, needs)
+            _whole("prompting_layer", self.prompting_layer)
+            swept = self.layers
+            _require(
+                swept is None or self.prompting_layer in swept,
+                "prompting_layer",
+                self.prompting_layer,
+                f"is not among the swept layers ({', '.join(map(str, swept or ()))})",
+            )
+        for option in ("system_positive", "system_negative"):
+            value = getattr(self, option)
+            if value is None:
+                continue
+            _require(isinstance(value, str), option, value, "must be text")
+            _require(self.prompting, option, value, needs)
+            _require(text_problem(value) is None, option, value, text_problem(value) or "")
+            _require(bool(value.strip()), option, value, "must not be empty")
 
 
 @dataclass(frozen=True)

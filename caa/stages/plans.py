@@ -22,6 +22,7 @@ from caa.models.specs import config_num_layers
 from caa.stages.generate import gather_prompts
 from caa.stages.ingest import PairSet, read_pairs, select_pairs
 from caa.stages.options import ExtractOptions, GenerateOptions, SweepOptions
+from caa.stages.prompting import SystemPrompts, prompting_layers, system_prompts
 from caa.stages.sweep import held_out, sweep_work
 from caa.stages.vectors import VectorSet
 from caa.store.checkpoint import check_fresh
@@ -67,10 +68,19 @@ class SweepPlan:
     neutral: list[str]
     neutral_path: Path
     warnings: list[str] = field(default_factory=list)
+    prompts: dict[str, SystemPrompts] = field(default_factory=dict)  # the prompting arms' behaviors
+    prompting_layer: int | None = None
 
     def work(self, layers: Sequence[int] | None) -> int:
-        """The texts the sweep scores over ``layers``: the total of its progress ticks."""
-        return sweep_work(self.vectors, self.test, self.behaviors, layers, len(self.neutral))
+        """The texts the sweep scores over ``layers`` (the prompting arms' too): the total of its
+        progress ticks."""
+        total = sweep_work(self.vectors, self.test, self.behaviors, layers, len(self.neutral))
+        for name, given in self.prompts.items():
+            part = self.test[self.test.behavior == name]
+            texts = len(part) * (1 if (part.format == "ab").all() else 2)
+            count = 1 if self.prompting_layer is not None else len(self.vectors.require(name, layers))
+            total += texts * count * len(given.arms())
+        return total
 
 
 def plan_sweep(
@@ -80,11 +90,22 @@ def plan_sweep(
     neutral texts)."""
     vecs, pair_set = VectorSet.read(vectors), PairSet.read(pairs)
     names, test = held_out(vecs, pair_set.frame, pairs, options.behaviors, options.max_pairs)
-    known = options.layers if check_model_layers(model, options.layers) else None
+    count = config_num_layers(model)  # None where the config does not say without loading
+    if count is not None and options.layers is not None:
+        model_layers(options.layers, count)
+    known = options.layers if count is not None else None
     warnings = check_vectors(vecs, names, known, options.scale)
     neutral = neutral or default_neutral(options.steer_positions)
     texts = read_neutral(neutral, options.neutral_count, options.steer_positions)
-    return SweepPlan(vecs, pair_set, names, test, texts, neutral, warnings)
+    prompts: dict[str, SystemPrompts] = {}
+    if options.prompting:
+        prompts, said = system_prompts(test, names, options)
+        warnings += said
+        if options.prompting_layer is not None and count is not None:
+            model_layers([options.prompting_layer], count, "prompting_layer")
+        for name in prompts:
+            prompting_layers(dict.fromkeys(vecs.require(name, options.layers)), name, options)
+    return SweepPlan(vecs, pair_set, names, test, texts, neutral, warnings, prompts, options.prompting_layer)
 
 
 @dataclass

@@ -43,6 +43,7 @@ from caa.report.plots import plot_sweep
 from caa.stages.checks import check_held_out, check_model, check_strength, check_template
 from caa.stages.ingest import SIDES, describe_pair, select_pairs
 from caa.stages.options import SweepOptions
+from caa.stages.prompting import comparisons, prompting_layers, prompting_meta, run_arms, system_prompts
 from caa.stages.vectors import VectorSet
 from caa.store.artifacts import make_meta, read_artifact, write_parquet
 from caa.store.files import atomic_paths
@@ -174,8 +175,8 @@ class SweepResult:
                 side_meta = {**self.meta, "kind": SIDE_EFFECTS.name}
                 write_parquet(pa_table(self.side_effects, SIDE_EFFECTS), tmp, SIDE_EFFECTS, side_meta)
             plot_sweep(
-                self.table,
-                self.items,
+                unprompted(self.table),
+                unprompted(self.items),
                 self.recommended,
                 plot_tmp,
                 max_kl=float(options.get("max_kl", 0.5)),
@@ -250,11 +251,16 @@ def run_sweep(
     style = prompt_format(loaded.tokenizer, options.chat_template)
     check_template(vectors, style)
     check_held_out(vectors, pairs, pairs_path, notice)
+    prompts, prompt_warnings = system_prompts(pairs, behaviors, options) if options.prompting else ({}, [])
+    for line in prompt_warnings if notice else []:
+        notice(line)  # type: ignore[misc]
     grids = {}
     for behavior in behaviors:
         chosen = vectors.require(behavior, layers)
         grids[behavior] = {layer: vectors.tensor(behavior, layer, options.scale) for layer in chosen}
         check_strength(grids[behavior], multipliers, loaded)
+        if behavior in prompts:
+            prompting_layers(grids[behavior], behavior, options)  # refused before any work
     said: set[str] = set()
 
     def once(message: str) -> None:  # the engine speaks per text set; say each thing once
@@ -267,16 +273,17 @@ def run_sweep(
     )
     zero = list(multipliers).index(0.0)
     rows, items = [], []
-    for behavior in behaviors:
-        subset = pairs[pairs.behavior == behavior]
-        if subset.empty:
-            raise CaaError(f"no held-out pairs of behavior '{behavior}'")
+
+    def score(
+        subset: pd.DataFrame, fmt: PromptFormat, grid: dict[int, torch.Tensor]
+    ) -> dict[int, np.ndarray]:
+        """One behavior's per-item scores under ``fmt``: {layer: [pairs, multipliers]}."""
+        behavior = str(subset.behavior.iloc[0])
         is_ab = bool((subset.format == "ab").all())
-        texts, cut = pair_texts(loaded, style, subset, options.truncate, pairs_path)
+        texts, cut = pair_texts(loaded, fmt, subset, options.truncate, pairs_path)
         if cut and notice:
             notice(f"--truncate: cut the start of {len(cut)} of {len(subset)} '{behavior}' pairs")
-        _warn_unsteerable(texts, steer_positions, behavior, notice)
-        grid = grids[behavior]
+        _warn_unsteerable(texts, steer_positions, behavior, once)
         reduce = ab_scores if is_ab else completion_logprobs
         by_layer = run_grid(
             options.engine,
@@ -291,6 +298,16 @@ def run_sweep(
             once,
             shard,
         )
+        scores = {layer: by_layer[layer][..., 0] for layer in grid}  # [texts, multipliers]
+        return scores if is_ab else {layer: s[0::2] - s[1::2] for layer, s in scores.items()}  # [pairs, ...]
+
+    for behavior in behaviors:
+        subset = pairs[pairs.behavior == behavior]
+        if subset.empty:
+            raise CaaError(f"no held-out pairs of behavior '{behavior}'")
+        is_ab = bool((subset.format == "ab").all())
+        grid = grids[behavior]
+        by_layer = score(subset, style, grid)
         costs = run_grid(
             options.engine,
             loaded,
@@ -306,9 +323,7 @@ def run_sweep(
         )
         ids = list(subset.pair_id)
         for layer in grid:
-            scores = by_layer[layer][..., 0]  # [texts, multipliers]
-            if not is_ab:
-                scores = scores[0::2] - scores[1::2]  # [pairs, multipliers]
+            scores = by_layer[layer]  # [pairs, multipliers]
             kl_sum, nll_sum, count = costs[layer].sum(0).T  # each [multipliers]
             summary, per_item = summarise(
                 behavior, layer, multipliers, scores, ids, "p_match" if is_ab else "logp_diff", options.seed
@@ -319,9 +334,19 @@ def run_sweep(
                 row["perplexity_delta"] = row["perplexity"] - summary[zero]["perplexity"]
             rows += summary
             items.append(per_item)
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows).assign(system="none")
+    per_item = pd.concat(items, ignore_index=True).assign(system="none")
     check_finite(table, ("score_mean", "delta", "kl_mean", "perplexity"))
     picks = {b: recommend(table, b, options.max_kl, options.max_anti) for b in behaviors}
+    extra: dict[str, Any] = {}
+    if prompts:  # the prompting arms: scores only (the fluency cost is arm none's)
+        arm_rows, arm_items = run_arms(pairs, prompts, style, grids, score, options)
+        check_finite(arm_rows, ("score_mean", "delta"))
+        table = pd.concat([table, arm_rows], ignore_index=True)
+        per_item = pd.concat([per_item, arm_items], ignore_index=True)
+        compared = comparisons(table, per_item, prompts, picks, options)
+        skipped = [b for b in behaviors if b not in prompts]
+        extra["prompting"] = prompting_meta(prompts, skipped, compared, options.prompting_layer)
     fluency = {
         "kind": "text" if steer_positions == "all" else "continuation",
         "texts": len(fluent),
@@ -338,10 +363,16 @@ def run_sweep(
         recommended={b: list(p[0]) if p[0] else None for b, p in picks.items()},
         best_unreliable={b: list(p[1]) if p[1] else None for b, p in picks.items()},
         fluency=fluency,
+        **extra,
     )
     recommended = {b: p[0] for b, p in picks.items()}
     best = {b: p[1] for b, p in picks.items()}
-    return SweepResult(table, pd.concat(items, ignore_index=True), recommended, best, fluency, meta)
+    return SweepResult(table, per_item, recommended, best, fluency, meta)
+
+
+def unprompted(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of arm ``none`` (every row of a sweep run without the prompting arms)."""
+    return frame[frame.system == "none"] if "system" in frame else frame
 
 
 def _warn_unsteerable(

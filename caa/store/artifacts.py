@@ -48,7 +48,7 @@ def make_meta(
     """The metadata every artifact carries: kind, version, command, options, input hashes, extras."""
     meta: dict[str, Any] = {
         "kind": kind.name,
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": kind.version,
         "command": kind.command,
         "options": {k: _jsonable(v) for k, v in options.items()},
         "caa_version": package_version(),
@@ -77,8 +77,9 @@ def write_parquet(table: pa.Table, file: Path, kind: Kind, meta: Mapping[str, An
     kind ``added`` that ``table`` lacks is written null."""
     d_model = _vector_size(table.schema, kind)
     schema = kind.schema(d_model)
-    for f in kind.added:
-        if f.name not in table.column_names:
+    for name, _, _ in kind.added:
+        if name not in table.column_names:
+            f = schema.field(name)
             table = table.append_column(f, pa.nulls(table.num_rows, f.type))
     table = table.select(schema.names).cast(schema).replace_schema_metadata({META_KEY: json.dumps(meta)})
     pq.write_table(table, file)
@@ -274,12 +275,16 @@ def read_artifact(path: Path, kind: Kind, columns: Sequence[str] | None = None) 
             field="kind",
         )
     version = meta.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if not kind.reads(version):
+        versions = ", ".join(map(str, range(SCHEMA_VERSION, kind.version + 1)))
+        plural = "s" if kind.version > SCHEMA_VERSION else ""
         raise InputError(
             path,
-            f"schema version {version!r}, this caa reads version {SCHEMA_VERSION}",
+            f"schema version {version!r}, this caa reads version{plural} {versions}",
             field="schema_version",
         )
+    assert isinstance(version, int)
+    missing = kind.missing_in(version)  # columns added since: filled with what the old file meant
     schema = pq.read_schema(path)
     if kind.vector is not None:
         if kind.vector not in schema.names:
@@ -287,9 +292,8 @@ def read_artifact(path: Path, kind: Kind, columns: Sequence[str] | None = None) 
         if _vector_size(schema, kind) is None:
             raise InputError(path, "column is not a fixed-size float32 list", field=kind.vector)
     expected = kind.schema(_vector_size(schema, kind))
-    absent = {f.name for f in kind.added if f.name not in schema.names}  # a file from before them
     for f in expected:
-        if f.name in absent:
+        if f.name in missing and f.name not in schema.names:
             continue
         if f.name not in schema.names:
             raise InputError(path, "column missing", field=f.name)
@@ -297,11 +301,11 @@ def read_artifact(path: Path, kind: Kind, columns: Sequence[str] | None = None) 
         if got != f.type:
             raise InputError(path, f"column has type {got}, expected {f.type}", field=f.name)
     names = list(columns) if columns is not None else expected.names
-    table = read_table(path, columns=[n for n in names if n not in absent])
+    table = read_table(path, columns=[n for n in names if n in schema.names])
     for name in names:
-        if name in absent:
-            f = expected.field(name)
-            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+        if name not in table.column_names:
+            filled = pa.array([missing[name]] * table.num_rows, expected.field(name).type)
+            table = table.append_column(expected.field(name), filled)
     for name in names:
         if not expected.field(name).nullable and table.column(name).null_count:
             raise InputError(path, "column has null values", field=name)

@@ -10,7 +10,9 @@ any install. Their cards are the sections of ``data/README.md``, parsed here and
 
 gives the file, its format and its size in the heading and what it holds in the first sentence; the
 ``- Source:`` and ``- License:`` lines before the first section apply to every file unless a section
-has its own.
+has its own. A dataset's section may give the system prompts that ask a model for its behavior and for
+the opposite (``- System positive:`` and ``- System negative:``), which `caa sweep --prompting`
+compares steering with.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ DATA_PACKAGE = "caa._data"
 CARDS_FILE = "README.md"
 # "## sycophancy.json (A/B, 190 questions)" or "## neutral_prompts.txt (80 prompts)"
 _HEADING = re.compile(r"^## (?P<file>\S+) \((?:(?P<format>A/B|free-form), )?(?P<count>\d+) (?P<unit>\w+)\)$")
-_FIELD = re.compile(r"^- (?P<key>Source|License): (?P<value>.+)$")
+_FIELD = re.compile(r"^- (?P<key>Source|License|System positive|System negative): (?P<value>.+)$")
+_OWN = ("System positive", "System negative")  # a section's own: never defaults for every file
 _SENTENCE = re.compile(r"^(.+?[.!?])(?=\s|$)")
 NEUTRAL_PROMPTS = "neutral_prompts.txt"
 NEUTRAL_TEXT = "neutral_text.jsonl"
@@ -45,6 +48,8 @@ class Card:
     description: str  # the first sentence of its section
     source: str
     licence: str
+    system_positive: str = ""  # a system prompt asking for the behavior ("" where the card has none)
+    system_negative: str = ""  # one asking for its opposite
 
     @property
     def is_pairs(self) -> bool:
@@ -77,7 +82,7 @@ def _parse_cards(text: str) -> list[Card]:
     for line in text.splitlines():
         if heading := _HEADING.match(line):
             sections.append((heading, {}, []))
-        elif field := _FIELD.match(line):
+        elif (field := _FIELD.match(line)) and (sections or field["key"] not in _OWN):
             (sections[-1][1] if sections else defaults)[field["key"]] = field["value"].strip()
         elif sections and line.strip():
             sections[-1][2].append(line.strip())
@@ -95,6 +100,8 @@ def _parse_cards(text: str) -> list[Card]:
                 description=first.group(1) if first else "",
                 source=fields.get("Source", ""),
                 licence=fields.get("License", ""),
+                system_positive=fields.get("System positive", ""),
+                system_negative=fields.get("System negative", ""),
             )
         )
     return out

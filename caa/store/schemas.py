@@ -23,19 +23,28 @@ class Kind:
     """One artifact kind: its name, the command that makes it, and its columns.
 
     ``vector`` names the column holding a fixed-size float32 list of length d_model, if any; its
-    size is fixed per file, so the schema is completed with ``schema(d)``. ``added`` are nullable
-    columns added within the schema version: a file written before them lacks them, and reads as if
-    they were there and null (no version bump, so older files stay readable).
+    size is fixed per file, so the schema is completed with ``schema(d)``. ``version`` is the schema
+    version this caa writes; ``added`` lists the columns later versions added, as (column, the version
+    that added it, the value a file of an earlier version reads as), so older files still read.
     """
 
     name: str
     command: str
     fields: tuple[pa.Field, ...]
     vector: str | None = None
-    added: tuple[pa.Field, ...] = ()
+    version: int = SCHEMA_VERSION
+    added: tuple[tuple[str, int, Any], ...] = ()
+
+    def reads(self, version: object) -> bool:
+        """Whether this caa reads a file of schema ``version`` of this kind."""
+        return type(version) is int and SCHEMA_VERSION <= version <= self.version
+
+    def missing_in(self, version: int) -> dict[str, Any]:
+        """The columns a file of ``version`` lacks, and the value each reads as."""
+        return {column: value for column, since, value in self.added if version < since}
 
     def schema(self, d_model: int | None = None) -> pa.Schema:
-        fields = [*self.fields, *self.added]
+        fields = list(self.fields)
         if self.vector is not None:
             if d_model is None:
                 raise ValueError(f"the {self.name} schema needs d_model")
@@ -98,11 +107,17 @@ VECTORS = Kind(
     vector="vector",
 )
 
+# The sweep's arms (``system``): "none" is the prompt as the sweep builds it (no system message of
+# ours); "positive" and "negative" add a behavior's system prompt (`caa sweep --prompting`).
+SYSTEM_ARMS = ("none", "positive", "negative")
+_SYSTEM_ADDED = (("system", 2, "none"),)  # version 1 files are all arm "none"
+
 SWEEP = Kind(
     "sweep",
     "caa sweep",
     (
         _f("behavior", pa.string()),
+        _f("system", pa.string()),  # the arm: one of SYSTEM_ARMS
         _f("layer", pa.int16()),
         _f("multiplier", pa.float64()),
         _f("score_kind", pa.string()),  # "p_match" (A/B) or "logp_diff" (free-form)
@@ -112,9 +127,10 @@ SWEEP = Kind(
         _f("delta", pa.float64()),  # score_mean minus the unsteered score_mean
         _f("delta_low", pa.float64(), nullable=True),  # paired 95% interval of delta over the items
         _f("delta_high", pa.float64(), nullable=True),
-        _f("kl_mean", pa.float64()),  # mean KL(unsteered || steered) per token (metadata: over what)
-        _f("perplexity", pa.float64()),
-        _f("perplexity_delta", pa.float64()),
+        # mean KL(unsteered || steered) per token (metadata: over what); null on the prompting arms
+        _f("kl_mean", pa.float64(), nullable=True),
+        _f("perplexity", pa.float64(), nullable=True),
+        _f("perplexity_delta", pa.float64(), nullable=True),
         # per (behavior, layer), repeated on its rows: items' slopes of score against multiplier
         _f("slope_mean", pa.float64(), nullable=True),
         _f("slope_median", pa.float64(), nullable=True),
@@ -123,6 +139,8 @@ SWEEP = Kind(
         _f("anti_high", pa.float64(), nullable=True),
         _f("backward_items", pa.list_(pa.string())),  # ids steering most strongly backwards
     ),
+    version=2,
+    added=_SYSTEM_ADDED,
 )
 
 SWEEP_ITEMS = Kind(
@@ -130,12 +148,15 @@ SWEEP_ITEMS = Kind(
     "caa sweep",
     (
         _f("behavior", pa.string()),
+        _f("system", pa.string()),
         _f("layer", pa.int16()),
         _f("multiplier", pa.float64()),
         _f("pair_id", pa.string()),
         _f("score", pa.float64()),
         _f("slope", pa.float64(), nullable=True),  # the item's slope at this layer, on each of its rows
     ),
+    version=2,
+    added=_SYSTEM_ADDED,
 )
 
 SIDE_EFFECTS = Kind(
@@ -169,13 +190,13 @@ GENERATIONS = Kind(
         _f("multiplier", pa.float64()),
         _f("text", pa.string()),
         _f("n_tokens", pa.int32()),  # generated tokens (up to the end-of-sequence token, excluded)
-    ),
-    added=(
         # `--score probe`: mean over the generated tokens of the unsteered residual stream at `layer`
         # projected on the unit vector; null without it, or with no token generated
         _f("probe_score", pa.float64(), nullable=True),
         _f("judge_rating", pa.int8(), nullable=True),  # `--judge`: 1-10, null if unparseable or unjudged
     ),
+    version=2,
+    added=(("probe_score", 2, None), ("judge_rating", 2, None)),  # version 1 files: not scored
 )
 
 KINDS = {k.name: k for k in (PAIRS, ACTIVATIONS, VECTORS, SWEEP, SWEEP_ITEMS, SIDE_EFFECTS, GENERATIONS)}
@@ -272,6 +293,7 @@ META_FIELDS_OF_KIND: dict[str, dict[str, Any]] = {
         "recommended": dict[str, tuple[int, float] | None],  # behavior -> [layer, multiplier]
         "best_unreliable": dict[str, tuple[int, float] | None],  # the best gain, reliable or not
         "fluency": FluencyMeta,
+        "prompting": dict[str, Any],  # steering against system prompts (caa.stages.prompting)
     },
     "generations": {"model": Fingerprint, "judge": JudgeMeta, "probe": ProbeMeta},
 }

@@ -53,3 +53,30 @@ def test_encode_many_equals_encoding_each_text_alone(
     assert encode_many(tok, style, []) == []
     with pytest.raises(CaaError, match="--position 'first'"):
         encode_many(tok, style, [("a", "b", "freeform", "first")])
+
+
+def test_a_system_prompt_goes_first_in_the_template_or_as_a_paragraph() -> None:
+    """With a chat template, a system message before the user turn; without one, the system prompt
+    as its own paragraph; a template that refuses or drops a system message is an error."""
+    from caa.core.prompts import PromptFormat
+    from tests.tiny_models import make_tokenizer
+
+    tok = make_tokenizer(chat=True)
+    chat = PromptFormat(chat=True, system="Be brief.")
+    assert chat.prefix(tok, "hi") == "<|system|> Be brief. <|end|> <|user|> hi <|end|> <|assistant|> "
+    assert PromptFormat(chat=True).prefix(tok, "hi") == "<|user|> hi <|end|> <|assistant|> "
+    plain = PromptFormat(chat=False, system=" Be brief. \n")
+    assert plain.prefix(tok, "hi \n") == "Be brief.\n\nhi\n"
+    assert PromptFormat(chat=False).prefix(tok, "hi") == "hi\n"
+    tok.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    with pytest.raises(CaaError, match=r"refuses a system message \(System role not supported\)"):
+        chat.prefix(tok, "hi")
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    )
+    with pytest.raises(CaaError, match="drops the system message"):
+        chat.prefix(tok, "hi")

@@ -77,6 +77,7 @@ def sweep_file(path: Path, behavior: str = "mood", recommended: Any = (1, 2.0), 
                     "anti_low": 0.05,
                     "anti_high": 0.6,
                     "backward_items": ["<i>item7</i>"],
+                    "system": "none",
                 }
             )
     frame = pd.DataFrame(rows)

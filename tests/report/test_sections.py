@@ -66,6 +66,7 @@ def _sweep(path: Path, behavior: str, recommended: Any, best: Any, fluency: dict
             "anti_low": 0.0,
             "anti_high": 0.5,
             "backward_items": ["id<1>"],
+            "system": "none",
         }
         for layer in (1, 2)
         for m in (0.0, 2.0)

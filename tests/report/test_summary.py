@@ -166,6 +166,7 @@ def write_sweep(path: Path) -> pd.DataFrame:
     frame["slope_mean"] = frame["slope_median"] = frame.layer / 10
     frame["anti_fraction"] = frame["anti_low"] = frame["anti_high"] = 0.25
     frame["backward_items"] = [["p1"]] * len(frame)
+    frame["system"] = "none"
     meta = make_meta(SWEEP, {"max_kl": 0.5}, model=MODEL, recommended={"agree": [2, 1.0], "mood": None})
     frame = frame[[f.name for f in SWEEP.fields]]
     write_artifact(pa.Table.from_pandas(frame, preserve_index=False), path, SWEEP, meta)
@@ -193,6 +194,7 @@ def test_sweep(tmp_path: Path) -> None:
     }
     assert rows["mood"]["recommended"] is None
     assert rows["mood"]["best_delta"] == frame[frame.behavior == "mood"].delta.max()
+    assert report.summary["system_prompts"] == ["none"]
     assert report.inputs == []
 
     result = runner.invoke(app, ["inspect", str(path)])
@@ -200,6 +202,20 @@ def test_sweep(tmp_path: Path) -> None:
     assert "caa sweep" in result.output
     assert "agree: layer=2, multiplier=1" in result.output and "mood: -" in result.output
     assert "-1, 0, 1" in result.output
+
+
+def test_sweep_summarises_arm_none_and_names_the_system_prompts(tmp_path: Path) -> None:
+    """A sweep with --prompting: its prompting arms' rows (a larger gain, no fluency cost) are not
+    the summary's best gain; the summary names the arms."""
+    path = tmp_path / "sweep.parquet"
+    frame = write_sweep(path)
+    arm = frame[frame.behavior == "mood"].assign(system="positive", delta=9.0, kl_mean=np.nan)
+    both = pd.concat([frame, arm], ignore_index=True)
+    meta = read_artifact(path, SWEEP).meta
+    write_artifact(pa.Table.from_pandas(both, preserve_index=False), path, SWEEP, meta)
+    report = inspect_artifact(path)
+    assert report.summary["system_prompts"] == ["none", "positive"] and report.summary["cells"] == 12
+    assert by_behavior(report.breakdown)["mood"]["best_delta"] == frame[frame.behavior == "mood"].delta.max()
 
 
 def test_generations(tmp_path: Path) -> None:

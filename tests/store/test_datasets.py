@@ -94,6 +94,31 @@ def test_cards_parse_fields_per_section() -> None:
     assert (n.format, n.is_pairs, n.unit) == ("neutral", False, "prompts")
 
 
+@pytest.mark.parametrize("name", BUILTINS)
+def test_a_dataset_card_gives_its_two_system_prompts(name: str) -> None:
+    card = datasets.builtin(name)
+    assert card is not None
+    prompts = (card.system_positive, card.system_negative)
+    assert all(p and p.endswith(".") and len(p) <= 120 and "\n" not in p for p in prompts), prompts
+    assert card.system_positive != card.system_negative
+    assert card.description.endswith(".") and "System" not in card.description  # fields are not prose
+    for other in datasets.cards():
+        if not other.is_pairs:
+            assert (other.system_positive, other.system_negative) == ("", "")
+
+
+def test_system_prompts_are_a_section_of_its_own_never_a_default() -> None:
+    text = (
+        "# x\n\n- Source: ours\n- License: CC0\n- System positive: Not a default.\n\n"
+        "## a.jsonl (free-form, 3 pairs)\n\nHappy vs sad.\n\n"
+        "- System positive: Be happy.\n- System negative: Be sad.\n\n"
+        "## b.json (A/B, 2 questions)\n\nAgreeing.\n"
+    )
+    a, b = datasets._parse_cards(text)
+    assert (a.system_positive, a.system_negative, a.description) == ("Be happy.", "Be sad.", "Happy vs sad.")
+    assert (b.system_positive, b.system_negative, b.source) == ("", "", "ours")
+
+
 def test_caa_datasets_lists_the_cards(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli.out, "width", 400)  # one line per card
     result = runner.invoke(app, ["datasets"])

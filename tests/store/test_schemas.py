@@ -66,3 +66,17 @@ def test_non_parquet_outputs_are_declared_with_their_marks() -> None:
     assert schemas.PNG_SOFTWARE == "caa sweep"
     assert schemas.REPORT_GENERATOR == "caa report"
     assert "plot" not in KINDS and "report" not in KINDS
+
+
+def test_a_kind_reads_its_older_versions_and_knows_what_they_lack() -> None:
+    """The sweep's version 2 added the arm (column system): version 1 files read as arm none; kinds
+    that never changed read version 1 only."""
+    from caa.store.schemas import PAIRS, SWEEP, SWEEP_ITEMS, SYSTEM_ARMS
+
+    assert SWEEP.version == SWEEP_ITEMS.version == 2 and PAIRS.version == 1
+    assert [SWEEP.reads(v) for v in (0, 1, 2, 3, True, "2")] == [False, True, True, False, False, False]
+    assert [PAIRS.reads(v) for v in (1, 2)] == [True, False]
+    assert (
+        SWEEP.missing_in(1) == SWEEP_ITEMS.missing_in(1) == {"system": "none"} and SWEEP.missing_in(2) == {}
+    )
+    assert SYSTEM_ARMS == ("none", "positive", "negative") and SWEEP.schema().field("kl_mean").nullable

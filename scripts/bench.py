@@ -28,6 +28,7 @@ import bench_generate
 import bench_memory
 import bench_report
 import bench_scaling
+import bench_serve
 import bench_sweep
 import bench_sweep_cli
 import torch
@@ -40,6 +41,7 @@ SECTIONS = {
     "generate": bench_generate.run,
     "memory": bench_memory.run,
     "scaling": bench_scaling.run,
+    "serve": bench_serve.run,
 }
 
 
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     with quiet(), tempfile.TemporaryDirectory(prefix="caa-bench-") as tmp:
         loaded, label = load_bench_model(args.shape, args.device, args.dtype, args.tokenizer)
         results["model"] = label
+        kept = bench_report.earlier(args.out, results)  # the sections this run does not measure
         log(f"model: {label}; device {args.device}; {'quick' if args.quick else 'full'} grid")
         bench = Bench(loaded, args.shape, args.device, args.quick, Path(tmp), label, log)
         for name in args.only:
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             # written after every section: a run killed later (a time limit, Ctrl-C) keeps these
             results["unfinished"] = [s for s in args.only if s not in results["sections"]]
             results["total_seconds"] = time.perf_counter() - started
-            js, md = bench_report.write(results, args.out)
+            js, md = bench_report.write(bench_report.merged(results, kept, list(SECTIONS)), args.out)
     log(f"wrote {js} and {md}")
     print(md.read_text())
     return 1 if failed else 0

@@ -138,8 +138,10 @@ def fill(runner: Any, positions: torch.Tensor | None) -> None:
     steers, lengths = [], []
     for req_id in ids:
         state = runner.requests[req_id]
-        params = state.sampling_params
-        steers.append(_bank().parse(params.extra_args if params is not None else None, dtype))
+        if not hasattr(state, "caa_steer"):  # parsed once per request (checked at admission already)
+            params = state.sampling_params
+            state.caa_steer = _bank().parse(params.extra_args if params is not None else None, dtype)
+        steers.append(state.caa_steer)
         lengths.append(int(state.num_prompt_tokens))
     tables.fill(steers, lengths, query_start, positions)
     trace = os.environ.get(TRACE)

@@ -69,11 +69,12 @@ typecheck: install
 demo: install
 	bash scripts/demo.sh $(OUT) $(MODEL)
 
-# Every benchmark in one run, written to bench/results.md and bench/results.json (about 15 min on 2
+# Every benchmark in one run, written to bench/results.md and bench/results.json (about 20 min on 2
 # CPU cores). `make bench DEVICE=cuda SHAPE=llama-8b` runs a random-weight Llama shape on a GPU.
 # The steering-vectors peer is a benchmark extra only (DESIGN.md): installed here, never a dependency.
+# The serve section starts vLLM servers from the serving environment ($(SERVE_VENV)).
 BENCH_ARGS = $(if $(DEVICE),--device $(DEVICE)) $(if $(SHAPE),--shape $(SHAPE))
-bench: install
+bench: install $(SERVE_STAMP)
 	$(PY) -c "import steering_vectors" 2>/dev/null || { \
 	  $(PY) -m pip install -q --disable-pip-version-check scikit-learn tqdm && \
 	  $(PY) -m pip install -q --disable-pip-version-check --no-deps steering-vectors==0.12.2; } || \

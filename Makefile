@@ -101,20 +101,21 @@ demo: install $(if $(filter $(QWEN),$(MODEL)),install-qwen)
 paper: install-qwen
 	bash scripts/paper.sh $(PAPER_OUT)
 
-# Every benchmark in one run, written to bench/results.md and bench/results.json (about 15 min on 2
+# Every benchmark in one run, written to bench/results.md and bench/results.json (about 20 min on 2
 # CPU cores). `make bench DEVICE=cuda SHAPE=llama-8b` runs a random-weight Llama shape on a GPU.
 # The steering-vectors peer is a benchmark extra only (DESIGN.md): installed here, never a dependency.
+# The serve section starts vLLM servers from the serving environment ($(SERVE_VENV)).
 BENCH_ARGS = $(if $(DEVICE),--device $(DEVICE)) $(if $(SHAPE),--shape $(SHAPE))
-bench: install
+bench: install $(SERVE_STAMP)
 	$(PY) -c "import steering_vectors" 2>/dev/null || { \
 	  $(PY) -m pip install -q --disable-pip-version-check scikit-learn tqdm && \
 	  $(PY) -m pip install -q --disable-pip-version-check --no-deps steering-vectors==0.12.2; } || \
 	  echo "steering-vectors not installed: the extract benchmark says so"
-	$(PY) scripts/bench.py $(BENCH_ARGS)
+	CAA_SERVE_PYTHON=$(SERVE_PY) $(PY) scripts/bench.py $(BENCH_ARGS)
 
 .PHONY: bench-quick
-bench-quick: install
-	$(PY) scripts/bench.py --quick $(BENCH_ARGS)
+bench-quick: install $(SERVE_STAMP)
+	CAA_SERVE_PYTHON=$(SERVE_PY) $(PY) scripts/bench.py --quick $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(SERVE_VENV) $(OUT)

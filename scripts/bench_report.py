@@ -90,7 +90,12 @@ def markdown(results: dict[str, Any], others: dict[str, Any] | None = None) -> s
         "# caa benchmarks",
         "",
         f"Written by `{o['command']}` on {m['date']} in {results['total_seconds'] / 60:.1f} min. "
-        "Every ratio compares two measurements taken in this same run, on this machine.",
+        "Every ratio compares two measurements taken in one run, on this machine"
+        + (
+            " (a section kept from an earlier run of the same grid says so)."
+            if any(s.get("from") for s in results["sections"].values())
+            else "."
+        ),
         "",
         f"- **Model:** {results['model']}",
         f"- **Machine:** {m['cpu']}, {m['cores_available']} of {m['cores']} cores "
@@ -118,6 +123,13 @@ def markdown(results: dict[str, Any], others: dict[str, Any] | None = None) -> s
         if "error" in s:
             lines += [f"Failed: `{s['error']}`"]
             continue
+        if s.get("from"):
+            f = s["from"]
+            lines += [
+                f"From an earlier run: `{f['command']}` on {f['date']} (load average {f['load_average']} "
+                "at its start).",
+                "",
+            ]
         lines += [s["setup"] + f" ({s['seconds']:.0f} s).", "", "| measure | value | vs | ratio |"]
         lines += ["|---|---|---|---|", *(_row(r) for r in s["rows"])]
         if s["notes"]:
@@ -163,6 +175,38 @@ def other_runs(out: Path) -> dict[str, Any]:
         except (OSError, ValueError):
             continue  # a run being written, or not a benchmark's file: not listed
     return runs
+
+
+def earlier(out: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """The sections of ``out``'s last run of the same grid (model, device, shape, quick) that this run
+    does not measure, each tagged with the run that measured it: a ``--only`` run replaces its own
+    sections and keeps the others."""
+    try:
+        before = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    o, b = results["options"], before.get("options", {})
+    if before.get("model") != results.get("model") or any(
+        b.get(k) != o[k] for k in ("device", "shape", "quick")
+    ):
+        return {}
+    made = {
+        "command": b.get("command"),
+        "date": before.get("machine", {}).get("date"),
+        "load_average": before.get("machine", {}).get("load_average"),
+    }
+    return {
+        name: {**s, "from": s.get("from", made)}
+        for name, s in before.get("sections", {}).items()
+        if name not in o["sections"]
+    }
+
+
+def merged(results: dict[str, Any], kept: dict[str, Any], order: list[str]) -> dict[str, Any]:
+    """``results`` with the ``kept`` sections of an earlier run, in ``order``."""
+    sections = {**kept, **results["sections"]}
+    ordered = [n for n in order if n in sections] + [n for n in sections if n not in order]
+    return {**results, "sections": {n: sections[n] for n in ordered}}
 
 
 def write(results: dict[str, Any], out: Path) -> tuple[Path, Path]:

@@ -35,6 +35,8 @@ from caa.store.text import behavior_name, same_name, text_problem
 PREFIX = "caa_"
 NAMES = ("behavior", "layer", "multiplier", "positions", "scale")
 KEYS = tuple(PREFIX + name for name in NAMES)
+# each policy's first steered position, as an offset from the prompt length (None: every position)
+_START_OFFSET = {p: None if (first := steer_start(p, 0)) is None else int(first[0]) for p in STEER_POSITIONS}
 
 
 class SteeringRequestError(CaaError):
@@ -69,9 +71,10 @@ class Steer:
         )
 
     def start(self, prompt_length: int) -> int:
-        """The first steered absolute position (0 for ``all``)."""
-        first = steer_start(self.positions, prompt_length)
-        return 0 if first is None else int(first[0])
+        """The first steered absolute position (0 for ``all``): :func:`steer_start`'s, without
+        building a tensor (this runs for every request at every forward pass)."""
+        offset = _START_OFFSET[self.positions]
+        return 0 if offset is None else prompt_length + offset
 
 
 def flat_keys(steering: Any, field: str = "steering") -> dict[str, Any]:
@@ -328,6 +331,7 @@ class Tables:
         self.scale = torch.zeros(len(self.layers), max_tokens, dtype=dtype, device=device)
         self.max_tokens = max_tokens
         self.steered_tokens = 0  # how many tokens the last fill steered (for tests and logs)
+        self._filled = 0  # the tokens the last fill wrote into scale: beyond them it is all zero
 
     def put(self, rows: Sequence[int], values: np.ndarray) -> None:
         """Write vectors added while serving into their rows of the bank."""
@@ -342,8 +346,15 @@ class Tables:
     ) -> None:
         """Fill the tables for one batch: request ``r`` owns tokens ``query_start[r]`` to
         ``query_start[r + 1]`` (the engine's order), at absolute ``positions`` [tokens] (the rest,
-        padding, is unsteered)."""
-        self.scale.zero_()
+        padding, is unsteered).
+
+        This runs before every forward pass, so it works in numpy on a few small arrays and writes
+        the buffers once each: a handful of tiny torch operations per pass (each one dispatched, and
+        parallelised by the engine's OpenMP threads) cost more than a decode step's steering itself.
+        Only the tokens the previous batch steered are cleared: past them the tables stay zero."""
+        if self._filled:
+            self.scale[:, : self._filled].zero_()
+            self._filled = 0
         self.steered_tokens = 0
         live = [r for r, s in enumerate(steers) if s is not None and s.coefficient != 0.0]
         if not live:
@@ -351,17 +362,24 @@ class Tables:
         total = int(query_start[len(steers)])
         if total > min(self.max_tokens, positions.shape[0]):
             raise CaaError(f"steering tables hold {self.max_tokens} tokens; the batch has {total}")
-        counts = torch.tensor([query_start[r + 1] - query_start[r] for r in live], dtype=torch.long)
-        tokens = torch.cat([torch.arange(query_start[r], query_start[r + 1], dtype=torch.long) for r in live])
         picked = [s for s in steers if s is not None and s.coefficient != 0.0]
-        start = torch.tensor([s.start(prompt_lengths[r]) for r, s in zip(live, picked, strict=True)])
-        row = torch.tensor([s.row for s in picked], dtype=torch.long)
-        slot = torch.tensor([self.slot[s.layer] for s in picked], dtype=torch.long)
-        coef = torch.tensor([s.coefficient for s in picked], dtype=torch.float64)
-        at = positions[: positions.shape[0]].to("cpu", torch.long)[tokens]
-        steered = at >= start.repeat_interleave(counts)
-        tokens, which = tokens[steered], torch.arange(len(live)).repeat_interleave(counts)[steered]
-        self.steered_tokens = int(tokens.numel())
-        device = self.rows.device
-        self.rows[tokens.to(device)] = row[which].to(device)
-        self.scale[slot[which].to(device), tokens.to(device)] = coef[which].to(device, self.scale.dtype)
+        bounds = np.asarray(query_start, dtype=np.int64)
+        begin, counts = bounds[live], bounds[[r + 1 for r in live]] - bounds[live]
+        which = np.repeat(np.arange(len(live)), counts)  # each token's index into live
+        tokens = np.arange(len(which)) + np.repeat(begin - (np.cumsum(counts) - counts), counts)
+        start = np.array([s.start(int(prompt_lengths[r])) for r, s in zip(live, picked, strict=True)])
+        at = positions[:total].cpu().numpy()
+        steered = at[tokens] >= start[which]
+        tokens, which = tokens[steered], which[steered]
+        self.steered_tokens = int(tokens.size)
+        if not tokens.size:
+            return
+        span = int(tokens[-1]) + 1  # tokens ascend: the live requests' ranges, in batch order
+        rows = np.zeros(span, dtype=np.int64)
+        rows[tokens] = np.array([s.row for s in picked])[which]
+        scale = np.zeros((len(self.layers), span), dtype=np.float64)
+        slot = np.array([self.slot[s.layer] for s in picked])
+        scale[slot[which], tokens] = np.array([s.coefficient for s in picked])[which]
+        self.rows[:span].copy_(torch.from_numpy(rows))
+        self.scale[:, :span].copy_(torch.from_numpy(scale))  # float64 to the model's dtype: one rounding
+        self._filled = span

@@ -83,3 +83,62 @@ def test_loglog_exponent_recovers_a_power_law(monkeypatch: pytest.MonkeyPatch) -
 
     xs = [16, 32, 64, 128]
     assert loglog_exponent(xs, [3.0 * x**1.5 for x in xs]) == pytest.approx(1.5)
+
+
+def _run(command: str, sections: dict[str, float], shape: str = "smollm2") -> dict:
+    """A results dict as bench.py writes it, one headline row per section (value: ``sections``)."""
+    rows = {
+        name: {
+            "title": name,
+            "setup": f"{name} setup",
+            "rows": [{"measure": "m", "value": v, "unit": "s", "vs": None, "ratio": v, "headline": True}],
+            "notes": [],
+            "series": {},
+            "seconds": 1.0,
+        }
+        for name, v in sections.items()
+    }
+    machine = {"date": command, "cpu": "c", "cores": 2, "cores_available": 2, "torch_threads": 2}
+    machine |= {"memory_gib": 1, "platform": "p", "python": "3", "torch": "t", "transformers": "t"}
+    machine |= {"caa": "0", "load_average": 1.5, "device": "cpu"}
+    options = {
+        "command": command,
+        "device": "cpu",
+        "shape": shape,
+        "quick": False,
+        "sections": list(sections),
+    }
+    return {"options": options, "machine": machine, "model": "M", "sections": rows, "total_seconds": 60}
+
+
+def test_an_only_run_replaces_its_sections_and_keeps_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import bench_report
+
+    from bench import SECTIONS as ORDER
+
+    bench_report.write(_run("full", {"extract": 1.0, "serve": 2.0, "generate": 3.0}), tmp_path)
+    again = _run("only serve", {"serve": 5.0})
+    kept = bench_report.earlier(tmp_path, again)
+    assert set(kept) == {"extract", "generate"} and kept["extract"]["from"]["command"] == "full"
+    merged = bench_report.merged(again, kept, list(ORDER))
+    assert list(merged["sections"]) == ["extract", "generate", "serve"]  # the runner's order
+    assert merged["sections"]["serve"]["rows"][0]["value"] == 5.0
+    bench_report.write(merged, tmp_path)
+    markdown = (tmp_path / "results.md").read_text()
+    assert markdown.count("From an earlier run: `full`") == 2 and "| serve | m | 5.00 s |" in markdown
+    # a kept section keeps naming the run that measured it; another grid keeps nothing
+    third = _run("only generate", {"generate": 4.0})
+    assert bench_report.earlier(tmp_path, third)["extract"]["from"]["command"] == "full"
+    assert bench_report.earlier(tmp_path, _run("tiny", {"serve": 1.0}, shape="tiny")) == {}
+
+
+def test_serve_runs_by_default_only_on_the_cpu_with_smollm2(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    from bench import parse_args
+
+    assert "serve" in parse_args([]).only
+    assert "serve" not in parse_args(["--shape", "tiny"]).only
+    assert parse_args(["--shape", "tiny", "--only", "serve"]).only == ["serve"]

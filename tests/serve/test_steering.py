@@ -122,7 +122,13 @@ def test_tables_steer_each_token_by_its_requests_rule(bank: VectorBank) -> None:
         bank.parse({"caa_behavior": "agree", "caa_multiplier": -0.5}),
     ]
     positions = torch.tensor([4, 5, 6, 7, 9, 12, 0, 0])  # 2 padding tokens
-    tables.scale.fill_(7.0)  # stale values from an earlier batch are cleared
+    # an earlier, longer batch steered every token at one layer or another: all of it is cleared
+    everywhere = [
+        bank.parse({"caa_behavior": b, "caa_layer": layer, "caa_multiplier": 7.0, "caa_positions": "all"})
+        for b, layer in (("mood", 1), ("mood", 3), ("agree", 2), ("café", 0))
+    ]
+    tables.fill(everywhere, [4] * 4, [0, 4, 8, 12, 16], torch.arange(16) % 4)
+    assert tables.steered_tokens == 16 and int((tables.scale != 0).sum()) == 16
     tables.fill(steers, [6, 3, 12], [0, 4, 5, 6], positions)
     want = torch.zeros(4, 16)
     want[3, [1, 2, 3]] = 2.0  # prompt-end: positions >= 5
@@ -146,10 +152,11 @@ def test_tables_steer_each_token_by_its_requests_rule(bank: VectorBank) -> None:
 
 def test_tables_of_an_unsteered_batch_are_zero_and_a_batch_too_large_is_an_error(bank: VectorBank) -> None:
     tables = Tables(bank, max_tokens=4, dtype=torch.float32, device="cpu")
-    tables.scale.fill_(1.0)
+    steer = bank.parse({"caa_behavior": "agree", "caa_multiplier": 1.0, "caa_positions": "all"})
+    tables.fill([steer], [4], [0, 4], torch.arange(4))
+    assert tables.scale[2].tolist() == [1.0] * 4 and tables.steered_tokens == 4
     tables.fill([None, None], [3, 3], [0, 3, 6], torch.arange(6))
     assert not tables.scale.any() and tables.steered_tokens == 0
-    steer = bank.parse({"caa_behavior": "agree", "caa_multiplier": 1.0, "caa_positions": "all"})
     with pytest.raises(Exception, match="hold 4 tokens; the batch has 6"):
         tables.fill([steer, None], [3, 3], [0, 3, 6], torch.arange(6))
     tables.fill([steer], [3], [0, 3], torch.arange(3))
@@ -301,3 +308,54 @@ def test_a_posted_vector_is_checked_and_its_error_names_the_field(
         bank.check_new(body, [0, 1, 2, 3])
     assert (e.value.field, e.value.status) == (field, status) and words in str(e.value)
     assert len(bank.keys) == 4
+
+
+@pytest.mark.parametrize("positions", ["answer", "prompt-end", "all"])
+def test_a_requests_first_steered_position_is_steer_starts(bank: VectorBank, positions: str) -> None:
+    steer = bank.parse({"caa_behavior": "agree", "caa_multiplier": 1.0, "caa_positions": positions})
+    assert steer is not None
+    for length in (1, 2, 7, 300):
+        first = steer_start(positions, length)
+        assert steer.start(length) == (0 if first is None else int(first[0]))
+
+
+def test_tables_match_a_token_by_token_reading_over_many_batches(bank: VectorBank) -> None:
+    """Random batches in a row (prompt chunks and decode tokens, unsteered rows, multiplier 0,
+    padding), each against the rule read token by token; stale values never survive a batch."""
+    rng = np.random.default_rng(0)
+    tables = Tables(bank, max_tokens=64, dtype=torch.float32, device="cpu")
+    choices = [None, *[(b, layer) for b, layer in bank.keys]]
+    for _ in range(40):
+        n = int(rng.integers(1, 7))
+        steers, lengths, counts, firsts = [], [], [], []
+        for _ in range(n):
+            pick = choices[int(rng.integers(len(choices)))]
+            multiplier = float(rng.choice([0.0, -1.5, 2.0]))
+            policy = str(rng.choice(["answer", "prompt-end", "all"]))
+            keys = (
+                None
+                if pick is None
+                else {"caa_behavior": pick[0], "caa_layer": pick[1], "caa_multiplier": multiplier}
+            )
+            steers.append(bank.parse({**keys, "caa_positions": policy} if keys else None))
+            lengths.append(int(rng.integers(1, 12)))
+            counts.append(int(rng.integers(1, 6)))  # a chunk of the prompt, or a decode token
+            firsts.append(int(rng.integers(0, 16)))  # the chunk's first absolute position
+        query_start = [0, *np.cumsum(counts).tolist()]
+        pad = int(rng.integers(0, 4))
+        positions = torch.tensor(
+            [f + k for f, c in zip(firsts, counts, strict=True) for k in range(c)] + [0] * pad
+        )
+        tables.fill(steers, lengths, query_start, positions)
+        want_scale, want_rows = torch.zeros(4, 64), {}
+        for r, steer in enumerate(steers):
+            for token in range(query_start[r], query_start[r + 1]):
+                if steer is None or steer.multiplier == 0.0:
+                    continue
+                first = steer_start(steer.positions, lengths[r])
+                if first is None or int(positions[token]) >= int(first[0]):
+                    want_scale[tables.slot[steer.layer], token] = steer.multiplier
+                    want_rows[token] = steer.row
+        assert torch.equal(tables.scale, want_scale)
+        assert {t: int(tables.rows[t]) for t in want_rows} == want_rows
+        assert tables.steered_tokens == len(want_rows)

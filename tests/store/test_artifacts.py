@@ -162,14 +162,14 @@ def _generations_table(**extra: pa.Array) -> pa.Table:
     return pa.table({**columns, **extra})
 
 
-def test_columns_added_within_the_version_are_written_null_and_read_null_from_older_files(
+def test_columns_added_in_a_later_version_are_written_null_and_read_null_from_older_files(
     tmp_path: Path,
 ) -> None:
     written = tmp_path / "new.parquet"
     write_artifact(_generations_table(), written, GENERATIONS, make_meta(GENERATIONS, {}))
     assert pq.read_schema(written).names[-2:] == ["probe_score", "judge_rating"]  # written, null
-    older = tmp_path / "old.parquet"  # as caa wrote it before the columns were added
-    meta = json.dumps(make_meta(GENERATIONS, {}))
+    older = tmp_path / "old.parquet"  # as caa wrote it before the columns were added: version 1
+    meta = json.dumps({**make_meta(GENERATIONS, {}), "schema_version": 1})
     pq.write_table(_generations_table().replace_schema_metadata({META_KEY: meta}), older)
     for path in (written, older):
         table = read_artifact(path, GENERATIONS).table

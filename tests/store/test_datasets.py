@@ -94,7 +94,7 @@ def test_cards_parse_fields_per_section() -> None:
     assert (n.format, n.is_pairs, n.unit) == ("neutral", False, "prompts")
 
 
-@pytest.mark.parametrize("name", BUILTINS)
+@pytest.mark.parametrize("name", [n for n in BUILTINS if n != "capability"])
 def test_a_dataset_card_gives_its_two_system_prompts(name: str) -> None:
     card = datasets.builtin(name)
     assert card is not None
@@ -206,3 +206,9 @@ def test_capability_is_a_balanced_set_of_single_answer_questions() -> None:
     letters = [r["answer_matching_behavior"] for r in rows]
     longest = max(len(list(run)) for _, run in itertools.groupby(letters))
     assert longest < 12, "the correct letters are not shuffled"
+
+
+def test_the_capability_probe_has_no_system_prompts() -> None:
+    """It is what steering must not break, not a behavior to ask for (`caa sweep --side-effects`)."""
+    card = datasets.builtin("capability")
+    assert card is not None and (card.system_positive, card.system_negative) == ("", "")

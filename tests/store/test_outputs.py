@@ -432,6 +432,8 @@ def generations(text: str, rows: int = 50) -> pa.Table:
         "multiplier": [1.0] * rows,
         "text": [text] * rows,
         "n_tokens": [3] * rows,
+        "probe_score": [None] * rows,
+        "judge_rating": [None] * rows,
     }
     return columns_table(columns, GENERATIONS.schema())
 

@@ -177,6 +177,7 @@ SIDE_EFFECTS = Kind(
         _f("delta_low", pa.float64(), nullable=True),  # its paired 95% interval; null with one item
         _f("delta_high", pa.float64(), nullable=True),
     ),
+    version=2,  # written with the sweep's two tables, in their version (it is new in it)
 )
 
 GENERATIONS = Kind(

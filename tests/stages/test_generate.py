@@ -315,7 +315,7 @@ def test_generations_written_before_the_scores_still_read(tmp_path: Path) -> Non
         "text": ["sad", "glad"],
         "n_tokens": pa.array([1, 1], pa.int32()),
     }
-    meta = make_meta(GENERATIONS, {"layer": 2})
+    meta = {**make_meta(GENERATIONS, {"layer": 2}), "schema_version": 1}  # before the scores: version 1
     old = tmp_path / "old.parquet"
     pq.write_table(pa.table(columns).replace_schema_metadata({META_KEY: json.dumps(meta)}), old)
     gens = Generations.read(old)

@@ -128,7 +128,8 @@ def extract(
     except KeyboardInterrupt:
         _interrupted(out_path, main)
     if main:
-        out.print(f"recorded {n} pairs x 2 sides at {escape(layers)} layers -> wrote {escape(str(out_path))}")
+        where = "every layer" if layers.strip() == "all" else f"layers {escape(layers)}"
+        out.print(f"recorded {n} pairs x 2 sides at {where} -> wrote {escape(str(out_path))}")
 
 
 def _interrupted(out_path: Path, main: bool) -> NoReturn:

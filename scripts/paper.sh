@@ -2,7 +2,9 @@
 # The paper's A/B behaviors on Qwen2.5-Coder-1.5B-Instruct, beside its Llama-2-7B-Chat figures (run by
 # `make paper`): bash scripts/paper.sh [OUT]. Small enough for 2 CPU cores: 100 pairs per behavior
 # (about 60 train, 40 held out), layers 8-16 extracted (the forward pass stops at 16), the layer of
-# each behavior chosen from compute-vectors' diagnostics, then multipliers -2..2 on the held-out pairs.
+# each behavior chosen from compute-vectors' diagnostics, then multipliers -2..2 on the held-out pairs,
+# each under no system prompt, the card's positive one and its negative one (--prompting): steering
+# against prompting, per behavior.
 # CAA and PY may name another caa command and Python (e.g. "python -m caa" from a checkout).
 set -euo pipefail
 OUT=${1:-paper-out}
@@ -52,18 +54,20 @@ for b, g in v.groupby('behavior'):
     print(f'{b}={int(best.layer)}', end=' ')")
 echo "layers chosen: $LAYERS"
 
-step "4/4 sweep: each behavior at its layer, multipliers $MULTIPLIERS, --steer-positions $POSITIONS"
+step "4/4 sweep: each behavior at its layer, multipliers $MULTIPLIERS x system prompts, --steer-positions $POSITIONS"
 for pick in $LAYERS; do
   b=${pick%=*}
   $CAA sweep "$OUT/vectors.parquet" "$OUT/pairs.parquet" --model "$MODEL" --behavior "$b" \
     --layers "${pick#*=}" --multipliers="$MULTIPLIERS" --steer-positions "$POSITIONS" --dtype "$DTYPE" \
-    --neutral-count 4 -o "$OUT/sweep_$b.parquet" --force
+    --neutral-count 4 --prompting -o "$OUT/sweep_$b.parquet" --force
 done
 
 step "the table"
 $PY - "$OUT" "$BEHAVIORS" <<'EOF'
 import sys
 import pandas as pd
+
+from caa.api import SweepResult, read_comparison, sentence
 
 out, behaviors = sys.argv[1], sys.argv[2].split()
 # Panickssery et al. 2024 (arXiv 2312.06681), Llama-2-7B-Chat, layer 13, A/B held-out questions,
@@ -75,18 +79,42 @@ print()
 head = f"{'behavior':<15}{'layer':>6}{'n':>4}  {'x-2':>6}{'x-1':>6}{'x0':>6}{'x+1':>6}{'x+2':>6}   paper L13 x-1/0/+1"
 print(head)
 print("-" * len(head))
+def unprompted(b):
+    t = pd.read_parquet(f"{out}/sweep_{b}.parquet")
+    return t[t.system == "none"].set_index("multiplier")
+
+
 for b in behaviors:
-    t = pd.read_parquet(f"{out}/sweep_{b}.parquet").set_index("multiplier")
+    t = unprompted(b)
     cells = "".join(f"{t.score_mean[m]:6.2f}" for m in (-2.0, -1.0, 0.0, 1.0, 2.0))
     ref = "/".join(f"{x:.2f}" for x in paper[b]) if b in paper else "not quoted"
     print(f"{b:<15}{int(t.layer.iloc[0]):>6}{int(t.n.iloc[0]):>4}  {cells}   {ref}")
 print()
 for b in behaviors:
-    t = pd.read_parquet(f"{out}/sweep_{b}.parquet").set_index("multiplier")
+    t = unprompted(b)
     gain = ", ".join(
         f"x{m:+g}: {t.delta[m]:+.3f} [{t.delta_low[m]:+.3f}, {t.delta_high[m]:+.3f}] KL {t.kl_mean[m]:.3f}"
         for m in (-1.0, 1.0)
     )
     print(f"{b}: gain over x0 with its paired 95% interval, fluency cost: {gain}")
+print()
+print("steering against prompting (the card's system prompts; gains over x0 without one, paired 95% intervals):")
+head = f"{'behavior':<15}{'cell':>8}  {'steering':>8}{'prompt +':>10}{'prompt -':>10}{'both':>8}   verdict"
+print(head)
+print("-" * len(head))
+lines = []
+for b in behaviors:
+    entry = SweepResult.read(f"{out}/sweep_{b}.parquet").meta["prompting"]["comparison"][b]
+    if entry.get("cell") is None:
+        print(f"{b:<15}  not compared: {entry['cell_kind']}")
+        continue
+    c = read_comparison(entry)
+    minus = c.negative_prompt.mean if c.negative_prompt else float("nan")
+    cell = f"x{entry['cell'][1]:+g}"
+    verdict = f"{c.verdict} prompting; together: {c.adds_up}"
+    print(f"{b:<15}{cell:>8}  {c.steering.mean:+8.3f}{c.prompt.mean:+10.3f}{minus:+10.3f}{c.both.mean:+8.3f}   {verdict}")
+    lines.append(sentence(b, c))
+print()
+print("\n".join(lines))
 EOF
 step "done"

@@ -22,11 +22,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from caa.errors import CaaError, MismatchError, ModelError, OptionError
+from caa.errors import CaaError, ModelError, OptionError
 from caa.models.cache import Progress
 from caa.models.loading import resolve_model
 from caa.models.specs import read_config
 from caa.serve.plugin import ENV, LAYERS, MAX_VECTORS
+from caa.stages.checks import check_fits
 from caa.stages.vectors import VectorSet
 
 PLUGINS = ("caa_steering", "caa_endpoints")  # the entry points' names, allowed through VLLM_PLUGINS
@@ -89,7 +90,18 @@ def plan_serve(
     vectors = VectorSet.read(vectors_path)
     directory, name, weights_hash = resolve_model(model, progress)
     hidden, layers = _shape(directory)
-    _check_vectors(vectors, name, weights_hash, hidden, layers)
+    # what caa generate checks, on what is known before the model loads (0: not read from its config)
+    check_fits(
+        vectors.path,
+        vectors.meta.get("model"),
+        int(vectors.values.shape[1]),
+        vectors.frame.layer.astype(int),
+        f"the served model '{name}'",
+        {"weights_hash": weights_hash} if weights_hash else {},
+        hidden=hidden or None,
+        num_layers=layers or None,
+        strict=False,
+    )
     wanted = range(layers) if options.steerable_layers == "all" else options.steerable_layers or ()
     steerable = sorted(set(vectors.frame.layer.astype(int)) | {int(x) for x in wanted})
     bad = [x for x in steerable if not 0 <= x < layers] if layers else []
@@ -158,29 +170,6 @@ def _shape(directory: str) -> tuple[int, int]:
         return int(text.hidden_size), int(text.num_hidden_layers)
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
         raise ModelError(f"{path / 'config.json'}: no hidden size and layer count ({e})") from None
-
-
-def _check_vectors(vectors: VectorSet, name: str, weights_hash: str | None, hidden: int, layers: int) -> None:
-    """The check ``caa generate`` makes (caa.stages.checks.check_model), on what is known without
-    loading the model: the weights hash the vectors recorded, their width and their layers."""
-    made = vectors.meta.get("model") or {}
-    if weights_hash is not None and made.get("weights_hash") not in (None, weights_hash):
-        raise MismatchError(
-            f"{vectors.path}: field 'model.weights_hash' is {made.get('weights_hash')!r} but the served "
-            f"model '{name}' has {weights_hash!r}: these vectors were made with another model"
-        )
-    width = int(vectors.values.shape[1])
-    if hidden and width != hidden:
-        raise MismatchError(
-            f"{vectors.path}: field 'vector' has width {width} but the model's hidden_size is {hidden}"
-        )
-    if layers:
-        bad = vectors.frame.layer[(vectors.frame.layer < 0) | (vectors.frame.layer >= layers)]
-        if len(bad):
-            raise MismatchError(
-                f"{vectors.path}: field 'layer': layer {bad.iloc[0]} is out of range; the model has "
-                f"{layers} blocks (layers 0-{layers - 1})"
-            )
 
 
 def _check_port(host: str, port: int) -> None:

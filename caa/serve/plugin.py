@@ -30,9 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from caa.errors import CaaError, MismatchError
+from caa.errors import CaaError
 from caa.models.loading import directory_hash
 from caa.serve.steering import PREFIX, NewVector, SteeringRequestError, Tables, VectorBank, flat_keys
+from caa.stages.checks import check_fits
 
 ENV = "CAA_SERVE_VECTORS"
 MAX_VECTORS = "CAA_SERVE_MAX_VECTORS"  # how many vectors the bank holds, those added while serving included
@@ -96,27 +97,24 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def check_model(bank: VectorBank, model_path: str, hidden: int, num_layers: int) -> None:
-    """Refuse vectors made with another model (the check ``caa generate`` makes, on what the engine
-    knows without loading the model again): width, layers, and, for a model directory, the weights
-    hash the vectors recorded."""
-    if hidden != bank.width:
-        raise MismatchError(
-            f"{bank.path}: field 'vector' has width {bank.width} but the model's hidden_size is {hidden}"
-        )
-    bad = [layer for layer in bank.layers() if not 0 <= layer < num_layers]
-    if bad:
-        raise MismatchError(
-            f"{bank.path}: field 'layer': layer {bad[0]} is out of range; the model has {num_layers} blocks"
-        )
+    """Refuse vectors made with another model (caa.stages.checks.check_fits, on what the engine knows
+    without loading the model again): width, layers, and, for a model directory, the weights hash
+    the vectors recorded."""
     made = str((bank.model or {}).get("weights_hash") or "")
     directory = Path(model_path)
-    if made.startswith("dir:") and directory.is_dir():
-        here = directory_hash(directory)
-        if here != made:
-            raise MismatchError(
-                f"{bank.path}: field 'model.weights_hash' is {made!r} but the served model {directory} has "
-                f"{here!r}: these vectors were made with another model"
-            )
+    directory_made = made.startswith("dir:") and directory.is_dir()
+    known = {"weights_hash": directory_hash(directory)} if directory_made else {}
+    check_fits(
+        bank.path,
+        bank.model,
+        bank.width,
+        bank.layers(),
+        f"the served model {directory}",
+        known,
+        hidden=hidden,
+        num_layers=num_layers,
+        strict=False,
+    )
 
 
 def install(runner: Any) -> Tables:

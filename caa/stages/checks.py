@@ -7,8 +7,9 @@ the held-out pairs a sweep scores, and the multipliers a model's activations can
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -24,24 +25,57 @@ MODEL_FIELDS = ("hidden_size", "weights_hash")  # a vector of another model is r
 def check_model(vectors: VectorSet, loaded: LoadedModel) -> None:
     """Refuse vectors made with another model or hidden size, naming the file and the field; and
     vectors whose width or layers do not fit the loaded model."""
-    made = vectors.meta.get("model") or {}
-    here = loaded.fingerprint.to_dict()
+    check_fits(
+        vectors.path,
+        vectors.meta.get("model"),
+        int(vectors.values.shape[1]),
+        vectors.frame.layer.astype(int),
+        f"the loaded model '{loaded.fingerprint.name}'",
+        loaded.fingerprint.to_dict(),
+        hidden=loaded.hidden_size,
+        num_layers=loaded.num_layers,
+    )
+
+
+def check_fits(
+    path: object,
+    recorded: Mapping[str, Any] | None,
+    width: int,
+    layers: Iterable[int],
+    model: str,
+    known: Mapping[str, Any],
+    *,
+    hidden: int | None = None,
+    num_layers: int | None = None,
+    strict: bool = True,
+) -> None:
+    """The one check that vectors belong to a model, wherever the model is known (loaded, resolved
+    before a server starts, or inside the engine). ``path`` names the vectors' file in the messages,
+    ``recorded`` is the model fingerprint it carries (its metadata's ``model``), ``model`` says which
+    model it is checked against ("the loaded model 'x'"), and ``known`` holds the fingerprint fields
+    known of that model (of :data:`MODEL_FIELDS`; one not known is not compared). With ``strict`` a
+    field the file did not record is refused as well. ``width`` and ``layers`` are the vectors';
+    ``hidden`` and ``num_layers`` (None: not known) are the model's."""
+    recorded = recorded or {}
     for name in MODEL_FIELDS:
-        if made.get(name) != here[name]:
+        if name not in known or (not strict and recorded.get(name) is None):
+            continue
+        if recorded.get(name) != known[name]:
             raise MismatchError(
-                f"{vectors.path}: field 'model.{name}' is {made.get(name)!r} but the loaded model "
-                f"'{loaded.fingerprint.name}' has {here[name]!r}: these vectors were made with another model"
+                f"{path}: field 'model.{name}' is {recorded.get(name)!r} but {model} has "
+                f"{known[name]!r}: these vectors were made with another model"
             )
-    if vectors.values.shape[1] != loaded.hidden_size:
+    if hidden is not None and width != hidden:
         raise MismatchError(
-            f"{vectors.path}: field 'vector' has width {vectors.values.shape[1]} but the model's "
-            f"hidden_size is {loaded.hidden_size}"
+            f"{path}: field 'vector' has width {width} but the model's hidden_size is {hidden}"
         )
-    bad = vectors.frame.layer[(vectors.frame.layer < 0) | (vectors.frame.layer >= loaded.num_layers)]
-    if len(bad):
+    if num_layers is None:
+        return
+    bad = [layer for layer in layers if not 0 <= layer < num_layers]
+    if bad:
         raise MismatchError(
-            f"{vectors.path}: field 'layer': layer {bad.iloc[0]} is out of range; the model has "
-            f"{loaded.num_layers} blocks (layers 0-{loaded.num_layers - 1})"
+            f"{path}: field 'layer': layer {bad[0]} is out of range; the model has "
+            f"{num_layers} blocks (layers 0-{num_layers - 1})"
         )
 
 

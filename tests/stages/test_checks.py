@@ -14,7 +14,7 @@ import torch
 from caa.core.prompts import PromptFormat
 from caa.errors import CaaError, MismatchError
 from caa.models.loading import LoadedModel, load_model
-from caa.stages.checks import check_held_out, check_model, check_strength, check_template
+from caa.stages.checks import check_fits, check_held_out, check_model, check_strength, check_template
 from caa.stages.vectors import VectorSet
 
 
@@ -60,6 +60,27 @@ def test_check_model_refuses_a_wrong_width_and_a_layer_out_of_range(llama: Loade
         check_model(_vectors([1, n], llama.hidden_size, mine), llama)
     with pytest.raises(MismatchError, match="layer -1 is out of range"):
         check_model(_vectors([-1], llama.hidden_size, mine), llama)
+
+
+def test_check_fits_compares_only_what_is_known_and_not_strict_passes_what_was_not_recorded() -> None:
+    """The one check behind check_model, caa serve's pre-check and the vLLM plugin's."""
+    here = {"weights_hash": "dir:abc"}
+    recorded = {"weights_hash": "dir:abc", "hidden_size": 99}  # hidden_size is not known here: not compared
+    check_fits("v.parquet", recorded, 8, [0, 2], "m", here, num_layers=3)
+    check_fits("v.parquet", None, 8, [0], "m", here, strict=False)  # nothing recorded: not refused
+    check_fits("v.parquet", {"weights_hash": "dir:zzz"}, 8, [7], "m", {}, strict=False)  # nothing known
+    with pytest.raises(MismatchError, match=r"field 'model.weights_hash' is None but the served model m has"):
+        check_fits("v.parquet", None, 8, [0], "the served model m", here)
+    with pytest.raises(MismatchError) as e:
+        check_fits("v.parquet", {"weights_hash": "dir:zzz"}, 8, [0], "the served model m", here, strict=False)
+    assert str(e.value) == (
+        "v.parquet: field 'model.weights_hash' is 'dir:zzz' but the served model m has 'dir:abc': "
+        "these vectors were made with another model"
+    )
+    with pytest.raises(MismatchError, match=r"width 8 but the model's hidden_size is 6"):
+        check_fits("v.parquet", None, 8, [0], "m", {}, hidden=6)
+    with pytest.raises(MismatchError, match=r"layer 3 is out of range; the model has 3 blocks \(layers 0-2"):
+        check_fits("v.parquet", None, 8, [1, 3, 4], "m", {}, num_layers=3)
 
 
 def test_check_template_refuses_the_other_prompt_format() -> None:

@@ -233,7 +233,9 @@ def run_serve(
                 f"vLLM stopped during start-up (exit code {proc.returncode}): {_last_words(plan.log)}"
             )
         on_ready(plan)
-        return proc.wait()
+        code = proc.wait()
+        reader.join(5)  # the last lines it printed reach on_output before this returns
+        return code
     finally:
         stop_group(proc)
 

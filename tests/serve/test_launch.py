@@ -161,3 +161,41 @@ def test_a_server_that_stops_during_start_up_is_told_by_caas_own_line() -> None:
         == "(APIServer pid=3) ERROR RuntimeError: Engine core initialization failed."
     )
     assert _last_words(["a", "", "b"]) == "b" and _last_words([]) == "no output"
+
+
+def test_the_api_serve_runs_the_plan_until_the_server_exits(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """caa.api.serve in one call: planned, started, ``on_ready`` once it answers ``/v1/models`` (with
+    the API key), every line passed to ``on_output``, the server's exit code returned. The interpreter
+    here answers the vLLM probe and, asked for vLLM's server, runs a one-request HTTP server instead."""
+    import caa.api
+
+    standin = tmp_path / "standin.py"
+    standin.write_text(
+        "import http.server, json, sys\n"
+        "port = int(sys.argv[sys.argv.index('--port') + 1])\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        ok = self.path == '/v1/models' and self.headers['Authorization'] == 'Bearer k'\n"
+        "        self.send_response(200 if ok else 401)\n"
+        "        self.end_headers()\n"
+        "        self.wfile.write(json.dumps({'data': []}).encode())\n"
+        "        print('answered', self.path, flush=True)\n"
+        "print('stand-in up on', port, flush=True)\n"
+        "server = http.server.HTTPServer(('127.0.0.1', port), H)\n"
+        "server.handle_request()\n"
+        "sys.exit(3)\n"
+    )
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\n[ "$1" = -c ] && exit 0\nshift 2\nexec {sys.executable} {standin} "$@"\n')
+    python.chmod(0o755)
+    model, vectors = tiny
+    options = ServeOptions(port=_free_port(), api_key="k", vllm_python=str(python))
+    ready: list[str] = []
+    lines: list[str] = []
+    code = caa.api.serve(
+        vectors, str(model), options, on_ready=lambda p: ready.append(p.url), on_output=lines.append
+    )
+    assert code == 3
+    assert ready == [f"http://127.0.0.1:{options.port}/v1"]
+    assert lines[0] == f"stand-in up on {options.port}"
+    assert "answered /v1/models" in lines

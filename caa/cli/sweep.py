@@ -216,6 +216,8 @@ def sweep(
                 accelerator=accelerator,
                 probes=probes,
             )
+        side_path = api.side_effects_path(table_path)
+        had_side = side_path.exists()
         if main:
             with _gc_paused():  # matplotlib's import and the figure
                 result.save(table_path)  # the table, the per-item table and the plot: all three or none
@@ -226,4 +228,6 @@ def sweep(
         out.print(f"wrote {escape(str(table_path))}, {escape(str(items_path))} and {escape(str(plot))}")
         if result.side_effects is not None:
             render.side_effects(result.side_effects)
-            out.print(f"wrote {escape(str(api.side_effects_path(table_path)))}")
+            out.print(f"wrote {escape(str(side_path))}")
+        elif had_side and not side_path.exists():
+            out.print(f"removed {escape(str(side_path))} (an earlier run's side effects)")

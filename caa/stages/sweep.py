@@ -27,7 +27,7 @@ from caa.core.budget import Planner, planner_for
 from caa.core.distributed import ONE, Shard
 from caa.core.hooks import steer_start
 from caa.core.prompts import Encoded, PromptFormat, encode, encode_many, fit_context, prompt_format
-from caa.errors import CaaError
+from caa.errors import CaaError, InputError
 from caa.evaluation.engines import ScoreText, Tick, run_grid
 from caa.evaluation.fluency import CONTINUATION_TOKENS, fluency_texts
 from caa.evaluation.scoring import (
@@ -45,11 +45,20 @@ from caa.stages.ingest import SIDES, describe_pair, select_pairs
 from caa.stages.options import SweepOptions
 from caa.stages.prompting import comparisons, prompting_layers, prompting_meta, run_arms, system_prompts
 from caa.stages.vectors import VectorSet
-from caa.store.artifacts import make_meta, read_artifact, write_parquet
+from caa.store.artifacts import make_meta, read_artifact, read_meta, write_parquet
 from caa.store.files import atomic_paths
 from caa.store.outputs import side_effects_path, sweep_paths
 from caa.store.schemas import SIDE_EFFECTS, SWEEP, SWEEP_ITEMS, Kind
 from caa.store.text import same_name
+
+
+def _remove_side_effects(path: Path) -> None:
+    """Remove ``path`` if it is a side-effects file (anything else there is left alone)."""
+    try:
+        if path.is_file() and read_meta(path).get("kind") == SIDE_EFFECTS.name:
+            path.unlink()
+    except InputError:
+        pass
 
 
 def held_out(
@@ -163,7 +172,8 @@ class SweepResult:
     def save(self, out: Path | str) -> tuple[Path, Path, Path]:
         """Write the table (``out``), the per-item table (``STEM.items.parquet``) and the plot
         (``STEM.png``) together, and the side effects if measured (``STEM.side_effects.parquet``):
-        all are replaced, or none. Returns the first three's paths."""
+        all are replaced, or none. Side effects an earlier run wrote there are removed when this one
+        measured none (they belong to the table replaced). Returns the first three's paths."""
         paths = sweep_paths(Path(out))
         options = self.meta.get("options") or {}
         side = [side_effects_path(paths[0])] if self.side_effects is not None else []
@@ -183,6 +193,8 @@ class SweepResult:
                 fluency_kind=self.fluency.get("kind"),
                 residual=options.get("scale") == "residual",
             )
+        if self.side_effects is None:
+            _remove_side_effects(side_effects_path(paths[0]))
         return paths
 
     @classmethod

@@ -224,11 +224,15 @@ def test_sweep_side_effects_end_to_end(
         assert r.delta_low <= r.delta <= r.delta_high
     assert "side effects: each behavior's cell" in result.output and "capability" in result.output
     assert f"wrote {side}" in result.output.replace("\n", "")
-    # read back with the sweep; a rerun without --side-effects leaves the old file, which is not its own
+    # read back with the sweep; a rerun without --side-effects removes the old file, which is not its own
     assert swept.side_effects is not None
     pd.testing.assert_frame_equal(swept.side_effects, frame)
-    assert runner.invoke(app, args).exit_code == 0
-    assert side.exists() and SweepResult.read(out).side_effects is None
+    rerun = runner.invoke(app, args)
+    assert rerun.exit_code == 0, rerun.output
+    assert not side.exists() and SweepResult.read(out).side_effects is None
+    assert f"removed {side} (an earlier run's side effects)" in rerun.output.replace("\n", "")
+    side.write_bytes(b"PAR1 not ours")  # a file of another kind by that name is left alone
+    assert runner.invoke(app, args).exit_code == 0 and side.read_bytes() == b"PAR1 not ours"
 
 
 @pytest.mark.parametrize(

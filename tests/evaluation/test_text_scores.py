@@ -33,9 +33,13 @@ def test_each_score_per_multiplier_with_its_t_interval() -> None:
     # probe at -1: -1, -3 (a text without a score left out): mean -2, sd sqrt(2), t(0.975, 1) = 12.706205
     assert (minus.probe_mean, minus.probe_n) == (-2.0, 2)
     assert minus.probe_high == pytest.approx(-2 + 12.706205 * 1.0, abs=1e-5)
-    # judge: an unparseable (null) rating is left out
+    # judge: an unparseable (null) rating is left out; its interval stays within the 1-10 scale
     assert (plus.judge_mean, plus.judge_n) == (8.0, 2)
+    assert (plus.judge_low, plus.judge_high) == (1.0, 10.0)  # 8 -+ 12.706 * 1: past both ends
     assert (minus.judge_mean, minus.judge_n) == (2.0, 3)
+    # 2, 3, 1: sd 1, half 4.302653 / sqrt(3) = 2.484: the low end clipped to 1, the high end not
+    assert minus.judge_low == 1.0
+    assert minus.judge_high == pytest.approx(2 + 4.302653 / math.sqrt(3), abs=1e-5)
 
 
 def test_scores_not_taken_have_no_columns() -> None:

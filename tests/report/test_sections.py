@@ -178,9 +178,10 @@ def test_generations_section_shows_the_scores_per_multiplier_over_all_prompts(tm
     assert head in html
     rows = [r for r in _cells(html) if r and r[0].startswith("×")]
     # x-1: probe -2, -4 (the third has none): mean -3, sd sqrt(2), t(0.975, 1) 12.706: -3 +- 12.7;
-    # judge 2, 3, 4: mean 3; x0: probe 1, 3, 5: mean 3; judge 7, 9 (one unparseable): mean 8
+    # judge 2, 3, 4: mean 3, interval 3 -+ 2.4841 clipped to the 1-10 scale;
+    # x0: probe 1, 3, 5: mean 3; judge 7, 9 (one unparseable): mean 8
     assert rows[0][:2] == ["×-1", "-3"] and rows[0][2] == "-15.7 .. 9.71" and rows[0][3] == "2"
-    assert rows[0][4:] == ["3", f"{3 - 2.4841:.3g} .. {3 + 2.4841:.3g}", "3"]
+    assert rows[0][4:] == ["3", f"1 .. {3 + 2.4841:.3g}", "3"]
     assert rows[1][:2] == ["×0", "3"] and rows[1][3] == "3" and rows[1][4] == "8" and rows[1][6] == "2"
 
 

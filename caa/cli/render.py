@@ -154,17 +154,9 @@ def against_prompting(table: Any, name: str, prompting: dict[str, Any]) -> None:
         f"({comparison.baseline:.{digits}f}), paired over the same {comparison.n} items; steering cell: "
         f"{escape(entry['cell_kind'])}",
     )
-    steered = f"L{layer} x{mult:g}"
-    shown = [
-        ("steering", steered, comparison.steering),
-        ("positive prompt", "x0", comparison.prompt),
-        ("prompt + steering", steered, comparison.both),
-    ]
-    if comparison.negative_prompt is not None:
-        shown.append(("negative prompt", "x0", comparison.negative_prompt))
-    for label, where, gain in shown:
+    for label, at_cell, gain in comparison.shown():
         ci = "-" if gain.low != gain.low else f"{gain.low:+.{digits}f}..{gain.high:+.{digits}f}"
-        gains.add_row(label, where, f"{gain.mean:+.{digits}f}", ci)
+        gains.add_row(label, f"L{layer} x{mult:g}" if at_cell else "x0", f"{gain.mean:+.{digits}f}", ci)
     out.print(gains)
     out.print(f"[bold]{escape(api.sentence(name, comparison, f'{{:+.{digits}f}}'))}[/]")
 

@@ -74,6 +74,17 @@ class Comparison:
             self.both_vs_larger.side
         ]
 
+    def shown(self) -> list[tuple[str, bool, Gain]]:
+        """The gains as tables show them: (label, whether at the steering cell (else unsteered), gain)."""
+        rows = [
+            ("steering", True, self.steering),
+            ("positive prompt", False, self.prompt),
+            ("prompt + steering", True, self.both),
+        ]
+        if self.negative_prompt is not None:
+            rows.append(("negative prompt", False, self.negative_prompt))
+        return rows
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values (nan as None), with the verdicts."""
         return _plain({**asdict(self), "verdict": self.verdict, "adds_up": self.adds_up})

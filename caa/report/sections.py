@@ -150,16 +150,14 @@ def _against_prompting(
     parts.append(f"<p>Mean score per system prompt and multiplier at layer {layer}:</p>")
     parts.append(table(["system prompt", *(f"×{m:g}" for m in multipliers)], arms))
     c = read_comparison(dict(entry))
-    shown = [
-        ("steering", f"layer {layer} ×{mult:g}", c.steering),
-        ("positive prompt", "×0", c.prompt),
-        ("prompt + steering", f"layer {layer} ×{mult:g}", c.both),
-    ]
-    if c.negative_prompt is not None:
-        shown.append(("negative prompt", "×0", c.negative_prompt))
     gains = [
-        [label, esc(cell), "=" + fmt.format(g.mean), f"={num(g.low, fmt)} .. {num(g.high, fmt)}"]
-        for label, cell, g in shown
+        [
+            label,
+            esc(f"layer {layer} ×{mult:g}" if at_cell else "×0"),
+            "=" + fmt.format(g.mean),
+            f"={num(g.low, fmt)} .. {num(g.high, fmt)}",
+        ]
+        for label, at_cell, g in c.shown()
     ]
     parts.append(
         f"<p>Gains over the unsteered score without a system prompt ({c.baseline:.{digits}f}), paired over "

@@ -23,7 +23,7 @@ from caa.stages.generate import gather_prompts
 from caa.stages.ingest import PairSet, read_pairs, select_pairs
 from caa.stages.options import ExtractOptions, GenerateOptions, SweepOptions
 from caa.stages.prompting import SystemPrompts, prompting_layers, system_prompts
-from caa.stages.sweep import held_out, sweep_work
+from caa.stages.sweep import held_out, sweep_work, texts_scored
 from caa.stages.vectors import VectorSet
 from caa.store.checkpoint import check_fresh
 
@@ -76,8 +76,7 @@ class SweepPlan:
         progress ticks."""
         total = sweep_work(self.vectors, self.test, self.behaviors, layers, len(self.neutral))
         for name, given in self.prompts.items():
-            part = self.test[self.test.behavior == name]
-            texts = len(part) * (1 if (part.format == "ab").all() else 2)
+            texts = texts_scored(self.test[self.test.behavior == name])
             count = 1 if self.prompting_layer is not None else len(self.vectors.require(name, layers))
             total += texts * count * len(given.arms())
         return total

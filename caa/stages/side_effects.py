@@ -33,7 +33,7 @@ from caa.evaluation.scoring import ab_scores, check_finite, completion_logprobs
 from caa.models.loading import LoadedModel
 from caa.stages.ingest import ingest, pair_set
 from caa.stages.options import SweepOptions
-from caa.stages.sweep import pair_texts
+from caa.stages.sweep import pair_texts, texts_scored
 from caa.stages.vectors import VectorSet
 from caa.store.datasets import resolve_dataset
 from caa.store.schemas import SIDE_EFFECTS
@@ -58,7 +58,7 @@ class Probe:
     @property
     def texts(self) -> int:
         """The texts that score it: one per A/B question, two per free-form pair."""
-        return len(self.pairs) * (1 if self.is_ab else 2)
+        return texts_scored(self.pairs)
 
 
 def read_probes(names: Sequence[str], max_items: int = 50) -> list[Probe]:

@@ -14,7 +14,7 @@ their output into the table, the recommendation and the plot.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,14 @@ from caa.report.plots import plot_sweep
 from caa.stages.checks import check_held_out, check_model, check_strength, check_template
 from caa.stages.ingest import SIDES, describe_pair, select_pairs
 from caa.stages.options import SweepOptions
-from caa.stages.prompting import comparisons, prompting_layers, prompting_meta, run_arms, system_prompts
+from caa.stages.prompting import (
+    SystemPrompts,
+    comparisons,
+    prompting_layers,
+    prompting_meta,
+    run_arms,
+    system_prompts,
+)
 from caa.stages.vectors import VectorSet
 from caa.store.artifacts import make_meta, read_artifact, read_meta, write_parquet
 from caa.store.files import atomic_paths
@@ -88,10 +95,15 @@ def sweep_work(
     neutral texts count at every layer): the total its progress ``tick`` reaches."""
     total = 0
     for name in names:
-        part = test[test.behavior == name]
-        per_layer = len(part) * (1 if (part.format == "ab").all() else 2) + neutral
+        per_layer = texts_scored(test[test.behavior == name]) + neutral
         total += per_layer * len(vectors.require(name, layers))
     return total
+
+
+def texts_scored(part: pd.DataFrame) -> int:
+    """The texts scoring one behavior's pairs ``part`` takes per cell: one per A/B pair (read up to the
+    answer letter), two per free-form pair (each completion)."""
+    return len(part) * (1 if (part.format == "ab").all() else 2)
 
 
 def ab_text(loaded: LoadedModel, style: PromptFormat, prompt: str, positive: str, negative: str) -> ScoreText:
@@ -242,6 +254,7 @@ def run_sweep(
     tick: Tick | None = None,
     notice: Callable[[str], None] | None = None,
     shard: Shard = ONE,
+    prompts: Mapping[str, SystemPrompts] | None = None,
 ) -> SweepResult:
     """Score every held-out pair of each behavior at every (layer, multiplier), with the fluency cost
     and the per-item reliability statistics.
@@ -263,9 +276,12 @@ def run_sweep(
     style = prompt_format(loaded.tokenizer, options.chat_template)
     check_template(vectors, style)
     check_held_out(vectors, pairs, pairs_path, notice)
-    prompts, prompt_warnings = system_prompts(pairs, behaviors, options) if options.prompting else ({}, [])
-    for line in prompt_warnings if notice else []:
-        notice(line)  # type: ignore[misc]
+    if prompts is None:  # not found by a plan (caa.stages.plans.plan_sweep), which said its warnings
+        prompts, prompt_warnings = (
+            system_prompts(pairs, behaviors, options) if options.prompting else ({}, [])
+        )
+        for line in prompt_warnings if notice else []:
+            notice(line)  # type: ignore[misc]
     grids = {}
     for behavior in behaviors:
         chosen = vectors.require(behavior, layers)

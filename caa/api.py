@@ -54,6 +54,7 @@ from caa.stages.options import (
     check_behavior,
 )
 from caa.stages.plans import GeneratePlan, SweepPlan, plan_extract, plan_generate, plan_sweep
+from caa.stages.prompting import SystemPrompts
 from caa.stages.side_effects import (
     Probe,
     chosen_cells,
@@ -260,6 +261,7 @@ def sweep(
     notice: Callable[[str], None] | None = None,
     accelerator: Any = None,
     probes: Sequence[Probe] | None = None,
+    prompts: Mapping[str, SystemPrompts] | None = None,
 ) -> SweepResult:
     """Score the held-out pairs at every (layer, multiplier), with the fluency cost, the per-item
     reliability and the recommendation. ``neutral``: texts for the fluency cost (default: the
@@ -269,7 +271,8 @@ def sweep(
     ``notice`` receives one-line notes. Under ``accelerate launch``, pass the ``Accelerator``: each
     process runs its share of the batches and every process returns the whole result. With
     ``options.side_effects`` (or ``probes``, from :func:`read_probes`) the result also holds
-    :func:`side_effects`."""
+    :func:`side_effects`. With ``options.prompting``, ``prompts`` are the system prompts a
+    :func:`plan_sweep` found (and warned about); by default they are found here, said in ``notice``."""
     options = _options(options, SweepOptions)
     loaded = _model(model)
     path = pairs.path or Path("pairs")
@@ -294,6 +297,7 @@ def sweep(
         tick=tick,
         notice=notice,
         shard=Shard.of(accelerator),
+        prompts=prompts,
     )
     if options.side_effects or probes:
         result.side_effects = side_effects(

@@ -215,6 +215,7 @@ def sweep(
                 notice=warn if main else None,
                 accelerator=accelerator,
                 probes=probes,
+                prompts=plan.prompts,  # their warnings were said with the plan's
             )
         side_path = api.side_effects_path(table_path)
         had_side = side_path.exists()

@@ -279,6 +279,7 @@ def test_sweep_prompting_cli_warns_compares_reports_and_old_files_still_read(
         "'agree' has no system prompts" in result.output and "skipped for the prompting arms" in result.output
     )
     assert "not compared with prompting (no system prompts): agree" in result.output
+    assert " ".join(result.output.split()).count("'agree' has no system prompts") == 1  # said once
     art = read_artifact(out, SWEEP)
     table, meta = art.table.to_pandas(), art.meta
     assert meta["schema_version"] == 2

@@ -137,9 +137,6 @@ def plan_serve(
     if not _has_cuda():  # vLLM's CPU defaults: 4 GiB of KV cache, threads bound to every core
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    behaviors: dict[str, list[int]] = {}
-    for b, layer in zip(vectors.frame.behavior, vectors.frame.layer, strict=True):
-        behaviors.setdefault(str(b), []).append(int(layer))
     host = "127.0.0.1" if options.host in ("0.0.0.0", "::", "") else options.host
     return ServePlan(
         command=command,
@@ -148,7 +145,7 @@ def plan_serve(
         model_name=served,
         model_directory=directory,
         vectors=Path(vectors.path),
-        behaviors={b: sorted(v) for b, v in sorted(behaviors.items())},
+        behaviors={b: [int(x) for x in vectors.layers(b)] for b in vectors.behaviors()},
         steerable=steerable,
         api_key=options.api_key,
         host=options.host,

@@ -138,6 +138,7 @@ def plan_serve(
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     host = "127.0.0.1" if options.host in ("0.0.0.0", "::", "") else options.host
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
     return ServePlan(
         command=command,
         env=env,
@@ -240,7 +241,7 @@ def run_serve(
 def _wait_ready(proc: subprocess.Popen[bytes], plan: ServePlan, timeout: float) -> bool:
     """Whether the server answers ``/v1/models`` before it exits (a timeout is an error)."""
     began = time.monotonic()
-    request = urllib.request.Request(f"http://127.0.0.1:{plan.port}/v1/models")
+    request = urllib.request.Request(f"{plan.url}/models")  # where it listens: --host as given
     if plan.api_key:
         request.add_header("Authorization", f"Bearer {plan.api_key}")
     while proc.poll() is None:

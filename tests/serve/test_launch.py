@@ -55,6 +55,10 @@ def test_a_plan_runs_vllms_own_server_with_caas_plugins(
     every = plan_serve(vectors, str(model), ServeOptions(port=options.port, steerable_layers="all",
                                                          vllm_python=fake_vllm_python))  # fmt: skip
     assert every.steerable == [0, 1, 2, 3]
+    # the address it is reached at (and probed for readiness at): --host as given, a wildcard as loopback
+    for host, shown in (("127.0.0.2", "127.0.0.2"), ("0.0.0.0", "127.0.0.1"), ("::1", "[::1]")):
+        there = ServeOptions(host=host, port=_free_port(), vllm_python=fake_vllm_python)
+        assert plan_serve(vectors, str(model), there).url == f"http://{shown}:{there.port}/v1"
 
 
 def test_vectors_of_another_model_are_refused_before_any_engine_starts(

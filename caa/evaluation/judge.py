@@ -64,9 +64,20 @@ def rubric(behavior: str, description: str | None = None) -> str:
     return RUBRIC.format(behavior=behavior, description=about)
 
 
+_PLACEHOLDER = re.compile(r"\{(prompt|answer)\}")
+
+
 def fill(template: str, prompt: str, answer: str) -> str:
     """One text's request: the rubric with its prompt and answer (braces in them kept as they are)."""
-    return template.replace("{prompt}", prompt, 1).replace("{answer}", answer, 1)
+    values, done = {"prompt": prompt, "answer": answer}, set()
+
+    def put(found: re.Match[str]) -> str:  # each placeholder's first place, in one pass over the template
+        if found[1] in done:
+            return found[0]
+        done.add(found[1])
+        return values[found[1]]
+
+    return _PLACEHOLDER.sub(put, template)
 
 
 def parse_rating(reply: str | None) -> int | None:

@@ -57,6 +57,9 @@ def test_rubric_names_the_behavior_its_description_and_the_answer_format() -> No
     filled = fill(text, "Tell me {about} it.", "I {answer} {prompt} gladly.")
     assert "<<<\nTell me {about} it.\n>>>" in filled
     assert "<<<\nI {answer} {prompt} gladly.\n>>>" in filled  # braces in the texts stay as they are
+    # a prompt naming the answer's placeholder: the answer still goes where the rubric wants it
+    crossed = fill(text, "Say {answer} here.", "Fine.")
+    assert "<<<\nSay {answer} here.\n>>>" in crossed and "<<<\nFine.\n>>>" in crossed
 
 
 def test_public_url_drops_credentials() -> None:

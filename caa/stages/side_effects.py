@@ -38,7 +38,6 @@ from caa.stages.vectors import VectorSet
 from caa.store.datasets import resolve_dataset
 from caa.store.schemas import SIDE_EFFECTS
 
-CAPABILITY = "capability"  # the built-in probe of general knowledge (data/capability.json)
 Cell = tuple[int, float, str]  # layer, multiplier, and which cell: "recommended" or "best"
 
 
